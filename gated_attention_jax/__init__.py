@@ -1,1 +1,21 @@
-"""Package placeholder."""
+"""gated_attention_jax: gated attention (Qiu et al. 2025) in JAX / Flax NNX.
+
+Public API:
+  GateConfig        the gate variant (position, granularity, sharing, activation, ...)
+  GatedAttention    the NNX attention layer with that gate
+  Transformer       a decoder-only LM built from it, configured by TransformerConfig
+  RopeScaling       RoPE scaling (none / linear / NTK / YaRN) for long context
+  count_params, gate_params, gate_params_per_layer   parameter counting
+"""
+
+from gated_attention_jax.attention import GatedAttention
+from gated_attention_jax.gate import GateConfig
+from gated_attention_jax.params import count_params, gate_params, gate_params_per_layer
+from gated_attention_jax.rope import RopeScaling
+from gated_attention_jax.transformer import Transformer, TransformerConfig
+
+__all__ = [
+    "GateConfig", "GatedAttention", "RopeScaling", "Transformer", "TransformerConfig",
+    "count_params", "gate_params", "gate_params_per_layer",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,237 @@
+"""`GatedAttention`: softmax attention with a gate at any position the paper studies.
+
+The layer owns the parameters and projections; the attention math lives in
+`attention_ops`. Einsum names: B batch, T query length, S key length, D model
+dim, N query heads, K kv heads, H head_dim.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gated_attention_jax import attention_ops
+from gated_attention_jax import gate as gate_lib
+from gated_attention_jax import layers
+from gated_attention_jax import rope
+from gated_attention_jax.gate import GateConfig
+
+Intermediates = dict[str, jax.Array]
+
+
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+  """Positions that restart at 0 where the segment id changes: `(B, T)` → `(B, T)`."""
+  idx = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
+  changed = jnp.concatenate(
+      [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+      axis=1)
+  starts = jax.lax.cummax(jnp.where(changed, idx, 0), axis=1)
+  return idx - starts
+
+
+class GatedAttention(nnx.Module):
+  """Multi-head (GQA/MQA) softmax attention with RoPE, QK-norm and a configurable gate.
+
+  Call `layer(x, positions=None, segment_ids=None)` with x `(B, T, D)`; returns
+  `(B, T, D)`, or `(y, intermediates)` with `return_intermediates=True`
+  (`attention_probs` `(B, N, T, S)` on the "xla" path, `gate_scores` for gated
+  layers: the gate values after activation and sharing, `(B, T, heads[, H])` or
+  `(B, T, D)`).
+
+  KV-cache decoding: `layer.init_cache(batch, max_length)`, then calls with
+  `decode=True` (a prompt first, then one token at a time) append to the cache.
+  """
+
+  def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
+               gate: GateConfig = GateConfig(), *, rope_theta: float = 10000.0,
+               partial_rotary_factor: float = 1.0,
+               rope_scaling: rope.RopeScaling = rope.RopeScaling(),
+               qk_norm: bool = False, norm_eps: float = 1e-6, norm_style: str = "scale",
+               causal: bool = True, attention_impl: str = "xla",
+               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+               rngs: nnx.Rngs):
+    for name, value in (("d_model", d_model), ("num_heads", num_heads),
+                        ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+      if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if num_heads % num_kv_heads:
+      raise ValueError(
+          f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    if not isinstance(gate, GateConfig):
+      raise ValueError(f"gate must be a GateConfig, got {type(gate).__name__}")
+    attention_ops.check_impl(attention_impl)
+    rope.rotary_dim(head_dim, partial_rotary_factor)  # validates the fraction
+
+    self.d_model, self.num_heads, self.num_kv_heads, self.head_dim = (
+        d_model, num_heads, num_kv_heads, head_dim)
+    self.gate = gate
+    self.rope_theta = rope_theta
+    self.partial_rotary_factor = partial_rotary_factor
+    self.rope_scaling = rope_scaling
+    self.causal = causal
+    self.attention_impl = attention_impl
+    self.dtype = dtype
+
+    init = layers.normal_init()
+    p = param_dtype
+    self.q_proj = layers.make_param(rngs, (d_model, num_heads, head_dim),
+                                    ("embed", "q_heads", "head_dim"), init, p)
+    self.k_proj = layers.make_param(rngs, (d_model, num_kv_heads, head_dim),
+                                    ("embed", "kv_heads", "head_dim"), init, p)
+    self.v_proj = layers.make_param(rngs, (d_model, num_kv_heads, head_dim),
+                                    ("embed", "kv_heads", "head_dim"), init, p)
+    self.o_proj = layers.make_param(rngs, (num_heads, head_dim, d_model),
+                                    ("q_heads", "head_dim", "embed"), init, p)
+    norm = dict(eps=norm_eps, style=norm_style, axis_name="head_dim", param_dtype=p,
+                rngs=rngs)
+    self.q_norm = layers.RMSNorm(head_dim, **norm) if qk_norm else None
+    self.k_norm = layers.RMSNorm(head_dim, **norm) if qk_norm else None
+    self.sdpa_norm = (layers.RMSNorm(head_dim, **norm)
+                      if gate.sdpa_transform == "rmsnorm" else None)
+
+    shape, axes = self.gate_score_shape()
+    self.gate_proj = (layers.make_param(rngs, (d_model, *shape), ("embed", *axes), init, p)
+                      if gate.enabled and gate.input_dependent else None)
+    self.gate_theta = (layers.make_param(rngs, shape, axes, jax.nn.initializers.zeros, p)
+                       if gate.enabled and not gate.input_dependent else None)
+
+    self.cached_key = nnx.data(None)
+    self.cached_value = nnx.data(None)
+    self.cache_index = nnx.data(None)
+
+  # --- the gate -------------------------------------------------------------
+
+  def gate_score_shape(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """Per-token shape of the gate scores and its logical axis names."""
+    g = self.gate
+    if g.position == "dense":
+      return (self.d_model,), ("dense_gate",)
+    if g.position in ("sdpa", "query"):
+      heads, axis = self.num_heads, "q_heads"
+    else:
+      heads, axis = self.num_kv_heads, "kv_heads"
+    if g.granularity == "headwise":
+      return (heads,), (axis,)
+    return (heads, self.head_dim), (axis, "head_dim")
+
+  def gate_logits(self, x: jax.Array) -> jax.Array:
+    """Pre-activation gate `(B, T, *gate_score_shape)` from the pre-normed input x."""
+    if self.gate_proj is not None:
+      w = self.gate_proj[...].astype(x.dtype)
+      return jnp.einsum("BTD,D...->BT...", x, w)
+    theta = self.gate_theta[...].astype(x.dtype)
+    return jnp.broadcast_to(theta, (*x.shape[:2], *theta.shape))
+
+  def gate_scores(self, logits: jax.Array) -> jax.Array:
+    """act(logits), averaged over heads for head-shared gates."""
+    scores = gate_lib.activate(logits, self.gate.activation)
+    if self.gate.sharing == "head_shared":
+      groups = self.num_kv_heads if self.gate.position in ("sdpa", "query") else 1
+      scores = gate_lib.share_over_heads(scores, groups)
+    return scores
+
+  def fuses_gate(self) -> bool:
+    """Whether the G1 gate goes into the attention op (the flash kernel's epilogue)."""
+    g = self.gate
+    return (g.position == "sdpa" and g.combine == "multiply"
+            and g.sharing == "head_specific" and g.sdpa_transform == "none")
+
+  # --- KV cache -------------------------------------------------------------
+
+  def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> None:
+    """Allocates an empty KV cache `(B, max_length, K, H)` for decoding."""
+    shape = (batch_size, max_length, self.num_kv_heads, self.head_dim)
+    dtype = dtype or self.dtype
+    self.cached_key = nnx.Cache(jnp.zeros(shape, dtype))
+    self.cached_value = nnx.Cache(jnp.zeros(shape, dtype))
+    self.cache_index = nnx.Cache(jnp.zeros((), jnp.int32))
+
+  def _append_to_cache(self, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    if self.cache_index is None:
+      raise ValueError("decode=True needs a cache: call init_cache(batch, max_length) first")
+    start = self.cache_index[...]
+    zero = jnp.zeros((), jnp.int32)
+    keys = jax.lax.dynamic_update_slice(self.cached_key[...], k.astype(self.cached_key.dtype),
+                                        (zero, start, zero, zero))
+    values = jax.lax.dynamic_update_slice(self.cached_value[...],
+                                          v.astype(self.cached_value.dtype),
+                                          (zero, start, zero, zero))
+    self.cached_key[...] = keys
+    self.cached_value[...] = values
+    self.cache_index[...] = start + k.shape[1]
+    return keys, values, start
+
+  # --- forward --------------------------------------------------------------
+
+  def __call__(self, x: jax.Array, positions: Optional[jax.Array] = None,
+               segment_ids: Optional[jax.Array] = None, *, decode: bool = False,
+               return_intermediates: bool = False):
+    """x `(B, T, D)` → `(B, T, D)` (and intermediates on request)."""
+    if x.ndim != 3 or x.shape[-1] != self.d_model:
+      raise ValueError(f"x must be (batch, seq, {self.d_model}), got shape {x.shape}")
+    if decode and (segment_ids is not None or not self.causal):
+      raise ValueError("decode=True needs a causal layer and no segment_ids")
+    b, t, _ = x.shape
+    dt = self.dtype
+    x = x.astype(dt)
+    g = self.gate
+    if positions is None:
+      if segment_ids is not None:
+        positions = positions_from_segments(segment_ids)
+      else:
+        offset = self.cache_index[...] if decode and self.cache_index is not None else 0
+        positions = jnp.broadcast_to(jnp.arange(t) + offset, (b, t))
+
+    logits = self.gate_logits(x) if g.enabled else None
+    scores = self.gate_scores(logits) if g.enabled and not (
+        self.fuses_gate() and not return_intermediates) else None
+
+    q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(dt))
+    k = jnp.einsum("BTD,DKH->BTKH", x, self.k_proj[...].astype(dt))
+    v = jnp.einsum("BTD,DKH->BTKH", x, self.v_proj[...].astype(dt))
+    if g.position == "query":
+      q = gate_lib.combine(q, scores, g.combine)
+    elif g.position == "key":
+      k = gate_lib.combine(k, scores, g.combine)
+    elif g.position == "value":
+      v = gate_lib.combine(v, scores, g.combine)
+
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    rope_args = dict(theta=self.rope_theta, partial_rotary_factor=self.partial_rotary_factor,
+                     scaling=self.rope_scaling)
+    q = rope.apply_rope(q, positions, **rope_args)
+    k = rope.apply_rope(k, positions, **rope_args)
+
+    q_offset = 0
+    if decode:
+      k, v, q_offset = self._append_to_cache(k, v)
+
+    fused = logits if self.fuses_gate() else None
+    y, probs = attention_ops.attend(
+        q, k, v, impl=self.attention_impl, scale=self.head_dim ** -0.5, causal=self.causal,
+        q_offset=q_offset, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+        fused_gate=fused, gate_activation=g.activation,
+        return_probs=return_intermediates and self.attention_impl == "xla")
+
+    if g.sdpa_transform == "rmsnorm":
+      y = self.sdpa_norm(y)
+    elif g.sdpa_transform == "silu":
+      y = jax.nn.silu(y)
+    if g.position == "sdpa" and fused is None:
+      y = gate_lib.combine(y, scores, g.combine)
+
+    out = jnp.einsum("BTNH,NHD->BTD", y, self.o_proj[...].astype(dt))
+    if g.position == "dense":
+      out = gate_lib.combine(out, scores, g.combine)
+    if not return_intermediates:
+      return out
+    intermediates: Intermediates = {}
+    if probs is not None:
+      intermediates["attention_probs"] = probs
+    if scores is not None:
+      intermediates["gate_scores"] = scores
+    return out, intermediates

@@ -1,0 +1,154 @@
+"""The gate of gated attention as one validated config object, and its pure math.
+
+Qiu et al. (2025) gate an attention layer at one of five positions with a score
+computed from the same pre-normed input X that feeds Q/K/V:
+
+    multiplicative:  Y' = Y * act(X W_theta)
+    additive:        Y' = Y + act(X W_theta)
+
+`GateConfig` names every axis the paper ablates; `GatedAttention` reads it in one
+place (`gate_shape`, `apply_gate`). See `shared/reference/gated_attention_paper.md`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+POSITIONS = ("none", "sdpa", "value", "key", "query", "dense")
+GRANULARITIES = ("elementwise", "headwise")
+SHARINGS = ("head_specific", "head_shared")
+ACTIVATIONS = ("sigmoid", "silu", "ns_sigmoid", "identity")
+COMBINES = ("multiply", "add")
+SDPA_TRANSFORMS = ("none", "rmsnorm", "silu")
+
+# Paper names of the positions, for tables and logs.
+PAPER_NAMES = {"sdpa": "G1", "value": "G2", "key": "G3", "query": "G4", "dense": "G5"}
+
+
+def _check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
+  if value not in allowed:
+    raise ValueError(f"gate.{field} must be one of {allowed}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GateConfig:
+  """Which gate an attention layer has; validated at construction.
+
+  Attributes:
+    position: "none" (no gate), "sdpa" (G1, after SDPA, before W_O), "value" (G2),
+      "key" (G3), "query" (G4), "dense" (G5, after W_O).
+    granularity: "elementwise" (a score per channel of each head) or "headwise"
+      (one scalar per head).
+    sharing: "head_specific", or "head_shared": scores averaged over the query
+      heads that share a kv head (positions sdpa/query) or over all kv heads
+      (positions value/key). With MHA (one query head per kv head) a head-shared
+      G1/G4 gate equals the head-specific one.
+    activation: "sigmoid", "silu", "ns_sigmoid" (0.5 + 0.5 * sigmoid, the paper's
+      non-sparse probe) or "identity".
+    combine: "multiply" (Y * act(XW)) or "add" (Y + act(XW)).
+    input_dependent: False replaces XW by a zero-initialised learned parameter
+      with the gate's per-token shape (no projection from X).
+    sdpa_transform: "none", "rmsnorm" (RMSNorm over each head's SDPA output) or
+      "silu" (SiLU of the SDPA output): the paper's non-linearity probes. They
+      apply to the SDPA output before any G1 gate.
+  """
+
+  position: str = "none"
+  granularity: str = "elementwise"
+  sharing: str = "head_specific"
+  activation: str = "sigmoid"
+  combine: str = "multiply"
+  input_dependent: bool = True
+  sdpa_transform: str = "none"
+
+  def __post_init__(self):
+    _check_choice("position", self.position, POSITIONS)
+    _check_choice("granularity", self.granularity, GRANULARITIES)
+    _check_choice("sharing", self.sharing, SHARINGS)
+    _check_choice("activation", self.activation, ACTIVATIONS)
+    _check_choice("combine", self.combine, COMBINES)
+    _check_choice("sdpa_transform", self.sdpa_transform, SDPA_TRANSFORMS)
+    if not isinstance(self.input_dependent, bool):
+      raise ValueError(
+          "gate.input_dependent must be one of (True, False), got"
+          f" {self.input_dependent!r}")
+    if self.position == "dense" and self.granularity != "elementwise":
+      raise ValueError(
+          "gate.granularity must be 'elementwise' when gate.position='dense'"
+          " (G5 gates the d_model output, which has no heads); got"
+          f" {self.granularity!r}")
+    if self.position == "dense" and self.sharing != "head_specific":
+      raise ValueError(
+          "gate.sharing must be 'head_specific' when gate.position='dense'"
+          f" (G5 has no heads to share over); got {self.sharing!r}")
+
+  @property
+  def enabled(self) -> bool:
+    return self.position != "none"
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]) -> "GateConfig":
+    """Builds from a mapping (e.g. an ml_collections `config.gate`), rejecting unknown keys."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+      raise ValueError(f"gate has no fields {unknown}; allowed fields are {sorted(names)}")
+    return cls(**dict(values))
+
+  def describe(self) -> str:
+    """A short human-readable name, e.g. 'G1 sdpa elementwise sigmoid multiply'."""
+    if not self.enabled:
+      base = "no gate"
+    else:
+      parts = [PAPER_NAMES[self.position], self.position, self.granularity]
+      if self.sharing == "head_shared":
+        parts.append("head-shared")
+      parts += [self.activation, self.combine]
+      if not self.input_dependent:
+        parts.append("input-independent")
+      base = " ".join(parts)
+    if self.sdpa_transform != "none":
+      base += f" + sdpa {self.sdpa_transform}"
+    return base
+
+
+def activate(x: jax.Array, activation: str) -> jax.Array:
+  """The gate's activation, elementwise."""
+  if activation == "sigmoid":
+    return jax.nn.sigmoid(x)
+  if activation == "silu":
+    return jax.nn.silu(x)
+  if activation == "ns_sigmoid":
+    return 0.5 + 0.5 * jax.nn.sigmoid(x)
+  if activation == "identity":
+    return x
+  raise ValueError(f"gate.activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def share_over_heads(scores: jax.Array, num_groups: int) -> jax.Array:
+  """Averages gate scores over the heads of each group, keeping the head axis.
+
+  Args:
+    scores: `(B, T, heads)` or `(B, T, heads, H)` gate scores.
+    num_groups: the number of groups the heads fall into (consecutive heads
+      form one group); 1 averages over all heads.
+  Returns:
+    An array of the same shape, each head holding its group's mean.
+  """
+  b, t, heads = scores.shape[:3]
+  grouped = scores.reshape(b, t, num_groups, heads // num_groups, *scores.shape[3:])
+  mean = jnp.mean(grouped, axis=3, keepdims=True)
+  return jnp.broadcast_to(mean, grouped.shape).reshape(scores.shape)
+
+
+def combine(y: jax.Array, scores: jax.Array, how: str) -> jax.Array:
+  """Applies gate scores to the gated tensor; headwise scores broadcast over channels."""
+  if scores.ndim == y.ndim - 1:
+    scores = scores[..., None]
+  if how == "multiply":
+    return y * scores.astype(y.dtype)
+  return y + scores.astype(y.dtype)

@@ -1,0 +1,179 @@
+"""A decoder-only language model with gated attention in every layer.
+
+Token embedding → `num_layers` pre-norm blocks (RMSNorm → GatedAttention →
+residual, RMSNorm → SwiGLU → residual) → final RMSNorm → tied or untied logits.
+The same `GateConfig` is used in every layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gated_attention_jax import attention_ops
+from gated_attention_jax import layers
+from gated_attention_jax import rope
+from gated_attention_jax.attention import GatedAttention
+from gated_attention_jax.gate import GateConfig
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = ("none", "full", "save_matmuls")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Architecture of the LM; validated at construction.
+
+  dtype is the compute dtype (activations, matmul inputs); param_dtype the
+  storage dtype of the parameters. Logits, softmax and norms run in float32.
+  """
+
+  vocab_size: int = 512
+  d_model: int = 256
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int = 64
+  mlp_dim: int = 768
+  tie_embeddings: bool = True
+  qk_norm: bool = True
+  norm_eps: float = 1e-6
+  norm_style: str = "scale"
+  rope_theta: float = 10000.0
+  partial_rotary_factor: float = 1.0
+  rope_scaling: rope.RopeScaling = rope.RopeScaling()
+  gate: GateConfig = GateConfig()
+  attention_impl: str = "xla"
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: str = "none"
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim", "mlp_dim"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"model.{name} must be a positive int, got {value!r}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"model.num_heads ({self.num_heads}) must be a multiple of"
+                       f" model.num_kv_heads ({self.num_kv_heads})")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in DTYPES:
+        raise ValueError(f"model.{name} must be one of {tuple(DTYPES)}, got"
+                         f" {getattr(self, name)!r}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+    if self.norm_style not in layers.NORM_STYLES:
+      raise ValueError(f"model.norm_style must be one of {layers.NORM_STYLES}, got"
+                       f" {self.norm_style!r}")
+    if self.attention_impl not in attention_ops.ATTENTION_IMPLS:
+      raise ValueError(f"model.attention_impl must be one of"
+                       f" {attention_ops.ATTENTION_IMPLS}, got {self.attention_impl!r}")
+    rope.rotary_dim(self.head_dim, self.partial_rotary_factor)
+    if not isinstance(self.gate, GateConfig):
+      raise ValueError(f"model.gate must be a GateConfig, got {type(self.gate).__name__}")
+
+  @classmethod
+  def from_dict(cls, model: Mapping[str, Any],
+                gate: Optional[Mapping[str, Any]] = None) -> "TransformerConfig":
+    """Builds from config sections (ml_collections `config.model`, `config.gate`).
+
+    `model.rope_scaling`, if present, is a mapping of `RopeScaling` fields.
+    """
+    values = dict(model)
+    allowed = {f.name for f in dataclasses.fields(cls)} - {"gate"}
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+      raise ValueError(f"model has no fields {unknown}; allowed fields are {sorted(allowed)}")
+    if "rope_scaling" in values:
+      values["rope_scaling"] = rope.RopeScaling(**dict(values["rope_scaling"]))
+    return cls(**values, gate=GateConfig.from_dict(gate or {}))
+
+  def replace(self, **changes: Any) -> "TransformerConfig":
+    return dataclasses.replace(self, **changes)
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    p = DTYPES[cfg.param_dtype]
+    self.attn_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, style=cfg.norm_style,
+                                    param_dtype=p, rngs=rngs)
+    self.attn = GatedAttention(
+        cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.gate,
+        rope_theta=cfg.rope_theta, partial_rotary_factor=cfg.partial_rotary_factor,
+        rope_scaling=cfg.rope_scaling, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
+        norm_style=cfg.norm_style, attention_impl=cfg.attention_impl,
+        dtype=DTYPES[cfg.dtype], param_dtype=p, rngs=rngs)
+    self.mlp_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, style=cfg.norm_style,
+                                   param_dtype=p, rngs=rngs)
+    self.mlp = layers.SwiGLU(cfg.d_model, cfg.mlp_dim, param_dtype=p, rngs=rngs)
+
+  def __call__(self, x: jax.Array, positions: Optional[jax.Array],
+               segment_ids: Optional[jax.Array], decode: bool, return_intermediates: bool):
+    attn = self.attn(self.attn_norm(x), positions, segment_ids, decode=decode,
+                     return_intermediates=return_intermediates)
+    attn, inter = attn if return_intermediates else (attn, {})
+    h = x + attn
+    out = h + self.mlp(self.mlp_norm(h))
+    return out, inter
+
+
+def _remat_policy(name: str):
+  if name == "save_matmuls":
+    return jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+  return None
+
+
+class Transformer(nnx.Module):
+  """Decoder-only LM. `model(tokens)` with tokens `(B, T)` → float32 logits `(B, T, V)`.
+
+  With `return_intermediates=True` it returns `(logits, intermediates)` where
+  intermediates holds per-layer lists: `hidden_states` (block outputs `(B, T, D)`),
+  and, where available, `attention_probs` `(B, N, T, S)` ("xla" path) and
+  `gate_scores`.
+  """
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    p = DTYPES[cfg.param_dtype]
+    self.embed = layers.Embed(cfg.vocab_size, cfg.d_model, param_dtype=p, rngs=rngs)
+    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, style=cfg.norm_style,
+                                     param_dtype=p, rngs=rngs)
+    self.lm_head = None if cfg.tie_embeddings else layers.make_param(
+        rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), layers.normal_init(), p)
+
+  def init_cache(self, batch_size: int, max_length: int) -> None:
+    """Allocates every layer's KV cache for decoding."""
+    for block in self.blocks:
+      block.attn.init_cache(batch_size, max_length)
+
+  def __call__(self, tokens: jax.Array, positions: Optional[jax.Array] = None,
+               segment_ids: Optional[jax.Array] = None, *, decode: bool = False,
+               return_intermediates: bool = False):
+    cfg = self.config
+    x = self.embed(tokens, DTYPES[cfg.dtype])
+    run_block = Block.__call__
+    if cfg.remat != "none":
+      run_block = nnx.remat(run_block, policy=_remat_policy(cfg.remat),
+                            static_argnums=(4, 5))
+    collected: dict[str, list[jax.Array]] = {}
+    for block in self.blocks:
+      x, inter = run_block(block, x, positions, segment_ids, decode, return_intermediates)
+      if return_intermediates:
+        collected.setdefault("hidden_states", []).append(x)
+        for name, value in inter.items():
+          collected.setdefault(name, []).append(value)
+    x = self.final_norm(x)
+    if self.lm_head is None:
+      logits = self.embed.attend(x)
+    else:
+      logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype),
+                          preferred_element_type=jnp.float32)
+    return (logits, collected) if return_intermediates else logits
