@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from gated_attention_jax import gate as gate_lib
+from gated_attention_jax import layers
 
 ATTENTION_IMPLS = ("xla", "cudnn", "pallas")
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -55,17 +56,18 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     q: `(B, T, N, H)`; k, v: `(B, S, K, H)` with N a multiple of K.
     mask: `(B, 1, T, S)` boolean.
   Returns:
-    out `(B, T, N, H)` in q's dtype and probabilities `(B, N, T, S)` float32.
+    out `(B, T, N, H)` in q's dtype and probabilities `(B, N, T, S)` in float32 (or wider).
   """
   b, t, n, h = q.shape
   kv_heads = k.shape[2]
   qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
-  logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32)
+  acc = jnp.promote_types(q.dtype, jnp.float32)
+  logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=acc)
   logits = logits * scale
   logits = jnp.where(mask[:, :, None], logits, _MASKED)
   probs = jax.nn.softmax(logits, axis=-1)
   out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
+                   preferred_element_type=acc)
   return out.reshape(b, t, n, h).astype(q.dtype), probs.reshape(b, n, t, -1)
 
 
@@ -125,5 +127,6 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str, scale: float,
                      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
     out, probs = xla_attention(q, k, v, mask, scale)
   if fused_gate is not None:
-    out = gate_lib.combine(out, gate_lib.activate(fused_gate.astype(jnp.float32), gate_activation), "multiply")
+    scores = gate_lib.activate(fused_gate.astype(layers.accum_dtype(out.dtype)), gate_activation)
+    out = gate_lib.combine(out, scores, "multiply")
   return out, (probs if return_probs else None)

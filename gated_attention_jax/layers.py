@@ -33,9 +33,14 @@ def make_param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str],
                    out_sharding=tuple(axes), eager_sharding=False)
 
 
+def accum_dtype(dtype: jnp.dtype) -> jnp.dtype:
+  """float32, or float64 when the input is float64 (reference tests run in float64)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
-  """x / sqrt(mean(x^2) + eps) over the last axis, computed in float32."""
-  x32 = x.astype(jnp.float32)
+  """x / sqrt(mean(x^2) + eps) over the last axis, computed in float32 (or wider)."""
+  x32 = x.astype(accum_dtype(x.dtype))
   return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
 
 
@@ -57,7 +62,7 @@ class RMSNorm(nnx.Module):
     self.weight = make_param(rngs, (dim,), (axis_name,), init, param_dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    w = self.weight[...].astype(jnp.float32)
+    w = self.weight[...].astype(accum_dtype(x.dtype))
     scale = w if self.style == "scale" else 1.0 + w
     return (rms_normalize(x, self.eps) * scale).astype(x.dtype)
 
@@ -77,7 +82,7 @@ class Embed(nnx.Module):
   def attend(self, x: jax.Array) -> jax.Array:
     """`(B, T, D)` → `(B, T, V)` float32 logits."""
     return jnp.einsum("BTD,VD->BTV", x, self.embedding[...].astype(x.dtype),
-                      preferred_element_type=jnp.float32)
+                      preferred_element_type=accum_dtype(x.dtype))
 
 
 class SwiGLU(nnx.Module):

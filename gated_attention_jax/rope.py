@@ -92,16 +92,17 @@ def apply_rope(x: jax.Array, positions: jax.Array, *, theta: float,
     x: `(B, T, heads, H)`.
     positions: `(B, T)` integer positions.
   Returns:
-    `(B, T, heads, H)` in x's dtype; the rotation is computed in float32.
+    `(B, T, heads, H)` in x's dtype; the rotation is computed in float32 (or wider).
   """
   head_dim = x.shape[-1]
   rd = rotary_dim(head_dim, partial_rotary_factor)
   inv_freq, attention_factor = inverse_frequencies(rd, theta, scaling)
-  angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)
+  compute = jnp.promote_types(x.dtype, jnp.float32)
+  angles = positions[..., None].astype(compute) * jnp.asarray(inv_freq, compute)
   angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # (B, T, 1, rd)
   cos = jnp.cos(angles) * attention_factor
   sin = jnp.sin(angles) * attention_factor
-  rot, rest = x[..., :rd].astype(jnp.float32), x[..., rd:]
+  rot, rest = x[..., :rd].astype(compute), x[..., rd:]
   half = rd // 2
   rotated_half = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
   out = (rot * cos + rotated_half * sin).astype(x.dtype)

@@ -175,5 +175,5 @@ class Transformer(nnx.Module):
       logits = self.embed.attend(x)
     else:
       logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype),
-                          preferred_element_type=jnp.float32)
+                          preferred_element_type=layers.accum_dtype(x.dtype))
     return (logits, collected) if return_intermediates else logits

@@ -1,0 +1,43 @@
+"""Shared test fixtures."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+
+@pytest.fixture
+def x64():
+  """Runs a test with float64 enabled, restoring the previous setting afterwards."""
+  previous = jax.config.jax_enable_x64
+  jax.config.update("jax_enable_x64", True)
+  yield
+  jax.config.update("jax_enable_x64", previous)
+
+
+def randomize_params(module: nnx.Module, seed: int, scale: float = 0.3) -> None:
+  """Replaces every parameter with fresh N(0, scale²) values (norm weights around 1).
+
+  Zero-initialised gates and unit norm weights would hide mistakes; random
+  values make every parameter matter in a comparison.
+  """
+  rng = np.random.default_rng(seed)
+  state = nnx.state(module, nnx.Param)
+  new = jax.tree.map(
+      lambda v: (rng.normal(size=v.shape) * scale + (1.0 if v.ndim == 1 else 0.0)
+                 ).astype(v.dtype), state)
+  nnx.update(module, new)
+
+
+def params_as_numpy(layer: nnx.Module) -> dict:
+  """{name: float64 array} for the direct parameters of an attention layer."""
+  out = {}
+  for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "gate_theta"):
+    p = getattr(layer, name)
+    if p is not None:
+      out[name] = np.asarray(p[...], np.float64)
+  for name in ("q_norm", "k_norm", "sdpa_norm"):
+    norm = getattr(layer, name)
+    if norm is not None:
+      out[name] = np.asarray(norm.weight[...], np.float64)
+  return out

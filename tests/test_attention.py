@@ -1,0 +1,221 @@
+"""GatedAttention against an independent float64 numpy implementation, and its invariants."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.test_util import check_grads
+
+from gated_attention_jax import GateConfig, GatedAttention
+from gated_attention_jax import attention_ops
+from gated_attention_jax.attention import positions_from_segments
+from tests.conftest import params_as_numpy, randomize_params
+from tests import reference_numpy
+
+D, N, K, H = 32, 4, 2, 8
+
+VARIANTS = {
+    "baseline": GateConfig(),
+    "sdpa_elementwise": GateConfig(position="sdpa"),
+    "sdpa_headwise": GateConfig(position="sdpa", granularity="headwise"),
+    "value_elementwise": GateConfig(position="value"),
+    "value_headwise": GateConfig(position="value", granularity="headwise"),
+    "key_elementwise": GateConfig(position="key"),
+    "key_headwise": GateConfig(position="key", granularity="headwise"),
+    "query_elementwise": GateConfig(position="query"),
+    "query_headwise": GateConfig(position="query", granularity="headwise"),
+    "dense_elementwise": GateConfig(position="dense"),
+    "sdpa_head_shared": GateConfig(position="sdpa", sharing="head_shared"),
+    "sdpa_headwise_head_shared": GateConfig(position="sdpa", granularity="headwise",
+                                            sharing="head_shared"),
+    "value_head_shared": GateConfig(position="value", sharing="head_shared"),
+    "query_head_shared": GateConfig(position="query", sharing="head_shared"),
+    "sdpa_additive_silu": GateConfig(position="sdpa", combine="add", activation="silu"),
+    "sdpa_elementwise_silu": GateConfig(position="sdpa", activation="silu"),
+    "sdpa_additive_identity": GateConfig(position="sdpa", combine="add",
+                                         activation="identity"),
+    "sdpa_input_independent": GateConfig(position="sdpa", input_dependent=False),
+    "value_headwise_input_independent": GateConfig(position="value", granularity="headwise",
+                                                   input_dependent=False),
+    "sdpa_ns_sigmoid": GateConfig(position="sdpa", activation="ns_sigmoid"),
+    "dense_additive": GateConfig(position="dense", combine="add", activation="silu"),
+    "sdpa_rmsnorm": GateConfig(sdpa_transform="rmsnorm"),
+    "sdpa_silu": GateConfig(sdpa_transform="silu"),
+    "rmsnorm_then_gate": GateConfig(position="sdpa", sdpa_transform="rmsnorm"),
+}
+
+
+def make_layer(gate, *, kv_heads=K, qk_norm=False, rotary=1.0, dtype=jnp.float64, seed=0,
+               impl="xla"):
+  layer = GatedAttention(D, N, kv_heads, H, gate, qk_norm=qk_norm, partial_rotary_factor=rotary,
+                         attention_impl=impl, dtype=dtype, param_dtype=dtype,
+                         rngs=nnx.Rngs(seed))
+  randomize_params(layer, seed + 1)
+  return layer
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_matches_numpy_reference(name, x64):
+  gate = VARIANTS[name]
+  rng = np.random.default_rng(hash(name) % 2**32)
+  qk_norm = name.startswith(("sdpa", "value"))  # QK-norm on for half the variants
+  rotary = 0.5 if "head" in name else 1.0  # partial rotary on some
+  layer = make_layer(gate, qk_norm=qk_norm, rotary=rotary)
+  x = rng.normal(size=(2, 7, D))
+  segments = np.array([[1, 1, 1, 2, 2, 2, 2], [1, 1, 1, 1, 1, 3, 3]])
+  positions = np.asarray(positions_from_segments(jnp.asarray(segments)))
+  got = layer(jnp.asarray(x), jnp.asarray(positions), jnp.asarray(segments))
+  want = reference_numpy.gated_attention(
+      x, params_as_numpy(layer), gate=gate, num_heads=N, num_kv_heads=K,
+      positions=positions.astype(np.float64), segment_ids=segments, qk_norm=qk_norm,
+      rotary_fraction=rotary)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["sdpa_elementwise", "value_headwise", "dense_elementwise",
+                                  "sdpa_head_shared", "sdpa_input_independent",
+                                  "sdpa_rmsnorm"])
+def test_gradients(name, x64):
+  layer = make_layer(VARIANTS[name], qk_norm=True)
+  graphdef, params = nnx.split(layer)
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(1, 5, D)))
+
+  def f(x, params):
+    return jnp.sum(jnp.tanh(nnx.merge(graphdef, params)(x)))
+
+  # JAX's float64 gradient tolerance (1e-5): the finite differences it compares
+  # against carry O(eps^2) truncation error.
+  check_grads(f, (x, params), order=1, modes=["rev"])
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads(x64):
+  gate = GateConfig(position="sdpa")
+  gqa = make_layer(gate, kv_heads=K, qk_norm=True)
+  mha = make_layer(gate, kv_heads=N, qk_norm=True)
+  nnx.update(mha, nnx.state(gqa, nnx.Param).filter(
+      lambda path, _: path[0] not in ("k_proj", "v_proj")))
+  mha.k_proj[...] = jnp.repeat(gqa.k_proj[...], N // K, axis=1)
+  mha.v_proj[...] = jnp.repeat(gqa.v_proj[...], N // K, axis=1)
+  x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 9, D)))
+  np.testing.assert_allclose(np.asarray(gqa(x)), np.asarray(mha(x)), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["sdpa_elementwise", "key_elementwise", "dense_elementwise"])
+def test_causality(name, x64):
+  layer = make_layer(VARIANTS[name])
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(1, 10, D))
+  changed = x.copy()
+  changed[:, 6:] = rng.normal(size=(1, 4, D))
+  a, b = layer(jnp.asarray(x)), layer(jnp.asarray(changed))
+  np.testing.assert_array_equal(np.asarray(a[:, :6]), np.asarray(b[:, :6]))
+  assert np.abs(np.asarray(a[:, 6:] - b[:, 6:])).max() > 1e-3
+
+
+def test_segments_are_isolated(x64):
+  layer = make_layer(VARIANTS["sdpa_elementwise"], qk_norm=True)
+  rng = np.random.default_rng(6)
+  x = rng.normal(size=(1, 10, D))
+  segments = jnp.asarray([[1] * 4 + [2] * 6])
+  packed = layer(jnp.asarray(x), segment_ids=segments)
+  alone_first = layer(jnp.asarray(x[:, :4]))
+  alone_second = layer(jnp.asarray(x[:, 4:]))  # positions restart at 0 in each document
+  np.testing.assert_allclose(np.asarray(packed[:, :4]), np.asarray(alone_first), atol=1e-12)
+  np.testing.assert_allclose(np.asarray(packed[:, 4:]), np.asarray(alone_second), atol=1e-12)
+
+
+def test_positions_from_segments():
+  seg = jnp.asarray([[1, 1, 2, 2, 2, 0, 0], [3, 3, 3, 3, 1, 1, 1]])
+  np.testing.assert_array_equal(np.asarray(positions_from_segments(seg)),
+                                [[0, 1, 0, 1, 2, 0, 1], [0, 1, 2, 3, 0, 1, 2]])
+
+
+@pytest.mark.parametrize("name", ["sdpa_elementwise", "value_elementwise", "key_headwise",
+                                  "query_elementwise", "dense_elementwise"])
+def test_decode_matches_full_forward(name, x64):
+  layer = make_layer(VARIANTS[name], qk_norm=True)
+  x = jnp.asarray(np.random.default_rng(7).normal(size=(2, 9, D)))
+  full = layer(x)
+  layer.init_cache(2, 12)
+  steps = [layer(x[:, :5], decode=True)]
+  steps += [layer(x[:, t:t + 1], decode=True) for t in range(5, 9)]
+  np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, axis=1)), np.asarray(full),
+                             rtol=1e-10, atol=1e-10)
+  assert int(layer.cache_index[...]) == 9
+
+
+def test_intermediates_are_probabilities_and_gate_scores(x64):
+  layer = make_layer(VARIANTS["sdpa_elementwise"])
+  x = jnp.asarray(np.random.default_rng(8).normal(size=(2, 6, D)))
+  out, inter = layer(x, return_intermediates=True)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(layer(x)), atol=1e-12)
+  probs = np.asarray(inter["attention_probs"])
+  assert probs.shape == (2, N, 6, 6)
+  np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-12)
+  assert np.all(np.triu(probs, k=1) == 0)  # causal
+  want = jax.nn.sigmoid(jnp.einsum("BTD,DNH->BTNH", x, layer.gate_proj[...]))
+  np.testing.assert_allclose(np.asarray(inter["gate_scores"]), np.asarray(want), atol=1e-12)
+
+
+def test_jax_nn_attention_path_matches_reference(x64):
+  """The "cudnn" code path (jax.nn.dot_product_attention) run with XLA on CPU."""
+  rng = np.random.default_rng(9)
+  q = jnp.asarray(rng.normal(size=(2, 6, N, H)))
+  k = jnp.asarray(rng.normal(size=(2, 6, K, H)))
+  v = jnp.asarray(rng.normal(size=(2, 6, K, H)))
+  seg = jnp.asarray([[1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 1, 1]])
+  for segments in (None, seg):
+    mask = attention_ops.make_mask(2, 6, 6, causal=True, q_segment_ids=segments,
+                                   kv_segment_ids=segments)
+    want, _ = attention_ops.xla_attention(q, k, v, mask, H ** -0.5)
+    got = attention_ops.cudnn_attention(
+        q, k, v, causal=True, mask=None if segments is None else mask, scale=H ** -0.5,
+        implementation="xla")
+    # jax.nn runs its softmax in float32 even for float64 inputs: ~1e-7 absolute.
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+
+
+def test_bf16_compute_close_to_f32():
+  gate = GateConfig(position="sdpa")
+  f32 = make_layer(gate, dtype=jnp.float32)
+  bf16 = GatedAttention(D, N, K, H, gate, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+                        rngs=nnx.Rngs(0))
+  nnx.update(bf16, nnx.state(f32, nnx.Param))
+  assert bf16.q_proj[...].dtype == jnp.float32  # parameters stay float32
+  x = jnp.asarray(np.random.default_rng(10).normal(size=(2, 8, D)), jnp.float32)
+  out = bf16(x)
+  assert out.dtype == jnp.bfloat16
+  # bf16 has an 8-bit mantissa: ~1e-2 relative error through a few matmuls.
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(f32(x)), rtol=0.1,
+                             atol=0.05)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(position="middle"), "gate.position must be one of"),
+    (dict(granularity="channel"), "gate.granularity must be one of"),
+    (dict(sharing="all"), "gate.sharing must be one of"),
+    (dict(activation="tanh"), "gate.activation must be one of"),
+    (dict(combine="mul"), "gate.combine must be one of"),
+    (dict(sdpa_transform="layernorm"), "gate.sdpa_transform must be one of"),
+    (dict(input_dependent="yes"), "gate.input_dependent must be one of"),
+    (dict(position="dense", granularity="headwise"), "gate.granularity must be 'elementwise'"),
+    (dict(position="dense", sharing="head_shared"), "gate.sharing must be 'head_specific'"),
+])
+def test_bad_gate_config_raises(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    GateConfig(**kwargs)
+
+
+def test_bad_layer_arguments_raise():
+  with pytest.raises(ValueError, match=r"num_heads \(6\) must be a multiple"):
+    GatedAttention(D, 6, 4, H, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="attention_impl must be one of"):
+    GatedAttention(D, N, K, H, attention_impl="flash", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="partial_rotary_factor"):
+    GatedAttention(D, N, K, H, partial_rotary_factor=0.0, rngs=nnx.Rngs(0))
+  layer = GatedAttention(D, N, K, H, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="x must be"):
+    layer(jnp.zeros((2, 3, D + 1)))
+  with pytest.raises(ValueError, match="init_cache"):
+    layer(jnp.zeros((2, 3, D)), decode=True)
