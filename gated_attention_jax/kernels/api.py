@@ -1,0 +1,150 @@
+"""``gated_flash_attention``: argument checks, backend dispatch and the shared custom_vjp.
+
+Dimension names: B batch, T query length, S key length, N query heads, K kv heads, H head_dim.
+Both kernel families (``flash_tpu``, ``flash_gpu``) expose the same two functions,
+``forward(q, k, v, gate, q_seg, kv_seg, cfg, save_residuals)`` and
+``backward(q, k, v, q_seg, kv_seg, lse, dy, delta, cfg)``; one custom_vjp wires either of them.
+The gate is applied in the forward kernel's epilogue; the backward's preprocessing pass turns
+dO into dy = dO ⊙ act(g), dgate = dO ⊙ y ⊙ act'(g) (summed over H when headwise) and
+delta = Σ_H dy ⊙ y, from the saved ungated output y — the gate is never divided out.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from gated_attention_jax.kernels import common, flash_gpu, flash_tpu, reference
+
+IMPLS = ("auto", "pallas_tpu", "pallas_gpu", "xla")
+_KERNELS = {"pallas_tpu": flash_tpu, "pallas_gpu": flash_gpu}
+_NATIVE_BACKEND = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}
+_AUTO = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}
+
+
+def gated_flash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    gate: jax.Array | None,
+    *,
+    causal: bool = True,
+    segment_ids: jax.Array | Sequence[jax.Array] | None = None,
+    scale: float | None = None,
+    gate_activation: str = "sigmoid",
+    impl: str = "auto",
+    block_sizes: common.BlockSizes | None = None,
+) -> jax.Array:
+  """softmax(scale · q kᵀ + mask) v ⊙ act(gate).
+
+  Args:
+    q: (B, T, N, H) queries. k, v: (B, S, K, H) keys and values, N a multiple of K (GQA).
+    gate: (B, T, N, H) elementwise gate, (B, T, N) headwise gate, or None (ungated).
+    causal: query i sits at position S - T + i and sees keys j <= S - T + i.
+    segment_ids: (B, T) int (needs T == S) or a pair ((B, T), (B, S)); tokens only attend
+      within equal ids. Rows that see no key output zeros.
+    scale: logit scale, default 1 / sqrt(H).
+    gate_activation: one of ``reference.GATE_ACTIVATIONS``.
+    impl: "pallas_tpu", "pallas_gpu", "xla" or "auto" (TPU -> pallas_tpu, GPU -> pallas_gpu,
+      otherwise xla). A Pallas impl on a backend it was not written for runs in interpret mode.
+    block_sizes: kernel tile sizes (Pallas impls only).
+  Returns:
+    (B, T, N, H) array in q.dtype.
+  """
+  q_seg, kv_seg = _check_args(q, k, v, gate, segment_ids, gate_activation, impl)
+  scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+  if impl == "auto":
+    impl = _AUTO.get(jax.default_backend(), "xla")
+  if impl == "xla":
+    return reference.gated_attention(q, k, v, gate, causal=causal, scale=scale,
+                                     gate_activation=gate_activation,
+                                     q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+  cfg = common.KernelConfig(
+      impl=impl, causal=bool(causal), scale=scale, gate_activation=gate_activation,
+      block_sizes=block_sizes or common.BlockSizes(),
+      interpret=jax.default_backend() != _NATIVE_BACKEND[impl])
+  return _flash(cfg, q, k, v, gate, q_seg, kv_seg)
+
+
+def _check_args(q, k, v, gate, segment_ids, gate_activation, impl):
+  """Raises ValueError on bad arguments; returns (q_seg, kv_seg) as int32 arrays or Nones."""
+  if impl not in IMPLS:
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}.")
+  if gate_activation not in reference.GATE_ACTIVATIONS:
+    raise ValueError(
+        f"gate_activation must be one of {reference.GATE_ACTIVATIONS}, got {gate_activation!r}.")
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if x.ndim != 4:
+      raise ValueError(f"{name} must have shape (batch, seq, heads, head_dim), got {x.shape}.")
+    if x.dtype not in (jnp.float32, jnp.bfloat16):
+      raise ValueError(f"{name}.dtype must be float32 or bfloat16, got {x.dtype}.")
+  if k.shape != v.shape:
+    raise ValueError(f"k and v must have equal shapes (B, S, K, H), got {k.shape} and {v.shape}.")
+  b, t, n, h = q.shape
+  if k.shape[0] != b or k.shape[3] != h:
+    raise ValueError(f"k/v (B, S, K, H) = {k.shape} must match q (B, T, N, H) = {q.shape} in "
+                     "B and H.")
+  if n % k.shape[2]:
+    raise ValueError(f"q heads N={n} must be a multiple of k/v heads K={k.shape[2]}.")
+  if gate is not None and gate.shape not in ((b, t, n, h), (b, t, n)):
+    raise ValueError(f"gate must have shape (B, T, N, H)={(b, t, n, h)} (elementwise) or "
+                     f"(B, T, N)={(b, t, n)} (headwise), got {gate.shape}.")
+  if segment_ids is None:
+    return None, None
+  s = k.shape[1]
+  if isinstance(segment_ids, (tuple, list)):
+    if len(segment_ids) != 2:
+      raise ValueError("segment_ids must be one (B, T) array or a pair (q_ids (B, T), "
+                       f"kv_ids (B, S)), got a sequence of {len(segment_ids)}.")
+    q_seg, kv_seg = segment_ids
+  else:
+    if t != s:
+      raise ValueError(f"a single segment_ids array needs T == S (got T={t}, S={s}); pass a "
+                       "pair (q_segment_ids, kv_segment_ids).")
+    q_seg = kv_seg = segment_ids
+  for name, x, shape in (("q segment_ids", q_seg, (b, t)), ("kv segment_ids", kv_seg, (b, s))):
+    if x.shape != shape or not jnp.issubdtype(x.dtype, jnp.integer):
+      raise ValueError(f"{name} must be an integer array of shape {shape}, got {x.dtype}"
+                       f"{list(x.shape)}.")
+  return q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(cfg: common.KernelConfig, q, k, v, gate, q_seg, kv_seg):
+  return _KERNELS[cfg.impl].forward(q, k, v, gate, q_seg, kv_seg, cfg, save_residuals=False)[0]
+
+
+def _flash_fwd(cfg: common.KernelConfig, q, k, v, gate, q_seg, kv_seg):
+  o, y, lse = _KERNELS[cfg.impl].forward(q, k, v, gate, q_seg, kv_seg, cfg,
+                                          save_residuals=True)
+  return o, (q, k, v, gate, q_seg, kv_seg, y, lse)
+
+
+def _flash_bwd(cfg: common.KernelConfig, residuals, do):
+  q, k, v, gate, q_seg, kv_seg, y, lse = residuals
+  dy, dgate, delta = _gate_backward(do, y, gate, cfg.gate_activation)
+  dq, dk, dv = _KERNELS[cfg.impl].backward(q, k, v, q_seg, kv_seg, lse, dy, delta, cfg)
+  return dq, dk, dv, dgate, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _gate_backward(do, y, gate, activation: str):
+  """Backward preprocessing: (dy (B, T, N, H) in y.dtype, dgate or None, delta (B, T, N) f32)."""
+  do32, y32 = do.astype(jnp.float32), y.astype(jnp.float32)
+  if gate is None:
+    dy, dgate = do32, None
+  else:
+    act, dact = reference.activation_and_grad(gate, activation)
+    if gate.ndim == 4:
+      dy, dgate = do32 * act, do32 * y32 * dact
+    else:
+      dy, dgate = do32 * act[..., None], jnp.sum(do32 * y32, axis=-1) * dact
+    dgate = dgate.astype(gate.dtype)
+  delta = jnp.sum(dy * y32, axis=-1)
+  return dy.astype(y.dtype), dgate, delta

@@ -1,0 +1,113 @@
+"""Configuration and tile-level helpers shared by the TPU and GPU flash kernels.
+
+Dimension names: B batch, T query length, S key length, N query heads, K kv heads, H head_dim.
+Query row ``i`` sits at absolute position ``i + S - T`` (ends aligned), key column ``j`` at ``j``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+# Smallest tile edge: Triton's dot needs >= 16, and 16 rows fill a bf16 TPU sublane tile.
+MIN_BLOCK = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes along T (``block_q*``) and S (``block_kv*``) for forward and backward kernels.
+
+  The backward sizes default to the forward ones. Each size is capped at the next power of two
+  of the (short) sequence it tiles, so tiny inputs do not pay for huge padded tiles.
+  """
+
+  block_q: int = 128
+  block_kv: int = 128
+  block_q_bwd: int | None = None
+  block_kv_bwd: int | None = None
+
+  def __post_init__(self):
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      if value is not None and (value < MIN_BLOCK or value & (value - 1)):
+        raise ValueError(f"BlockSizes.{f.name} must be a power of two >= {MIN_BLOCK}, got {value}.")
+
+  def forward(self, t: int, s: int) -> tuple[int, int]:
+    """Effective (block_q, block_kv) for the forward pass on lengths T=t, S=s."""
+    return _fit(self.block_q, t), _fit(self.block_kv, s)
+
+  def backward(self, t: int, s: int) -> tuple[int, int]:
+    """Effective (block_q, block_kv) for the backward passes on lengths T=t, S=s."""
+    bq = self.block_q if self.block_q_bwd is None else self.block_q_bwd
+    bk = self.block_kv if self.block_kv_bwd is None else self.block_kv_bwd
+    return _fit(bq, t), _fit(bk, s)
+
+
+def _fit(block: int, length: int) -> int:
+  return min(block, max(MIN_BLOCK, pl.next_power_of_2(length)))
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+  """Static (hashable) settings of one kernel call; the custom_vjp's non-differentiable argument."""
+
+  impl: str
+  causal: bool
+  scale: float
+  gate_activation: str
+  block_sizes: BlockSizes
+  interpret: bool
+
+
+def round_up(x: int, multiple: int) -> int:
+  return -(-x // multiple) * multiple
+
+
+def pad_axis(x: jax.Array, axis: int, length: int) -> jax.Array:
+  """Zero-pads ``x`` along ``axis`` up to ``length``."""
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, length - x.shape[axis])
+  return jnp.pad(x, pad)
+
+
+def block_is_live(q_block, kv_block, block_q: int, block_kv: int, offset: int):
+  """Causal: True unless every (row, col) of tile (q_block, kv_block) lies above the diagonal."""
+  return kv_block * block_kv <= (q_block + 1) * block_q - 1 + offset
+
+
+def num_live_kv_blocks(q_block, block_q: int, block_kv: int, offset: int, num_kv_blocks: int):
+  """Causal: number of leading kv tiles that q tile ``q_block`` must visit (0..num_kv_blocks)."""
+  last_pos = (q_block + 1) * block_q - 1 + offset
+  return jnp.clip(last_pos // block_kv + 1, 0, num_kv_blocks)
+
+
+def first_live_q_block(kv_block, block_q: int, block_kv: int, offset: int, num_q_blocks: int):
+  """Causal: first q tile that sees kv tile ``kv_block`` (num_q_blocks if none does)."""
+  first_row = kv_block * block_kv - offset
+  return jnp.clip(first_row // block_q, 0, num_q_blocks)
+
+
+def tile_mask(q_start, kv_start, block_q: int, block_kv: int, *, causal: bool, offset: int,
+              kv_len: int, kv_padded: bool, q_seg=None, kv_seg=None):
+  """Boolean (block_q, block_kv) visibility mask of one tile, or None if everything is visible.
+
+  q_seg: (block_q, 1) and kv_seg: (1, block_kv) segment ids, or None.
+  """
+  mask = None
+
+  def _and(a, b):
+    return b if a is None else jnp.logical_and(a, b)
+
+  if causal or kv_padded:
+    cols = kv_start + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_kv), 1)
+    if causal:
+      rows = q_start + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_kv), 0)
+      mask = _and(mask, cols <= rows + offset)
+    if kv_padded:
+      mask = _and(mask, cols < kv_len)
+  if q_seg is not None:
+    mask = _and(mask, q_seg == kv_seg)
+  return mask
