@@ -1,0 +1,58 @@
+"""Analysis instruments: attention sinks, massive activations, gate statistics,
+softmax selectivity (Mudarisov et al.) and the figures drawn from them."""
+
+from gated_attention_jax.analysis.metrics import (
+    first_token_attention,
+    gate_statistics,
+    massive_activations,
+    sink_rate,
+    stack_layers,
+)
+from gated_attention_jax.analysis.plots import (
+    plot_attention_maps,
+    plot_first_token_attention,
+    plot_gate_histogram,
+    plot_jacobian_norm,
+    plot_max_activation,
+    plot_perplexity_vs_length,
+    plot_selectivity_distance,
+)
+from gated_attention_jax.analysis.selectivity import (
+    attention_selectivity,
+    distance_curve,
+    distinguishability,
+    fraction_to_n,
+    jacobian_norm_curve,
+    jacobian_norms,
+    softmax_jacobian,
+    softmax_weights,
+    topn_distance,
+    weight_bounds,
+    weights_within_bounds,
+)
+
+__all__ = [
+    "attention_selectivity",
+    "distance_curve",
+    "distinguishability",
+    "first_token_attention",
+    "fraction_to_n",
+    "gate_statistics",
+    "jacobian_norm_curve",
+    "jacobian_norms",
+    "massive_activations",
+    "plot_attention_maps",
+    "plot_first_token_attention",
+    "plot_gate_histogram",
+    "plot_jacobian_norm",
+    "plot_max_activation",
+    "plot_perplexity_vs_length",
+    "plot_selectivity_distance",
+    "sink_rate",
+    "softmax_jacobian",
+    "softmax_weights",
+    "stack_layers",
+    "topn_distance",
+    "weight_bounds",
+    "weights_within_bounds",
+]
