@@ -20,6 +20,10 @@ from gated_attention_jax.analysis.metrics import PerLayer, stack_layers
 PathLike = Union[str, Path]
 
 
+def _figure(figsize: tuple[float, float]) -> Figure:
+    return Figure(figsize=figsize, layout="constrained")
+
+
 def _save(fig: Figure, path: PathLike, dpi: int) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,14 +45,15 @@ def plot_attention_maps(
 
     Args:
       attention: label -> attention probs (L, B, N, T, S) or a list of (B, N, T, S).
-      log_scale: log colour scale (zeros, e.g. the causal upper triangle, left blank).
+      log_scale: log colour scale (zeros, e.g. the causal upper triangle, left
+        blank), shared by all panels, from the smallest positive weight (>= 1e-6) to 1.
     """
-    fig = Figure(figsize=figsize)
+    fig = _figure(figsize)
     axes = fig.subplots(1, len(attention), squeeze=False)[0]
-    for ax, (label, probs) in zip(axes, attention.items()):
-        grid = stack_layers(probs)[layer, batch_index, head]
-        positive = grid[grid > 0]
-        norm = LogNorm(vmin=max(positive.min(), 1e-6), vmax=1.0) if log_scale else Normalize(0.0, 1.0)
+    grids = {label: stack_layers(probs)[layer, batch_index, head] for label, probs in attention.items()}
+    smallest = min(grid[grid > 0].min() for grid in grids.values())
+    norm = LogNorm(vmin=max(smallest, 1e-6), vmax=1.0) if log_scale else Normalize(0.0, 1.0)
+    for ax, (label, grid) in zip(axes, grids.items()):
         shown = np.ma.masked_less_equal(grid, 0.0) if log_scale else grid
         image = ax.imshow(shown, cmap="viridis", norm=norm, interpolation="nearest", aspect="auto")
         ax.set_title(f"{label} (layer {layer}, head {head})")
@@ -65,7 +70,7 @@ def plot_first_token_attention(
     dpi: int = 100,
 ) -> Path:
     """First-token attention per layer, one line per model (label -> first_token_attention()['per_layer'])."""
-    fig = Figure(figsize=figsize)
+    fig = _figure(figsize)
     ax = fig.subplots()
     for label, values in per_layer.items():
         ax.plot(np.arange(len(values)), values, marker="o", label=label)
@@ -84,7 +89,7 @@ def plot_gate_histogram(
     dpi: int = 100,
 ) -> Path:
     """Gate-score densities, one step curve per model (label -> gate_statistics()['histogram'])."""
-    fig = Figure(figsize=figsize)
+    fig = _figure(figsize)
     ax = fig.subplots()
     for label, hist in histograms.items():
         counts = np.asarray(hist["counts"], dtype=np.float64)
@@ -106,7 +111,7 @@ def plot_max_activation(
     dpi: int = 100,
 ) -> Path:
     """Max |hidden state| per layer, one line per model (label -> massive_activations()['per_layer_max'])."""
-    fig = Figure(figsize=figsize)
+    fig = _figure(figsize)
     ax = fig.subplots()
     for label, values in per_layer.items():
         ax.plot(np.arange(len(values)), values, marker="o", label=label)
@@ -125,7 +130,7 @@ def plot_perplexity_vs_length(
     dpi: int = 100,
 ) -> Path:
     """Perplexity vs evaluation length, one line per RoPE method (method -> {length multiple: ppl})."""
-    fig = Figure(figsize=figsize)
+    fig = _figure(figsize)
     ax = fig.subplots()
     for method, by_length in results.items():
         lengths = sorted(by_length)
@@ -146,7 +151,7 @@ def plot_selectivity_distance(
     dpi: int = 100,
 ) -> Path:
     """Mean top-N distance vs N/L, one line per model (label -> attention_selectivity() output)."""
-    fig = Figure(figsize=figsize)
+    fig = _figure(figsize)
     ax = fig.subplots()
     for label, summary in curves.items():
         ax.plot(summary["fractions"], summary["mean_distance"], marker="o", label=label)
@@ -163,7 +168,7 @@ def plot_jacobian_norm(
     dpi: int = 100,
 ) -> Path:
     """Softmax-Jacobian norms vs temperature (log-log) with their bounds (a jacobian_norm_curve() output)."""
-    fig = Figure(figsize=figsize)
+    fig = _figure(figsize)
     ax = fig.subplots()
     temps = np.asarray(curve["temperatures"])
     ax.plot(temps, curve["spectral"], marker="o", label="spectral norm")
