@@ -79,6 +79,10 @@ def distance_curve(
     """topn_distance for N = fraction_to_n(fractions, L).
 
     alpha (..., L), x (..., L, d) -> (ns (F,), distances (..., F)).
+
+    Note: at N = L the distance is ||sum alpha x|| (the attention output), not 0;
+    the collapse the paper describes is as L grows with N / L fixed (for
+    near-uniform weights and i.i.d. zero-mean values d falls like 1/sqrt(L)).
     """
     alpha = np.asarray(alpha, dtype=np.float64)
     x = np.asarray(x, dtype=np.float64)
