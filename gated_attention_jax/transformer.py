@@ -20,7 +20,8 @@ from gated_attention_jax import rope
 from gated_attention_jax.attention import GatedAttention
 from gated_attention_jax.gate import GateConfig
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
+          "float64": jnp.float64}  # float64 for reference tests (needs jax_enable_x64)
 REMAT_POLICIES = ("none", "full", "save_matmuls")
 
 
