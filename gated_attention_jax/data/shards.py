@@ -151,14 +151,14 @@ def read_manifest(corpus_dir: Path) -> dict[str, Any]:
   return manifest
 
 
-@functools.lru_cache(maxsize=None)
-def _verify(corpus_dir: Path, manifest_mtime_ns: int) -> None:
-  """Checks every file's sha256 (cached per manifest version and process)."""
-  del manifest_mtime_ns  # cache key only
+def _verify(corpus_dir: Path) -> None:
+  """Checks every listed file's sha256, once per process per file version."""
   manifest = read_manifest(corpus_dir)
   for file, digest in manifest["sha256"].items():
     path = corpus_dir / file
-    if not path.exists() or _sha256(path) != digest:
+    stat = path.stat() if path.exists() else None
+    key = (stat.st_size, stat.st_mtime_ns, stat.st_ino) if stat else None
+    if key is None or _file_sha256(path, key) != digest:
       raise DataIntegrityError(
           f"{path} is missing or does not match the sha256 in its manifest. The "
           f"prepared data is corrupt: re-run `python -m gated_attention_jax.data.prepare"
@@ -166,10 +166,17 @@ def _verify(corpus_dir: Path, manifest_mtime_ns: int) -> None:
           "rebuilt on first use); for your own token shards, regenerate them.")
 
 
+@functools.lru_cache(maxsize=None)
+def _file_sha256(path: Path, stat_key: tuple[int, int, int]) -> str:
+  """_sha256 cached on (path, size, mtime, inode)."""
+  del stat_key  # cache key only
+  return _sha256(path)
+
+
 def load_split(corpus_dir: Path, split: str) -> Split:
   """Verifies the corpus and memory-maps one split."""
   corpus_dir = Path(corpus_dir).resolve()
-  _verify(corpus_dir, (corpus_dir / MANIFEST).stat().st_mtime_ns)
+  _verify(corpus_dir)
   info = read_manifest(corpus_dir)["splits"][split]
   shards, shard, start, length = [], [], [], []
   for k, entry in enumerate(info["shards"]):

@@ -1,0 +1,49 @@
+"""The data config (`config.data` in the training configs) and its validation."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from gated_attention_jax.data.tokenizers import TOKENIZERS
+
+CORPORA = ("bundled", "text_dir", "token_shards")
+PACKINGS = ("segments", "windows")
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """Defaults: the bundled corpus, byte tokens, 512-token packed documents."""
+  return ml_collections.ConfigDict({
+      "corpus": "bundled",  # one of CORPORA
+      "path": "",  # folder for text_dir / token_shards; "" for bundled
+      "tokenizer": "byte",  # one of TOKENIZERS
+      "seq_len": 512,  # T
+      "packing": "segments",  # one of PACKINGS
+      "shuffle": True,
+      "prefetch": 2,  # batches prefetched by background threads; 0 = none
+      "cache_dir": "",  # "" = $GATED_ATTENTION_DATA or ~/.cache/gated_attention_jax/data
+  })
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first bad field and what it may be."""
+  for field, allowed in (("corpus", CORPORA), ("tokenizer", TOKENIZERS),
+                         ("packing", PACKINGS)):
+    if cfg.get(field) not in allowed:
+      raise ValueError(f"data.{field} must be one of {allowed}, got {cfg.get(field)!r}")
+  for field in ("path", "cache_dir"):
+    if not isinstance(cfg.get(field), str):
+      raise ValueError(f"data.{field} must be a str, got {cfg.get(field)!r}")
+  if (cfg.corpus == "bundled") != (cfg.path == ""):
+    raise ValueError(f"data.path must be '' for corpus 'bundled' and a folder for "
+                     f"'text_dir'/'token_shards', got {cfg.path!r} with "
+                     f"corpus {cfg.corpus!r}")
+  if not _is_int(cfg.get("seq_len")) or cfg.seq_len < 2:
+    raise ValueError(f"data.seq_len must be an int >= 2, got {cfg.get('seq_len')!r}")
+  if not isinstance(cfg.get("shuffle"), bool):
+    raise ValueError(f"data.shuffle must be a bool, got {cfg.get('shuffle')!r}")
+  if not _is_int(cfg.get("prefetch")) or cfg.prefetch < 0:
+    raise ValueError(f"data.prefetch must be an int >= 0, got {cfg.get('prefetch')!r}")
