@@ -162,6 +162,10 @@ def test_rewrite_replaces_corpus_atomically(tmp_path):
   split = shards.load_split(out, "train")
   assert split.names == ("b",)
   np.testing.assert_array_equal(split.document(0), [4, 5])
+  # First-use preparation never replaces a corpus another process finished.
+  shards.write_corpus(out, {"train": [("c", np.array([6]))]}, meta, overwrite=False)
+  assert shards.load_split(out, "train").names == ("b",)
+  assert [p.name for p in tmp_path.iterdir()] == ["corpus"]
 
 
 # --- text cleaning and tokenizers ----------------------------------------------
@@ -385,3 +389,11 @@ def test_bad_config_raises_before_any_work(tmp_path, field, value, message):
     with pytest.raises(ValueError, match=re.escape(message)):
       call()
   assert not (tmp_path / "never_created").exists()
+
+
+def test_data_root_precedence(monkeypatch, tmp_path):
+  monkeypatch.setenv(sources.ENV_DATA_DIR, str(tmp_path / "env"))
+  assert sources.data_root() == tmp_path / "env"
+  assert sources.data_root(tmp_path / "explicit") == tmp_path / "explicit"
+  monkeypatch.delenv(sources.ENV_DATA_DIR)
+  assert sources.data_root() == Path.home() / ".cache" / "gated_attention_jax" / "data"

@@ -21,6 +21,8 @@ import hashlib
 import math
 from pathlib import Path
 
+import ml_collections
+
 
 from gated_attention_jax.data import shards
 from gated_attention_jax.data import sources
@@ -48,10 +50,12 @@ def split_documents(names: list[str], groups: list[str]) -> list[bool]:
 
 
 def build(documents: list[tuple[str, str]], groups: list[str], tokenizer_name: str,
-          out_dir: Path, sources_meta: dict, cache_dir: str | Path | None = None) -> Path:
+          out_dir: Path, sources_meta: dict, cache_dir: str | Path | None = None,
+          overwrite: bool = True) -> Path:
   """Tokenizes, splits by document and atomically writes `out_dir`.
 
   documents: [(name, text)] in a fixed order; empty texts are dropped.
+  overwrite=False keeps an `out_dir` that appeared meanwhile.
   """
   tok = tokenizers.get_tokenizer(tokenizer_name, cache_dir)
   kept = [(i, name, text) for i, (name, text) in enumerate(documents) if text]
@@ -62,12 +66,12 @@ def build(documents: list[tuple[str, str]], groups: list[str], tokenizer_name: s
     splits["validation" if val else "train"].append((name, doc_ids))
   meta = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
           "sources": sources_meta}
-  shards.write_corpus(out_dir, splits, meta)
+  shards.write_corpus(out_dir, splits, meta, overwrite)
   return out_dir
 
 
 def prepare_bundled(tokenizer_name: str = "byte", out_dir: str | Path | None = None,
-                    cache_dir: str | Path | None = None) -> Path:
+                    cache_dir: str | Path | None = None, overwrite: bool = True) -> Path:
   """(Re)builds the bundled corpus; returns its directory."""
   root = sources.data_root(cache_dir)
   out = Path(out_dir) if out_dir else root / tokenizer_name
@@ -80,7 +84,7 @@ def prepare_bundled(tokenizer_name: str = "byte", out_dir: str | Path | None = N
   if tokenizer_name == "gpt2":
     meta["packages"][sources.WHISPER.dist] = sources.WHISPER.version
   groups = [name.split("/")[0] for name, _ in docs]
-  return build(docs, groups, tokenizer_name, out, meta, cache_dir)
+  return build(docs, groups, tokenizer_name, out, meta, cache_dir, overwrite)
 
 
 def _text_dir_files(path: Path) -> list[Path]:
@@ -101,16 +105,17 @@ def text_dir_key(path: Path) -> str:
 
 
 def prepare_text_dir(path: str | Path, tokenizer_name: str, out_dir: Path,
-                     cache_dir: str | Path | None = None) -> Path:
+                     cache_dir: str | Path | None = None, overwrite: bool = True) -> Path:
   """Prepares a folder of .txt files (one document each, recursive)."""
   path = Path(path)
   docs = [(f.relative_to(path).as_posix(), sources.clean_text(f.read_bytes()))
           for f in _text_dir_files(path)]
   meta = {"corpus": "text_dir", "path": str(path.resolve())}
-  return build(docs, ["text_dir"] * len(docs), tokenizer_name, out_dir, meta, cache_dir)
+  return build(docs, ["text_dir"] * len(docs), tokenizer_name, out_dir, meta, cache_dir,
+               overwrite)
 
 
-def corpus_dir(data_cfg) -> Path:
+def corpus_dir(data_cfg: ml_collections.ConfigDict) -> Path:
   """Prepared corpus directory for a (validated) data config, preparing it on
   first use."""
   root = sources.data_root(data_cfg.cache_dir or None)
@@ -125,11 +130,12 @@ def corpus_dir(data_cfg) -> Path:
     path = Path(data_cfg.path).expanduser()
     out = root / f"text_dir-{text_dir_key(path)}" / data_cfg.tokenizer
     if not (out / shards.MANIFEST).exists():
-      prepare_text_dir(path, data_cfg.tokenizer, out, data_cfg.cache_dir or None)
+      prepare_text_dir(path, data_cfg.tokenizer, out, data_cfg.cache_dir or None,
+                       overwrite=False)
     return out
   out = root / data_cfg.tokenizer
   if not (out / shards.MANIFEST).exists():
-    prepare_bundled(data_cfg.tokenizer, out, data_cfg.cache_dir or None)
+    prepare_bundled(data_cfg.tokenizer, out, data_cfg.cache_dir or None, overwrite=False)
   return out
 
 

@@ -80,8 +80,9 @@ def _sha256(path: Path) -> str:
 
 
 def write_corpus(out_dir: Path, splits: dict[str, list[tuple[str, np.ndarray]]],
-                 meta: dict[str, Any]) -> None:
-  """Atomically (re)writes a corpus directory.
+                 meta: dict[str, Any], overwrite: bool = True) -> None:
+  """Atomically writes a corpus directory (an existing one is replaced only
+  if `overwrite`; otherwise it is kept, e.g. another process made it first).
 
   splits: {split: [(document name, (L,) int token ids)]}; meta: manifest
   fields "tokenizer", "vocab_size", "bos_id", "sources". Everything is written
@@ -124,7 +125,7 @@ def write_corpus(out_dir: Path, splits: dict[str, list[tuple[str, np.ndarray]]],
           "documents": len(docs), "tokens": int(sum(len(i) for _, i in docs)),
           "document_names": [name for name, _ in docs], "shards": shard_entries}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    if out_dir.exists():  # swap: move the old one aside, then rename
+    if out_dir.exists() and overwrite:  # swap: move the old one aside, then rename
       old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex}"
       os.replace(out_dir, old)
       os.replace(tmp, out_dir)
@@ -132,7 +133,7 @@ def write_corpus(out_dir: Path, splits: dict[str, list[tuple[str, np.ndarray]]],
     else:
       try:
         os.replace(tmp, out_dir)
-      except OSError:  # another process finished first; keep theirs
+      except OSError:  # it exists now (another process finished first): keep it
         if not (out_dir / MANIFEST).exists():
           raise
   finally:
