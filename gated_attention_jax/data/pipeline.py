@@ -20,7 +20,8 @@ Packing (`data.packing`):
   blocks of T targets; the inputs are BOS followed by the block's first T-1
   tokens, so every window starts with BOS, is one segment with positions
   0..T-1, and has no padding (the stream's last partial block is dropped in
-  training, padded in eval).
+  training, padded in eval). A block that begins at a document start has that
+  document's BOS as its first target.
 
 The packing plan is fixed per corpus and T; `make_train_iterator` shuffles
 whole windows (a new permutation each epoch). Multi-process: the global stream
