@@ -1,0 +1,122 @@
+"""Device meshes and shardings, from one table of logical-axis rules.
+
+Layers name the axes of every parameter (`("embed", "q_heads", "head_dim")`);
+`LOGICAL_AXIS_RULES` maps those names to the mesh axes `data`, `fsdp`, `tensor`.
+FSDP shards parameters and optimizer state over `fsdp`; tensor parallelism
+shards heads and the MLP over `tensor`; the batch goes over (data, fsdp).
+A dimension whose size does not divide by its mesh axes is replicated instead
+(e.g. 2 kv heads on a 4-way tensor axis), so every gate variant shards.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis name -> mesh axes (None: replicated). The one place parallelism is decided.
+LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("seq", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("dense_gate", "tensor"),
+    ("norm", None),
+)
+
+
+def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
+  """Sizes of (data, fsdp, tensor); one -1 takes the devices left over."""
+  sizes = [mesh_cfg[a] for a in MESH_AXES]
+  for axis, size in zip(MESH_AXES, sizes):
+    if not isinstance(size, int) or (size < 1 and size != -1):
+      raise ValueError(f"mesh.{axis} must be a positive int or -1, got {size!r}")
+  if sizes.count(-1) > 1:
+    raise ValueError(f"at most one of mesh.{MESH_AXES} may be -1, got {sizes}")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices do not"
+                       f" divide by {known}")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices,"
+                     f" {num_devices} are available")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg: ml_collections.ConfigDict,
+              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over all devices (all processes).
+
+  With `mesh.dcn_data` > 1 (multi-slice), the data axis spans slices: devices
+  are laid out by `mesh_utils.create_hybrid_device_mesh` so that only the data
+  axis crosses the data-centre network.
+  """
+  devices = list(devices if devices is not None else jax.devices())
+  dcn = mesh_cfg.get("dcn_data", 1)
+  shape = mesh_shape(mesh_cfg, len(devices) // dcn)
+  if dcn > 1:
+    from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+    grid = mesh_utils.create_hybrid_device_mesh(shape, (dcn, 1, 1), devices)
+  else:
+    grid = np.asarray(devices).reshape(shape)
+  return Mesh(grid, MESH_AXES)
+
+
+def logical_to_mesh_spec(axes: Sequence[Optional[str]], shape: Sequence[int],
+                         mesh: Mesh) -> P:
+  """PartitionSpec for an array with logical `axes`, replicating non-divisible dims."""
+  rules = dict(LOGICAL_AXIS_RULES)
+  spec, used = [], set()
+  for name, size in zip(axes, shape):
+    target = rules.get(name) if name is not None else None
+    mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
+    mesh_axes = tuple(a for a in mesh_axes if a not in used and mesh.shape[a] > 1)
+    if mesh_axes and size % math.prod(mesh.shape[a] for a in mesh_axes) == 0:
+      used.update(mesh_axes)
+      spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    else:
+      spec.append(None)
+  return P(*spec)
+
+
+def _variable_sharding(variable: nnx.Variable, mesh: Mesh) -> nnx.Variable:
+  axes = variable.get_metadata().get("out_sharding")
+  spec = P() if axes is None else logical_to_mesh_spec(axes, variable.shape, mesh)
+  return variable.replace(NamedSharding(mesh, spec))
+
+
+def state_shardings(abstract_state: nnx.State, mesh: Mesh) -> nnx.State:
+  """The state's tree with a NamedSharding in each variable, from its logical axes."""
+  return jax.tree.map(lambda v: _variable_sharding(v, mesh), abstract_state,
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def optimizer_shardings(tx: optax.GradientTransformation, opt_state_shape: Any,
+                        param_shardings: nnx.State, mesh: Mesh) -> Any:
+  """Optimizer-state shardings: moments follow their parameter, counters replicate."""
+  return optax.tree_map_params(tx, lambda _, sharding: sharding, opt_state_shape,
+                               param_shardings,
+                               transform_non_params=lambda _: replicated(mesh))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Batches `(B, T)` split over (data, fsdp) on the batch axis."""
+  return NamedSharding(mesh, P(("data", "fsdp"), None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())

@@ -1,0 +1,302 @@
+"""Training loop: sharded jit train step, evaluation, metrics, checkpoints, preemption.
+
+`train_and_evaluate(config, workdir)` trains from scratch or resumes from the
+newest readable checkpoint in `workdir/checkpoints`, and returns a summary that
+is also written to `workdir/summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import signal
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from gated_attention_jax import checkpointing
+from gated_attention_jax import experiment
+from gated_attention_jax import metrics_writer
+from gated_attention_jax import optim
+from gated_attention_jax import params as params_lib
+from gated_attention_jax import sharding
+from gated_attention_jax.data import pipeline
+from gated_attention_jax.transformer import Transformer, TransformerConfig
+
+# Peak dense bf16 TFLOP/s per device, for the MFU estimate (substring of device_kind).
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "TPU v6": 918.0,
+               "TPU v5p": 459.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v4": 275.0}
+
+Batch = dict[str, jax.Array]
+
+
+def flops_per_token(cfg: TransformerConfig, seq_len: int, num_params: int) -> float:
+  """Training FLOPs per token: 6·(non-embedding params + output projection) + attention.
+
+  The attention term is 12·layers·heads·head_dim·T (PaLM's convention, causal
+  masking not discounted).
+  """
+  embedding = cfg.vocab_size * cfg.d_model
+  matmul_params = num_params - embedding * (1 if cfg.tie_embeddings else 2) + embedding
+  return 6.0 * matmul_params + 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+
+
+def peak_flops_per_device(train_cfg: ml_collections.ConfigDict) -> Optional[float]:
+  if train_cfg.peak_tflops_per_device > 0:
+    return train_cfg.peak_tflops_per_device * 1e12
+  kind = jax.devices()[0].device_kind
+  for name, tflops in PEAK_TFLOPS.items():
+    if name in kind:
+      return tflops * 1e12
+  return None
+
+
+def token_losses(model: Transformer, batch: Batch, use_segments: bool,
+                 want_gates: bool) -> tuple[jax.Array, jax.Array, list[jax.Array]]:
+  """Per-token cross entropy and log-partition `(B, T)`, and per-layer mean gate score."""
+  segment_ids = batch["segment_ids"] if use_segments else None
+  out = model(batch["inputs"], batch["positions"], segment_ids,
+              return_intermediates=want_gates)
+  logits, inter = out if want_gates else (out, {})
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+  gate_means = [jnp.mean(g.astype(jnp.float32)) for g in inter.get("gate_scores", [])]
+  return log_z - target_logit, log_z, gate_means
+
+
+class Trainer:
+  """Owns the compiled steps and shardings of one experiment on one mesh."""
+
+  def __init__(self, config: ml_collections.ConfigDict, model_cfg: TransformerConfig,
+               mesh: jax.sharding.Mesh):
+    self.config = config
+    self.model_cfg = model_cfg
+    self.mesh = mesh
+    self.tx = optim.make_optimizer(config.train)
+    self.use_segments = config.data.packing == "segments"
+    self.want_gates = model_cfg.gate.enabled
+
+    abstract_model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
+    self.graphdef, abstract_params = nnx.split(abstract_model)
+    self.num_params = params_lib.count_params(abstract_model)
+    self.gate_params = params_lib.gate_params(abstract_model)
+    param_sh = sharding.state_shardings(abstract_params, mesh)
+    opt_shape = jax.eval_shape(self.tx.init, abstract_params)
+    opt_sh = sharding.optimizer_shardings(self.tx, opt_shape, param_sh, mesh)
+    self.state_shardings = {"params": param_sh, "opt_state": opt_sh,
+                            "step": sharding.replicated(mesh)}
+    self.abstract_state = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        {"params": abstract_params, "opt_state": opt_shape,
+         "step": jax.ShapeDtypeStruct((), jnp.int32)},
+        self.state_shardings)
+    self.batch_sharding = sharding.batch_sharding(mesh)
+
+    self.init_state = jax.jit(self._init_state, out_shardings=self.state_shardings)
+    self.train_step = jax.jit(self._train_step, donate_argnums=0,
+                              out_shardings=(self.state_shardings, sharding.replicated(mesh)))
+    self.eval_step = jax.jit(self._eval_step, out_shardings=sharding.replicated(mesh))
+
+  def _init_state(self) -> dict[str, Any]:
+    model = Transformer(self.model_cfg, rngs=nnx.Rngs(self.config.train.seed))
+    params = nnx.state(model)
+    return {"params": params, "opt_state": self.tx.init(params),
+            "step": jnp.zeros((), jnp.int32)}
+
+  def _train_step(self, state: dict[str, Any], batch: Batch):
+    z_loss = self.config.train.z_loss
+
+    def loss_fn(params):
+      model = nnx.merge(self.graphdef, params)
+      nll, log_z, gates = token_losses(model, batch, self.use_segments, self.want_gates)
+      mask = batch["loss_mask"]
+      count = jnp.maximum(mask.sum(), 1.0)
+      ce = (nll * mask).sum() / count
+      total = ce + z_loss * (log_z ** 2 * mask).sum() / count
+      return total, (ce, gates)
+
+    (_, (ce, gates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": ce, "grad_norm": optax.global_norm(grads),
+               "learning_rate": optim.learning_rate_schedule(self.config.train)(state["step"])}
+    if gates:
+      metrics["gate_score_mean_per_layer"] = jnp.stack(gates)
+    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+  def _eval_step(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
+    model = nnx.merge(self.graphdef, params)
+    nll, _, _ = token_losses(model, batch, self.use_segments, False)
+    mask = batch["loss_mask"]
+    return {"nll_sum": (nll * mask).sum(), "tokens": mask.sum()}
+
+  def global_batch(self, local: dict[str, np.ndarray]) -> Batch:
+    """This process's rows → one global array sharded over (data, fsdp)."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            for k, v in local.items()}
+
+  def evaluate(self, params: Any, batches) -> dict[str, float]:
+    nll, tokens = 0.0, 0.0
+    for local in batches:
+      out = self.eval_step(params, self.global_batch(local))
+      nll += float(out["nll_sum"])
+      tokens += float(out["tokens"])
+    loss = nll / max(tokens, 1.0)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: no handler, nothing to restore
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    logging.warning("SIGTERM received: saving a checkpoint and exiting")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _eval_batches(config: ml_collections.ConfigDict) -> list:
+  per_process = config.train.batch_size // jax.process_count()
+  return list(pipeline.make_eval_batches(config.data, batch_size=per_process,
+                                         num_batches=config.train.eval_batches))
+
+
+def _check_finite(step: int, loss: float, last_saved: Optional[int]) -> None:
+  if not math.isfinite(loss):
+    kept = (f"the last good checkpoint (step {last_saved}) is intact" if last_saved is not None
+            else "no checkpoint was written")
+    raise FloatingPointError(f"training loss is {loss} at step {step}: stopping; {kept}")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+                       stop_at_step: Optional[int] = None) -> dict[str, Any]:
+  """Trains `config` in `workdir` (resuming if it holds checkpoints).
+
+  stop_at_step: end (with a checkpoint) after this step, as a preemption would;
+  the run resumes from there when called again.
+  """
+  workdir = pathlib.Path(workdir)
+  model_cfg = experiment.validate(config, jax.device_count())
+  mesh = sharding.make_mesh(config.mesh)
+  is_chief = jax.process_index() == 0
+  workdir.mkdir(parents=True, exist_ok=True)
+  trainer = Trainer(config, model_cfg, mesh)
+  train_cfg = config.train
+  ckpt = checkpointing.Checkpointer(workdir, keep=train_cfg.keep_checkpoints)
+  writer = metrics_writer.MetricsWriter(workdir, enabled=is_chief)
+
+  data_iter = pipeline.make_train_iterator(
+      config.data, batch_size=train_cfg.batch_size // jax.process_count(),
+      seed=train_cfg.seed, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  restored = ckpt.restore_latest(trainer.abstract_state)
+  if restored is None:
+    state, start = trainer.init_state(), 0
+    logging.info("starting from scratch: %s parameters (%s in gates)",
+                 f"{trainer.num_params:,}", f"{trainer.gate_params:,}")
+  else:
+    start, state, data_state = restored
+    data_iter.set_state(data_state)
+    writer.truncate_after(start)
+    logging.info("resumed from step %d", start)
+  if is_chief:
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+  eval_batches = _eval_batches(config)
+  tokens_per_step = train_cfg.batch_size * config.data.seq_len
+  flops = flops_per_token(model_cfg, config.data.seq_len, trainer.num_params)
+  peak = peak_flops_per_device(train_cfg)
+  spikes = metrics_writer.SpikeCounter(train_cfg.spike_factor, train_cfg.spike_window)
+  progress = metrics_writer.Progress(train_cfg.num_steps, start)
+  last_saved = start if restored is not None else None
+  end = train_cfg.num_steps if stop_at_step is None else min(stop_at_step, train_cfg.num_steps)
+  eval_metrics: dict[str, float] = {}
+
+  def save(step: int) -> None:
+    nonlocal last_saved
+    ckpt.save(step, state=state, data_state=data_iter.get_state(),
+              config_json=json.loads(config.to_json_best_effort()))
+    last_saved = step
+
+  step, pending, preempted = start, None, False
+  window_step, window_start = start, time.time()
+  with _Preemption() as preemption:
+    while step < end:
+      state, metrics = trainer.train_step(state, trainer.global_batch(next(data_iter)))
+      step += 1
+      if pending is not None:  # check the previous step while this one runs
+        _check_finite(step - 1, float(pending["loss"]), last_saved)
+      pending = metrics
+      stop_now = preemption.requested or step == end
+      log = step % train_cfg.log_every == 0 or stop_now
+      do_eval = step % train_cfg.eval_every == 0 or step == train_cfg.num_steps
+      do_save = step % train_cfg.checkpoint_every == 0 or stop_now
+      if log or do_eval or do_save:
+        values = jax.device_get(metrics)
+        pending = None
+        loss = float(values["loss"])
+        _check_finite(step, loss, last_saved)
+        spikes.update(loss)
+      if log or do_eval:
+        tokens_per_sec = tokens_per_step * (step - window_step) / (time.time() - window_start)
+        row = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+               "grad_norm": float(values["grad_norm"]),
+               "learning_rate": float(values["learning_rate"]),
+               "tokens_per_sec": tokens_per_sec,
+               "model_tflops_per_sec": tokens_per_sec * flops / 1e12,
+               "loss_spikes": spikes.count}
+        if peak is not None:
+          row["mfu"] = tokens_per_sec * flops / (peak * jax.device_count())
+        if "gate_score_mean_per_layer" in values:
+          row["gate_score_mean_per_layer"] = [float(v) for v in
+                                              values["gate_score_mean_per_layer"]]
+        if do_eval:
+          eval_metrics = trainer.evaluate(state["params"], eval_batches)
+          row.update(eval_metrics)
+        writer.write(step, row)
+        if is_chief:
+          progress.line(step, row)
+        window_step, window_start = step, time.time()
+      if do_save:
+        save(step)
+      if preemption.requested:
+        preempted = True
+        break
+
+  if pending is not None:
+    _check_finite(step, float(pending["loss"]), last_saved)
+  if last_saved != step:
+    save(step)
+  ckpt.close()
+  writer.close()
+  summary = {"step": step, "num_steps": train_cfg.num_steps, "preempted": preempted,
+             "finished": step >= train_cfg.num_steps, "num_params": trainer.num_params,
+             "gate_params": trainer.gate_params, "gate": model_cfg.gate.describe(),
+             **eval_metrics}
+  if is_chief:
+    tmp = workdir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, workdir / "summary.json")
+  return summary
