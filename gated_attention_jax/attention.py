@@ -229,7 +229,7 @@ class GatedAttention(nnx.Module):
       out = gate_lib.combine(out, scores, g.combine)
     if not return_intermediates:
       return out
-    intermediates: Intermediates = {}
+    intermediates: Intermediates = {"values": v}
     if probs is not None:
       intermediates["attention_probs"] = probs
     if scores is not None:

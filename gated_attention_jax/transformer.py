@@ -136,8 +136,8 @@ class Transformer(nnx.Module):
 
   With `return_intermediates=True` it returns `(logits, intermediates)` where
   intermediates holds per-layer lists: `hidden_states` (block outputs `(B, T, D)`),
-  and, where available, `attention_probs` `(B, N, T, S)` ("xla" path) and
-  `gate_scores`.
+  `values` `(B, S, K, H)`, and, where available, `attention_probs` `(B, N, T, S)`
+  ("xla" path) and `gate_scores`.
   """
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
