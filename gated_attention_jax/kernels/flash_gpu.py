@@ -10,7 +10,10 @@ K/V). Lengths are zero-padded to a tile multiple and the padding is masked.
 Status: this is the portable fallback behind ``impl="pallas_gpu"``. JAX's Triton Pallas backend
 is deprecated in favour of Mosaic GPU; a Hopper kernel (wgmma, TMA pipelining, warp
 specialisation) would be the fast path. Here it has only run under ``interpret=True`` on CPU
-(what the tests check); it has not been compiled or timed on a GPU. The custom_vjp wiring
+(what the tests check); it has not been compiled or timed on a GPU. Programs take the whole
+padded K/V (forward, dq) or Q (dk/dv) sequence as one block and slice tiles out of it; Triton
+prefers power-of-two block shapes, so lengths that pad to a non-power-of-two may need extra
+padding there (unverified). The custom_vjp wiring
 lives in ``api``; this module supplies ``forward`` and ``backward``.
 """
 
