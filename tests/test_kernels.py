@@ -282,6 +282,7 @@ def test_auto_on_cpu_is_xla():
     (dict(kv_len=9), "single segment_ids array needs T == S"),
     (dict(segment_ids=(np.zeros((1, 8), np.int32),)), "pair"),
     (dict(segment_ids=np.zeros((1, 8), np.float32)), "integer array"),
+    (dict(segment_ids=(np.zeros((1, 8), np.int32), None)), "kv segment_ids must be"),
     (dict(v_shape=(1, 8, 2, 8)), "k and v must have equal shapes"),
     (dict(head_dim_k=8), "match q"),
 ])

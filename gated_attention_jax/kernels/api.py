@@ -107,9 +107,9 @@ def _check_args(q, k, v, gate, segment_ids, gate_activation, impl):
                        "pair (q_segment_ids, kv_segment_ids).")
     q_seg = kv_seg = segment_ids
   for name, x, shape in (("q segment_ids", q_seg, (b, t)), ("kv segment_ids", kv_seg, (b, s))):
-    if x.shape != shape or not jnp.issubdtype(x.dtype, jnp.integer):
-      raise ValueError(f"{name} must be an integer array of shape {shape}, got {x.dtype}"
-                       f"{list(x.shape)}.")
+    if x is None or x.shape != shape or not jnp.issubdtype(x.dtype, jnp.integer):
+      got = "None" if x is None else f"{x.dtype}{list(x.shape)}"
+      raise ValueError(f"{name} must be an integer array of shape {shape}, got {got}.")
   return q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
 
 
