@@ -101,10 +101,13 @@ class Trainer:
         self.state_shardings)
     self.batch_sharding = sharding.batch_sharding(mesh)
 
-    self.init_state = jax.jit(self._init_state, out_shardings=self.state_shardings)
-    self.train_step = jax.jit(self._train_step, donate_argnums=0,
+    # Traced under the mesh so that the model's activation constraints take effect.
+    self.init_state = jax.jit(sharding.under_mesh(self._init_state, mesh),
+                              out_shardings=self.state_shardings)
+    self.train_step = jax.jit(sharding.under_mesh(self._train_step, mesh), donate_argnums=0,
                               out_shardings=(self.state_shardings, sharding.replicated(mesh)))
-    self.eval_step = jax.jit(self._eval_step, out_shardings=sharding.replicated(mesh))
+    self.eval_step = jax.jit(sharding.under_mesh(self._eval_step, mesh),
+                             out_shardings=sharding.replicated(mesh))
 
   def _init_state(self) -> dict[str, Any]:
     model = Transformer(self.model_cfg, rngs=nnx.Rngs(self.config.train.seed))
@@ -127,7 +130,7 @@ class Trainer:
     (_, (ce, gates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": ce, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": ce, "grad_norm": optax.tree.norm(grads),
                "learning_rate": optim.learning_rate_schedule(self.config.train)(state["step"])}
     if gates:
       metrics["gate_score_mean_per_layer"] = jnp.stack(gates)
@@ -178,9 +181,13 @@ class _Preemption:
 
 
 def _eval_batches(config: ml_collections.ConfigDict) -> list:
+  """This process's rows of the global eval batches (the same rows at any process count)."""
   per_process = config.train.batch_size // jax.process_count()
-  return list(pipeline.make_eval_batches(config.data, batch_size=per_process,
-                                         num_batches=config.train.eval_batches))
+  rows = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+  return [{k: v[rows] for k, v in batch.items()}
+          for batch in pipeline.make_eval_batches(config.data,
+                                                  batch_size=config.train.batch_size,
+                                                  num_batches=config.train.eval_batches)]
 
 
 def _check_finite(step: int, loss: float, last_saved: Optional[int]) -> None:
