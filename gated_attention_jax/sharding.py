@@ -6,25 +6,33 @@ FSDP shards parameters and optimizer state over `fsdp`; tensor parallelism
 shards heads and the MLP over `tensor`; the batch goes over (data, fsdp).
 A dimension whose size does not divide by its mesh axes is replicated instead
 (e.g. 2 kv heads on a 4-way tensor axis), so every gate variant shards.
+
+Activations are constrained by the same rules: `constrain(x, ("batch", "seq",
+"embed"))` inside a function traced under `under_mesh(fn, mesh)`; without a
+mesh it returns x unchanged. A gate's scores carry the logical head axis of the
+tensor they gate (`q_heads` for G1/G4, `kv_heads` for G2/G3), so gate slices
+are split exactly as the heads they multiply.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import mesh_utils
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis name -> mesh axes (None: replicated). The one place parallelism is decided.
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp")),  # activations' batch axis
     ("seq", None),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
@@ -67,24 +75,36 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict,
   """
   devices = list(devices if devices is not None else jax.devices())
   dcn = mesh_cfg.get("dcn_data", 1)
+  if not isinstance(dcn, int) or dcn < 1 or len(devices) % dcn:
+    raise ValueError(f"mesh.dcn_data must be a positive int dividing the {len(devices)}"
+                     f" devices, got {dcn!r}")
   shape = mesh_shape(mesh_cfg, len(devices) // dcn)
   if dcn > 1:
-    from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
     grid = mesh_utils.create_hybrid_device_mesh(shape, (dcn, 1, 1), devices)
-  else:
-    grid = np.asarray(devices).reshape(shape)
-  return Mesh(grid, MESH_AXES)
+    return Mesh(grid, MESH_AXES)
+  # Auto axes: GSPMD propagates shardings between the ones we pin down.
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
 
 
 def logical_to_mesh_spec(axes: Sequence[Optional[str]], shape: Sequence[int],
-                         mesh: Mesh) -> P:
-  """PartitionSpec for an array with logical `axes`, replicating non-divisible dims."""
+                         mesh: Mesh | AbstractMesh) -> P:
+  """PartitionSpec for an array with logical `axes`, replicating non-divisible dims.
+
+  A mesh axis is used at most once per array (the first dimension to claim it
+  wins): activations `("batch", "seq", "embed")` shard the batch over fsdp and
+  keep the embedding whole, as FSDP wants.
+  """
   rules = dict(LOGICAL_AXIS_RULES)
+  unknown = [a for a in axes if a is not None and a not in rules]
+  if unknown:
+    raise ValueError(f"logical axes {unknown} have no rule in LOGICAL_AXIS_RULES")
   spec, used = [], set()
   for name, size in zip(axes, shape):
     target = rules.get(name) if name is not None else None
     mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
-    mesh_axes = tuple(a for a in mesh_axes if a not in used and mesh.shape[a] > 1)
+    mesh_axes = tuple(a for a in mesh_axes
+                      if a in mesh.shape and a not in used and mesh.shape[a] > 1)
     if mesh_axes and size % math.prod(mesh.shape[a] for a in mesh_axes) == 0:
       used.update(mesh_axes)
       spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
@@ -114,9 +134,51 @@ def optimizer_shardings(tx: optax.GradientTransformation, opt_state_shape: Any,
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Batches `(B, T)` split over (data, fsdp) on the batch axis."""
+  """Batches `(B, T)` split over (data, fsdp) on the batch axis.
+
+  Each process feeds its own rows, so the batch must be split at least as many
+  ways as there are processes.
+  """
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if shards % jax.process_count():
+    raise ValueError(f"the data x fsdp mesh size ({shards}) must be a multiple of the"
+                     f" number of processes ({jax.process_count()}): each process reads"
+                     " its own rows of the batch")
   return NamedSharding(mesh, P(("data", "fsdp"), None))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def per_device_bytes(tree: Any) -> int:
+  """Bytes one device holds of a tree of sharded arrays or ShapeDtypeStructs (the largest)."""
+  totals: dict[Any, int] = {}
+  for leaf in jax.tree.leaves(tree):
+    shard = leaf.sharding.shard_shape(leaf.shape)
+    nbytes = math.prod(shard) * np.dtype(leaf.dtype).itemsize
+    for device in leaf.sharding.device_set:
+      totals[device] = totals.get(device, 0) + nbytes
+  return max(totals.values(), default=0)
+
+
+# --- activations ----------------------------------------------------------------
+
+
+def under_mesh(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
+  """`fn` traced with `mesh` as the context mesh, so `constrain` inside it takes effect."""
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+
+  return wrapped
+
+
+def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
+  """Pins activation `x` to the sharding its logical `axes` map to; a no-op without a mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_mesh_spec(axes, x.shape, mesh))
