@@ -17,6 +17,7 @@ from gated_attention_jax import attention_ops
 from gated_attention_jax import gate as gate_lib
 from gated_attention_jax import layers
 from gated_attention_jax import rope
+from gated_attention_jax import sharding
 from gated_attention_jax.gate import GateConfig
 
 Intermediates = dict[str, jax.Array]
@@ -186,12 +187,17 @@ class GatedAttention(nnx.Module):
         positions = jnp.broadcast_to(jnp.arange(t) + offset, (b, t))
 
     logits = self.gate_logits(x) if g.enabled else None
+    if logits is not None:  # gate slices split exactly as the heads they gate
+      logits = sharding.constrain(logits, ("batch", "seq", *self.gate_score_shape()[1]))
     scores = self.gate_scores(logits) if g.enabled and not (
         self.fuses_gate() and not return_intermediates) else None
 
     q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(dt))
     k = jnp.einsum("BTD,DKH->BTKH", x, self.k_proj[...].astype(dt))
     v = jnp.einsum("BTD,DKH->BTKH", x, self.v_proj[...].astype(dt))
+    q = sharding.constrain(q, ("batch", "seq", "q_heads", "head_dim"))
+    k = sharding.constrain(k, ("batch", "seq", "kv_heads", "head_dim"))
+    v = sharding.constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
     if g.position == "query":
       q = gate_lib.combine(q, scores, g.combine)
     elif g.position == "key":

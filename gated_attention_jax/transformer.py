@@ -17,6 +17,7 @@ from flax import nnx
 from gated_attention_jax import attention_ops
 from gated_attention_jax import layers
 from gated_attention_jax import rope
+from gated_attention_jax import sharding
 from gated_attention_jax.attention import GatedAttention
 from gated_attention_jax.gate import GateConfig
 
@@ -120,8 +121,8 @@ class Block(nnx.Module):
     attn = self.attn(self.attn_norm(x), positions, segment_ids, decode=decode,
                      return_intermediates=return_intermediates)
     attn, inter = attn if return_intermediates else (attn, {})
-    h = x + attn
-    out = h + self.mlp(self.mlp_norm(h))
+    h = sharding.constrain(x + attn, ("batch", "seq", "embed"))
+    out = sharding.constrain(h + self.mlp(self.mlp_norm(h)), ("batch", "seq", "embed"))
     return out, inter
 
 
@@ -159,7 +160,7 @@ class Transformer(nnx.Module):
                segment_ids: Optional[jax.Array] = None, *, decode: bool = False,
                return_intermediates: bool = False):
     cfg = self.config
-    x = self.embed(tokens, DTYPES[cfg.dtype])
+    x = sharding.constrain(self.embed(tokens, DTYPES[cfg.dtype]), ("batch", "seq", "embed"))
     run_block = Block.__call__
     if cfg.remat != "none":
       run_block = nnx.remat(run_block, policy=_remat_policy(cfg.remat),
