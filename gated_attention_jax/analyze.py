@@ -1,0 +1,57 @@
+"""Analyses a trained run: `python -m gated_attention_jax.analyze --workdir=DIR [--step=N]`.
+
+Writes DIR/analysis.json and PNG plots in DIR/analysis/ (see
+`gated_attention_jax.analysis.run_analysis` for what each key means). The model
+is analysed in float32 with attention_impl "xla", however it was trained.
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import app, flags
+
+from gated_attention_jax import rope
+from gated_attention_jax.analysis import run_analysis
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (config.json, checkpoints/).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest readable).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None,
+                                   "Rows per batch (default: the run's train.batch_size).")
+_NUM_BATCHES = flags.DEFINE_integer(
+    "num_batches", 2, "Batches of training-length windows for F-Attn, M-Act and gate statistics.")
+_LONG_BATCHES = flags.DEFINE_integer("long_context_batches", 2,
+                                     "Batches evaluated at each length multiple.")
+_MULTIPLES = flags.DEFINE_list("multiples", [str(k) for k in run_analysis.MULTIPLES],
+                               "Evaluation lengths as multiples of the training length.")
+_METHODS = flags.DEFINE_list("rope_methods", list(rope.ROPE_SCALING_METHODS),
+                             "RoPE scaling methods for the long-context study.")
+_MAP_LAYERS = flags.DEFINE_list("map_layers", None,
+                                "Layers whose attention maps are drawn (default: all).")
+_MAP_HEADS = flags.DEFINE_list("map_heads", ["0"], "Heads whose attention maps are drawn.")
+_SELECTIVITY_SEQUENCES = flags.DEFINE_integer(
+    "selectivity_sequences", 4, "Sequences for the selectivity and softmax-Jacobian probes.")
+
+SCALARS = ("first_token_attention", "sink_rate", "max_activation", "massive_activation_count",
+           "gate_score_mean")
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  result = run_analysis.analyze_run(
+      _WORKDIR.value, _STEP.value, batch_size=_BATCH_SIZE.value, num_batches=_NUM_BATCHES.value,
+      long_context_batches=_LONG_BATCHES.value, multiples=[int(k) for k in _MULTIPLES.value],
+      rope_methods=_METHODS.value,
+      map_layers=None if _MAP_LAYERS.value is None else [int(l) for l in _MAP_LAYERS.value],
+      map_heads=[int(h) for h in _MAP_HEADS.value],
+      selectivity_sequences=_SELECTIVITY_SEQUENCES.value)
+  summary = {k: result[k] for k in SCALARS if k in result}
+  if "long_context" in result:
+    summary["perplexity"] = result["long_context"]["perplexity"]
+  print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["workdir"])
+  app.run(main)
