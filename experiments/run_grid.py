@@ -1,0 +1,87 @@
+"""Runs the ablation grid (or the LR-stability sweep) sequentially here, or prints its commands.
+
+    python experiments/run_grid.py --scale=smoke                       # all 19 variants, seed 0
+    python experiments/run_grid.py --scale=small --seeds=0,1,2 --print_only   # for a cluster
+    python experiments/run_grid.py --grid=stability --scale=smoke      # baseline vs G1 over LRs
+
+Run folders: ROOT/ablation/SCALE/VARIANT/seedS and ROOT/stability/SCALE/VARIANT_lrLR/seedS.
+A run whose summary.json says finished is skipped; an unfinished one resumes from
+its checkpoint (train.py does that). Each run is a separate process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shlex
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from configs import ablation, stability  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def runs(grid: str, scale: str, variants: list[str], seeds: list[int], lrs: list[float],
+         root: pathlib.Path) -> list[tuple[str, pathlib.Path, int]]:
+  """(config argument, run folder, seed) for every cell of the grid."""
+  cells = []
+  for variant in variants:
+    if grid == "ablation":
+      cells += [(f"configs/ablation.py:{variant},{scale}", root / "ablation" / scale / variant)]
+    else:
+      cells += [(f"configs/stability.py:{variant},{scale},{lr:g}",
+                 root / "stability" / scale / f"{variant}_lr{lr:g}") for lr in lrs]
+  return [(arg, folder / f"seed{seed}", seed) for arg, folder in cells for seed in seeds]
+
+
+def command(config_arg: str, workdir: pathlib.Path, seed: int) -> list[str]:
+  return [sys.executable, "-m", "gated_attention_jax.main", f"--config={config_arg}",
+          f"--workdir={workdir}", f"--config.train.seed={seed}"]
+
+
+def finished(workdir: pathlib.Path) -> bool:
+  summary = workdir / "summary.json"
+  return summary.exists() and json.loads(summary.read_text()).get("finished", False)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--grid", choices=("ablation", "stability"), default="ablation")
+  parser.add_argument("--scale", required=True, choices=sorted(ablation.SCALES))
+  parser.add_argument("--variants", default="",
+                      help="comma-separated; default: every variant of the grid")
+  parser.add_argument("--seeds", default="0")
+  parser.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in stability.LEARNING_RATES),
+                      help="stability grid only: peak learning rates")
+  parser.add_argument("--root", default="runs", type=pathlib.Path)
+  parser.add_argument("--print_only", action="store_true",
+                      help="print one command per run instead of running them")
+  args = parser.parse_args()
+  default = list(ablation.VARIANTS) if args.grid == "ablation" else list(stability.VARIANTS)
+  variants = args.variants.split(",") if args.variants else default
+  cells = runs(args.grid, args.scale, variants, [int(s) for s in args.seeds.split(",")],
+               [float(lr) for lr in args.lrs.split(",")], args.root)
+  failed = []
+  for i, (config_arg, workdir, seed) in enumerate(cells):
+    cmd = command(config_arg, workdir, seed)
+    if args.print_only:
+      print(shlex.join(cmd))
+      continue
+    if finished(workdir):
+      print(f"[{i + 1}/{len(cells)}] done already: {workdir}", flush=True)
+      continue
+    print(f"[{i + 1}/{len(cells)}] {shlex.join(cmd)}", flush=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / "log.txt", "a") as log:
+      if subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode:
+        failed.append(str(workdir))
+        print(f"  failed (see {workdir / 'log.txt'})", flush=True)
+  if failed:
+    sys.exit(f"{len(failed)} runs failed: {failed}")
+
+
+if __name__ == "__main__":
+  main()
