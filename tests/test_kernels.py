@@ -176,9 +176,9 @@ CASES = {
     "mha_full_tiles": Case(1, 64, 64, 2, 2, 64),
     "odd_len_gqa2_headwise_silu": Case(1, 37, 37, 4, 2, 64, gate="headwise", activation="silu",
                                        blocks=BlockSizes(16, 32, 32, 16)),
-    "decode_like_t_lt_s_gqa4": Case(1, 24, 53, 8, 2, 32, activation="ns_sigmoid"),
+    "decode_like_t_lt_s_gqa4": Case(1, 24, 53, 4, 1, 32, activation="ns_sigmoid"),
     "t_gt_s_rows_without_keys": Case(1, 50, 20, 2, 2, 64, blocks=BlockSizes(16, 16, 32, 16)),
-    "noncausal_gqa8_segments_identity": Case(1, 45, 45, 8, 1, 64, causal=False, gate="headwise",
+    "noncausal_gqa8_segments_identity": Case(1, 29, 29, 8, 1, 64, causal=False, gate="headwise",
                                              activation="identity", segments="shared"),
     "causal_segments_silu": Case(1, 64, 64, 4, 4, 64, activation="silu", segments="shared",
                                  blocks=BlockSizes(32, 16)),
@@ -193,11 +193,12 @@ def test_values_and_grads_f32(name: str, impl: str):
   _check(CASES[name], impl, seed=list(CASES).index(name))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("case", [
-    Case(1, 40, 40, 4, 2, 64),
-    Case(1, 29, 45, 4, 1, 64, gate="headwise", segments="pair"),
-], ids=["elementwise_causal", "headwise_segments"])
+# The TPU interpret mode is slow (host callbacks per tile): it runs the first bf16 case only.
+@pytest.mark.parametrize("case,impl", [
+    *((Case(1, 40, 40, 4, 2, 64), impl) for impl in IMPLS),
+    *((Case(1, 29, 45, 4, 1, 64, gate="headwise", segments="pair"), impl)
+      for impl in ("xla", "pallas_gpu")),
+])
 def test_values_and_grads_bf16(case: Case, impl: str):
   _check(case, impl, seed=7, dtype=jnp.bfloat16)
 
@@ -217,7 +218,7 @@ def _cases(draw):
       blocks=BlockSizes(*(draw(st.sampled_from([16, 32])) for _ in range(4))))
 
 
-@pytest.mark.parametrize("impl,examples", [("xla", 6), ("pallas_gpu", 5), ("pallas_tpu", 3)])
+@pytest.mark.parametrize("impl,examples", [("xla", 4), ("pallas_gpu", 3), ("pallas_tpu", 2)])
 def test_random_shapes(impl: str, examples: int):
   @hypothesis.settings(max_examples=examples, deadline=None, database=None,
                        suppress_health_check=[hypothesis.HealthCheck.too_slow])
@@ -240,7 +241,7 @@ def test_causal_kernels_skip_tiles_above_diagonal(impl: str):
   (forward or dq with NaN in v[48:], dk/dv with NaN in q[:16]) leaks NaN into rows that must be
   finite and equal to the model's.
   """
-  case = Case(1, 64, 64, 2, 2, 32)
+  case = Case(1, 64, 64, 1, 1, 32)
   q, k, v, gate, do, _, _ = _inputs(case, seed=3)
 
   v_nan = v.copy()
