@@ -3,10 +3,12 @@
     python experiments/run_grid.py --scale=smoke                       # all 19 variants, seed 0
     python experiments/run_grid.py --scale=small --seeds=0,1,2 --print_only   # for a cluster
     python experiments/run_grid.py --grid=stability --scale=smoke      # baseline vs G1 over LRs
+    python experiments/run_grid.py --scale=small --config.data.tokenizer=gpt2  # overrides
 
 Run folders: ROOT/ablation/SCALE/VARIANT/seedS and ROOT/stability/SCALE/VARIANT_lrLR/seedS.
 A run whose summary.json says finished is skipped; an unfinished one resumes from
-its checkpoint (train.py does that). Each run is a separate process.
+its checkpoint (train.py does that). Each run is a separate process; `--config.*`
+flags are passed on to every run.
 """
 
 from __future__ import annotations
@@ -37,9 +39,10 @@ def runs(grid: str, scale: str, variants: list[str], seeds: list[int], lrs: list
   return [(arg, folder / f"seed{seed}", seed) for arg, folder in cells for seed in seeds]
 
 
-def command(config_arg: str, workdir: pathlib.Path, seed: int) -> list[str]:
+def command(config_arg: str, workdir: pathlib.Path, seed: int,
+            overrides: tuple[str, ...] = ()) -> list[str]:
   return [sys.executable, "-m", "gated_attention_jax.main", f"--config={config_arg}",
-          f"--workdir={workdir}", f"--config.train.seed={seed}"]
+          f"--workdir={workdir}", f"--config.train.seed={seed}", *overrides]
 
 
 def finished(workdir: pathlib.Path) -> bool:
@@ -59,16 +62,19 @@ def main() -> None:
   parser.add_argument("--root", default="runs", type=pathlib.Path)
   parser.add_argument("--print_only", action="store_true",
                       help="print one command per run instead of running them")
-  args = parser.parse_args()
+  args, overrides = parser.parse_known_args()
+  bad = [o for o in overrides if not o.startswith("--config.")]
+  if bad:
+    parser.error(f"unrecognized arguments (only --config.* overrides pass through): {bad}")
   default = list(ablation.VARIANTS) if args.grid == "ablation" else list(stability.VARIANTS)
   variants = args.variants.split(",") if args.variants else default
   cells = runs(args.grid, args.scale, variants, [int(s) for s in args.seeds.split(",")],
                [float(lr) for lr in args.lrs.split(",")], args.root)
   failed = []
   for i, (config_arg, workdir, seed) in enumerate(cells):
-    cmd = command(config_arg, workdir, seed)
+    cmd = command(config_arg, workdir, seed, tuple(overrides))
     if args.print_only:
-      print(shlex.join(cmd))
+      print(shlex.join(["python", *cmd[1:]]))
       continue
     if finished(workdir):
       print(f"[{i + 1}/{len(cells)}] done already: {workdir}", flush=True)

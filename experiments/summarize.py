@@ -266,7 +266,12 @@ def summarize(ablation: pathlib.Path, stability: Optional[pathlib.Path],
   (out / "ablation.md").write_text(
       to_markdown(rows, ABLATION_COLUMNS)
       + f"\nSpearman rank correlation of validation perplexity, ours vs paper, over"
-      f" {compared} variants: {_fmt(rho) or 'n/a'}\n\nPaper: {paper_results.SOURCE}.\n")
+      f" {compared} variants: {_fmt(rho) or 'n/a'}\n\nppl: mean final validation perplexity"
+      " over finished seeds; added_params: counted, num_params minus the baseline's; rank and"
+      " paper_rank: 1 = lowest perplexity, among the variants with a finished run here;"
+      " gate_score_mean, first_token_attention, max_activation: from each run's"
+      " analysis.json (blank without one).\n\n"
+      f"Paper: {paper_results.SOURCE}.\n")
   if plots:
     plot_loss_curves(runs, out / "loss_curves.png")
   if stability is not None:

@@ -131,10 +131,11 @@ def test_run_grid_layout_and_resume(tmp_path: pathlib.Path):
   stab = run_grid.runs("stability", "smoke", ["baseline"], [0], [0.01], tmp_path)
   assert stab[0][:2] == ("configs/stability.py:baseline,smoke,0.01",
                          tmp_path / "stability/smoke/baseline_lr0.01/seed0")
-  cmd = run_grid.command(*cells[1])
+  cmd = run_grid.command(*cells[1], ("--config.data.tokenizer=gpt2",))
   assert cmd[1:] == ["-m", "gated_attention_jax.main",
                      "--config=configs/ablation.py:baseline,smoke",
-                     f"--workdir={cells[1][1]}", "--config.train.seed=1"]
+                     f"--workdir={cells[1][1]}", "--config.train.seed=1",
+                     "--config.data.tokenizer=gpt2"]
   workdir = cells[0][1]
   assert not run_grid.finished(workdir)
   workdir.mkdir(parents=True)
