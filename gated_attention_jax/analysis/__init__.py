@@ -1,5 +1,8 @@
 """Analysis instruments: attention sinks, massive activations, gate statistics,
-softmax selectivity (Mudarisov et al.) and the figures drawn from them."""
+softmax selectivity (Mudarisov et al.) and the figures drawn from them.
+
+`analyze_model` / `analyze_run` run them all and write analysis.json and PNGs
+(`python -m gated_attention_jax.analyze --workdir=DIR`)."""
 
 from gated_attention_jax.analysis.metrics import (
     first_token_attention,
@@ -17,6 +20,7 @@ from gated_attention_jax.analysis.plots import (
     plot_perplexity_vs_length,
     plot_selectivity_distance,
 )
+from gated_attention_jax.analysis.run_analysis import analyze_model, analyze_run, load_run
 from gated_attention_jax.analysis.selectivity import (
     attention_selectivity,
     distance_curve,
@@ -32,6 +36,8 @@ from gated_attention_jax.analysis.selectivity import (
 )
 
 __all__ = [
+    "analyze_model",
+    "analyze_run",
     "attention_selectivity",
     "distance_curve",
     "distinguishability",
@@ -40,6 +46,7 @@ __all__ = [
     "gate_statistics",
     "jacobian_norm_curve",
     "jacobian_norms",
+    "load_run",
     "massive_activations",
     "plot_attention_maps",
     "plot_first_token_attention",

@@ -120,9 +120,15 @@ def _merge_massive(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def rope_scaling_for(base: rope.RopeScaling, method: str, multiple: float,
                      train_len: int) -> rope.RopeScaling:
-  """RoPE scaling for evaluating at multiple x train_len ("none": plain RoPE)."""
-  return dataclasses.replace(base, method=method,
-                             factor=1.0 if method == "none" else float(multiple),
+  """RoPE scaling for evaluating at multiple x train_len.
+
+  `RopeScaling(method, factor=multiple, original_max_len=train_len)` with base's
+  other fields; plain RoPE for method "none" and for multiple 1, where every
+  method reduces to it.
+  """
+  if method == "none" or multiple == 1:
+    return dataclasses.replace(base, method="none", factor=1.0, original_max_len=train_len)
+  return dataclasses.replace(base, method=method, factor=float(multiple),
                              original_max_len=train_len)
 
 
@@ -132,27 +138,31 @@ def long_context_perplexity(model: Transformer, batches_by_multiple: Mapping[int
                             ) -> dict[str, Any]:
   """Perplexity at each length multiple k (batches of k x train_len) per RoPE method.
 
-  Each method uses `RopeScaling(method, factor=k, original_max_len=train_len)`;
-  the loss is the token-weighted mean cross entropy over `loss_mask`, as in
-  training's evaluation (segment masking iff `use_segments`).
+  The RoPE scaling is `rope_scaling_for(..., method, k, train_len)`, each
+  distinct one evaluated once; the loss is the token-weighted mean cross
+  entropy over `loss_mask`, as in training's evaluation (attention masked by
+  segment iff `use_segments`).
   Returns `perplexity` and `loss` as {method: {str(k): value}}, `tokens` {str(k): n}.
   """
   cfg = analysis_config(model.config)
   state = _float32_state(model)
   batches = {k: list(b) for k, b in batches_by_multiple.items()}
+  losses: dict[tuple[rope.RopeScaling, int], tuple[float, float]] = {}
   out: dict[str, Any] = {"train_len": train_len, "multiples": sorted(batches),
                          "perplexity": {}, "loss": {}, "tokens": {}}
   for method in methods:
     out["perplexity"][method], out["loss"][method] = {}, {}
     for k in sorted(batches):
       scaling = rope_scaling_for(cfg.rope_scaling, method, k, train_len)
-      graphdef = _graphdef(cfg.replace(rope_scaling=scaling))
-      nll, tokens = 0.0, 0.0
-      for batch in batches[k]:
-        arrays = {name: jnp.asarray(v) for name, v in batch.items()}
-        batch_nll, batch_tokens = _nll_sum(graphdef, use_segments, state, arrays)
-        nll, tokens = nll + float(batch_nll), tokens + float(batch_tokens)
-      loss = nll / max(tokens, 1.0)
+      if (scaling, k) not in losses:
+        graphdef = _graphdef(cfg.replace(rope_scaling=scaling))
+        nll, tokens = 0.0, 0.0
+        for batch in batches[k]:
+          arrays = {name: jnp.asarray(v) for name, v in batch.items()}
+          batch_nll, batch_tokens = _nll_sum(graphdef, use_segments, state, arrays)
+          nll, tokens = nll + float(batch_nll), tokens + float(batch_tokens)
+        losses[scaling, k] = nll / max(tokens, 1.0), tokens
+      loss, tokens = losses[scaling, k]
       out["loss"][method][str(k)] = loss
       out["perplexity"][method][str(k)] = math.exp(min(loss, 50.0))
       out["tokens"][str(k)] = int(tokens)
