@@ -5,7 +5,8 @@
     path that can also return the attention probabilities (for analysis).
   - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (GPU only).
   - "pallas": `gated_attention_jax.kernels.gated_flash_attention`, which can also
-    fuse a G1 output gate into the kernel's epilogue.
+    fuse a G1 output gate into the kernel's epilogue: the Pallas GPU kernel on GPUs,
+    the Pallas TPU kernel elsewhere (in TPU interpret mode on CPU: slow, for tests).
 
 Masks are built from token indices (causal: key index <= query index, with the
 queries offset by `q_offset` when they continue a KV cache) and segment ids
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from gated_attention_jax import gate as gate_lib
+from gated_attention_jax import kernels
 from gated_attention_jax import layers
 
 ATTENTION_IMPLS = ("xla", "cudnn", "pallas")
@@ -110,11 +112,11 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str, scale: float,
     impl = "xla"  # cache-offset masks are built explicitly; kernels see full sequences
   probs = None
   if impl == "pallas":
-    from gated_attention_jax import kernels  # pylint: disable=g-import-not-at-top
     segment_ids = None if q_segment_ids is None else (q_segment_ids, kv_segment_ids)
+    kernel = "pallas_gpu" if jax.default_backend() == "gpu" else "pallas_tpu"
     out = kernels.gated_flash_attention(q, k, v, fused_gate, causal=causal,
                                         segment_ids=segment_ids, scale=scale,
-                                        gate_activation=gate_activation)
+                                        gate_activation=gate_activation, impl=kernel)
     return out, None
   if impl == "cudnn" and not decoding:
     mask = None

@@ -176,6 +176,31 @@ def test_jax_nn_attention_path_matches_reference(x64):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["sdpa_elementwise", "sdpa_headwise", "sdpa_head_shared"])
+def test_pallas_impl_matches_xla(name):
+  """attention_impl="pallas": the fused kernel for G1 gates, the ungated kernel otherwise.
+
+  Runs the Pallas TPU kernel in interpret mode on CPU. float32: the kernel's online
+  softmax reorders sums, ~1e-6 relative.
+  """
+  gate = VARIANTS[name]
+  xla = make_layer(gate, dtype=jnp.float32, qk_norm=True)
+  pallas = make_layer(gate, dtype=jnp.float32, qk_norm=True, impl="pallas")
+  nnx.update(pallas, nnx.state(xla, nnx.Param))
+  assert pallas.fuses_gate() == (name != "sdpa_head_shared")  # head-shared: kernel + XLA gate
+  x = jnp.asarray(np.random.default_rng(11).normal(size=(1, 9, D)), jnp.float32)
+  segments = jnp.asarray([[1] * 5 + [2] * 4])
+
+  def loss(layer):
+    return jnp.sum(jnp.sin(layer(x, segment_ids=segments)))
+
+  np.testing.assert_allclose(np.asarray(pallas(x, segment_ids=segments)),
+                             np.asarray(xla(x, segment_ids=segments)), rtol=1e-5, atol=1e-5)
+  grads_xla, grads_pallas = nnx.grad(loss)(xla), nnx.grad(loss)(pallas)
+  for a, b in zip(jax.tree.leaves(grads_xla), jax.tree.leaves(grads_pallas)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
+
+
 def test_bf16_compute_close_to_f32():
   gate = GateConfig(position="sdpa")
   f32 = make_layer(gate, dtype=jnp.float32)
