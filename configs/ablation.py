@@ -26,14 +26,18 @@ SCALE:
                   150 steps of 16 windows (307k tokens). Shows the pipeline, not the paper.
   small           one GPU, sized after Gu et al.'s 60M model in which sinks emerge (10
                   layers, D 768, 8 heads): 8 q / 2 kv heads x 96, SwiGLU 2048, seq 1024,
-                  256 x 1024 = 262k tokens/step, 4000 steps (1.05B tokens; Gu et al.
-                  train ~1M tokens/step for 20k steps = 20B, ~7 GPU-hours a run on an
-                  H100 at ~0.8M tokens/s, so this is 1/20 of their budget, ~20-30 min a
-                  run). The bundled 9 MB corpus overfits after ~50M tokens
-                  (shared/reference/small_scale_measurements.md): use GPT-2 tokens on
-                  your own text, `--config.data.tokenizer=gpt2 --config.data.corpus=text_dir
-                  --config.data.path=DIR` (or token_shards); with the bundled corpus the
-                  numbers are an overfitting study, not the paper's.
+                  bf16, cuDNN attention, 256 x 1024 = 262k tokens/step, 4000 steps = 1.05B
+                  tokens. Cost: ~62M non-embedding params, ~0.6M tokens/s on an H100
+                  (extrapolated from 1.45M tokens/s measured for a 27M model), so ~30 min a
+                  run and ~10 GPU-hours for the 19 variants per seed. Gu et al. trained
+                  ~1M tokens/step for 20k steps (20B tokens, ~9 GPU-hours a run here); this is
+                  1/20 of that and whether their sinks have formed by then is untested:
+                  check the baseline's first-token attention first, and raise
+                  `--config.train.num_steps` if none has. The bundled 9 MB corpus overfits
+                  after ~50M tokens (shared/reference/small_scale_measurements.md), so with
+                  it the numbers are an overfitting study, not the paper's: use GPT-2 tokens
+                  of your own text, `--config.data.tokenizer=gpt2
+                  --config.data.corpus=text_dir --config.data.path=DIR` (or token_shards).
   paper_1p7b      Table 2/7's dense 1.7B-28: 28 layers, D 2048, 16 q / 8 kv heads x 128,
                   FFN 6144, tied embeddings, QK-norm, vocab 151936 (Qwen's; GPT-2 tokens
                   stand in), seq 4096, batch 1024 (4.2M tokens/step), 100k steps (~400B
