@@ -44,7 +44,7 @@ RUN_FILES = ("summary.json", "metrics.jsonl", "analysis.json")
 ANALYSIS_KEYS = ("gate_score_mean", "first_token_attention", "max_activation")
 ABLATION_COLUMNS = (
     "variant", "seeds", "added_params", "ppl", "delta_ppl", "rank",
-    "gate_score_mean", "first_token_attention", "max_activation",
+    "train_gate_score_mean", "gate_score_mean", "first_token_attention", "max_activation",
     "paper_table", "paper_added_params_m", "paper_ppl", "paper_delta_ppl", "paper_rank",
     "paper_gate_score_mean", "paper_first_token_attention", "paper_max_activation")
 STABILITY_COLUMNS = ("variant", "lr", "seed", "steps", "num_steps", "final_loss", "ppl",
@@ -109,6 +109,12 @@ def spearman(a: list[float], b: list[float]) -> Optional[float]:
   return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def _last_gate_mean(run: dict[str, Any]) -> Optional[float]:
+  """Mean over layers of the gate score on the last logged training batch, if gated."""
+  gated = [m for m in run["metrics"] if "gate_score_mean_per_layer" in m]
+  return statistics.fmean(gated[-1]["gate_score_mean_per_layer"]) if gated else None
+
+
 def ablation_rows(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
   """One row per variant (paper order first, then any others), ABLATION_COLUMNS keys."""
   names = [v for v in paper_results.ROWS if v in runs] + sorted(
@@ -119,6 +125,8 @@ def ablation_rows(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]
     row: dict[str, Any] = {"variant": name, "seeds": len(done),
                            "ppl": _mean([r["summary"]["eval_perplexity"] for r in done]),
                            "num_params": done[0]["summary"]["num_params"] if done else None}
+    row["train_gate_score_mean"] = _mean([_last_gate_mean(r) for r in done
+                                          if _last_gate_mean(r) is not None])
     for key in ANALYSIS_KEYS:
       row[key] = _mean([r["analysis"][key] for r in done
                         if r["analysis"] and r["analysis"].get(key) is not None])
@@ -269,6 +277,8 @@ def summarize(ablation: pathlib.Path, stability: Optional[pathlib.Path],
       f" {compared} variants: {_fmt(rho) or 'n/a'}\n\nppl: mean final validation perplexity"
       " over finished seeds; added_params: counted, num_params minus the baseline's; rank and"
       " paper_rank: 1 = lowest perplexity, among the variants with a finished run here;"
+      " train_gate_score_mean: the gate's mean over layers on the last logged training"
+      " batch (metrics.jsonl);"
       " gate_score_mean, first_token_attention, max_activation: from each run's"
       " analysis.json (blank without one).\n\n"
       f"Paper: {paper_results.SOURCE}.\n")

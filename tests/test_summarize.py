@@ -15,9 +15,12 @@ RESULTS = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "results
 
 def _write_run(folder: pathlib.Path, *, ppl: float | None, num_params: int,
                losses: list[float], finished: bool = True,
-               analysis: dict | None = None) -> None:
+               analysis: dict | None = None, gates: list[float] | None = None) -> None:
   folder.mkdir(parents=True)
   rows = [{"step": 10 * (i + 1), "loss": l, "loss_spikes": 0} for i, l in enumerate(losses)]
+  if gates is not None:
+    rows[0]["gate_score_mean_per_layer"] = [0.5, 0.5]
+    rows[-1]["gate_score_mean_per_layer"] = gates
   if ppl is not None:
     rows[-1]["eval_loss"] = math.log(ppl)
   (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -37,7 +40,7 @@ def fake_grid(tmp_path: pathlib.Path) -> pathlib.Path:
   _write_run(root / "baseline/seed1", ppl=22.0, num_params=1000, losses=[3.1, 2.6])
   _write_run(root / "sdpa_elementwise/seed0", ppl=18.0, num_params=1256, losses=[3.0, 2.4],
              analysis={"gate_score_mean": 0.2, "first_token_attention": 0.05,
-                       "max_activation": 90.0})
+                       "max_activation": 90.0}, gates=[0.1, 0.3])
   _write_run(root / "key_elementwise/seed0", ppl=25.0, num_params=1064, losses=[3.0, 2.7])
   # Stopped before the end: no validation perplexity counts.
   _write_run(root / "dense_elementwise/seed0", ppl=None, num_params=1512, losses=[3.0],
@@ -56,7 +59,8 @@ def test_ablation_rows_from_fabricated_runs(fake_grid):
   assert (base["rank"], g3["rank"]) == (2, 3)
   assert (g1["gate_score_mean"], g1["first_token_attention"], g1["max_activation"]) == (
       0.2, 0.05, 90.0)
-  assert base["gate_score_mean"] is None
+  assert g1["train_gate_score_mean"] == pytest.approx(0.2)
+  assert base["gate_score_mean"] is None and base["train_gate_score_mean"] is None
   assert (g5["seeds"], g5["ppl"], g5["rank"], g5["added_params"]) == (0, None, None, None)
   paper = paper_results.ROWS
   assert g1["paper_ppl"] == paper["sdpa_elementwise"].ppl
@@ -80,8 +84,8 @@ def test_written_tables_and_plots(fake_grid, tmp_path):
   summarize.summarize(fake_grid, stab, out)
   lines = (out / "ablation.csv").read_text().splitlines()
   assert lines[0].split(",") == list(summarize.ABLATION_COLUMNS)
-  assert lines[1].startswith("baseline,2,0,21,0,2,,,,1.1,0,6.026,0,3,")
-  assert lines[2].startswith("sdpa_elementwise,1,256,18,-3,1,0.2,0.05,90,")
+  assert lines[1].startswith("baseline,2,0,21,0,2,,,,,1.1,0,6.026,0,3,")
+  assert lines[2].startswith("sdpa_elementwise,1,256,18,-3,1,0.2,0.2,0.05,90,")
   assert "over 3 variants: 0.5" in (out / "ablation.md").read_text()
   assert (out / "stability.csv").read_text().splitlines()[1:] == [
       "baseline,0.003,0,20,20,2.5,20,0,finished",
