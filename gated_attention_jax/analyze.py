@@ -3,6 +3,9 @@
 Writes DIR/analysis.json and PNG plots in DIR/analysis/ (see
 `gated_attention_jax.analysis.run_analysis` for what each key means). The model
 is analysed in float32 with attention_impl "xla", however it was trained.
+
+Gated vs ungated: analyse both runs, then pass `--compare=OTHER_DIR[,...]` to
+overlay their curves in DIR/analysis/compare/.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ _METHODS = flags.DEFINE_list("rope_methods", list(rope.ROPE_SCALING_METHODS),
 _MAP_LAYERS = flags.DEFINE_list("map_layers", None,
                                 "Layers whose attention maps are drawn (default: all).")
 _MAP_HEADS = flags.DEFINE_list("map_heads", ["0"], "Heads whose attention maps are drawn.")
+_COMPARE = flags.DEFINE_list(
+    "compare", None, "Other analysed runs to overlay with this one in DIR/analysis/compare/.")
 _SELECTIVITY_SEQUENCES = flags.DEFINE_integer(
     "selectivity_sequences", 4, "Sequences for the selectivity and softmax-Jacobian probes.")
 
@@ -46,6 +51,9 @@ def main(argv: list[str]) -> None:
       map_layers=None if _MAP_LAYERS.value is None else [int(l) for l in _MAP_LAYERS.value],
       map_heads=[int(h) for h in _MAP_HEADS.value],
       selectivity_sequences=_SELECTIVITY_SEQUENCES.value)
+  if _COMPARE.value:
+    run_analysis.compare_runs([_WORKDIR.value, *_COMPARE.value],
+                              f"{_WORKDIR.value}/analysis/compare")
   summary = {k: result[k] for k in SCALARS if k in result}
   if "long_context" in result:
     summary["perplexity"] = result["long_context"]["perplexity"]

@@ -15,6 +15,7 @@ from gated_attention_jax import analysis as an
 from gated_attention_jax import train
 from gated_attention_jax.analysis import run_analysis
 from gated_attention_jax.data import pipeline
+from gated_attention_jax.gate import GateConfig
 from gated_attention_jax.transformer import Transformer, TransformerConfig
 
 BATCHES = 2
@@ -138,17 +139,30 @@ def test_plots_are_written(run):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_ungated_model_has_no_gate_keys(tmp_path):
+def analyze_ungated(out_dir: pathlib.Path) -> dict:
   cfg = TransformerConfig(vocab_size=64, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1,
-                          head_dim=8, mlp_dim=32, attention_impl="xla")
-  cfg = cfg.replace(gate=cfg.gate.__class__(position="none"))
+                          head_dim=8, mlp_dim=32, attention_impl="xla",
+                          gate=GateConfig(position="none"))
   model = Transformer(cfg, rngs=nnx.Rngs(0))
   rng = np.random.default_rng(0)
   batch = {"inputs": rng.integers(0, 64, (2, 16), dtype=np.int32),
            "positions": np.tile(np.arange(16, dtype=np.int32), (2, 1)),
            "segment_ids": np.ones((2, 16), np.int32)}
-  result = an.analyze_model(model, [batch], sink_batches=[batch], out_dir=tmp_path / "plots")
+  return an.analyze_model(model, [batch], sink_batches=[batch], out_dir=out_dir)
+
+
+def test_ungated_model_has_no_gate_keys(tmp_path):
+  result = analyze_ungated(tmp_path / "baseline")
   assert "gate_score_mean" not in result and "gate_histogram" not in result["plots"]
   assert result["label"] == "baseline" and "long_context" not in result
-  assert json.loads((tmp_path / "plots" / "analysis.json").read_text())["sink_rate"] == (
-      result["sink_rate"])
+  on_disk = json.loads((tmp_path / "baseline" / "analysis.json").read_text())
+  assert on_disk["sink_rate"] == result["sink_rate"]
+
+
+def test_compare_overlays_gated_and_ungated_runs(run, tmp_path):
+  _, workdir, _, _ = run
+  analyze_ungated(tmp_path / "baseline")
+  pngs = an.compare_runs([workdir, tmp_path / "baseline"], tmp_path / "compare")
+  assert set(pngs) == {"first_token_attention", "max_activation", "selectivity_distance",
+                       "gate_histogram", "perplexity_vs_length"}
+  assert all(p.parent == tmp_path / "compare" and p.stat().st_size > 0 for p in pngs.values())

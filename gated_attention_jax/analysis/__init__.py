@@ -20,7 +20,12 @@ from gated_attention_jax.analysis.plots import (
     plot_perplexity_vs_length,
     plot_selectivity_distance,
 )
-from gated_attention_jax.analysis.run_analysis import analyze_model, analyze_run, load_run
+from gated_attention_jax.analysis.run_analysis import (
+    analyze_model,
+    analyze_run,
+    compare_runs,
+    load_run,
+)
 from gated_attention_jax.analysis.selectivity import (
     attention_selectivity,
     distance_curve,
@@ -39,6 +44,7 @@ __all__ = [
     "analyze_model",
     "analyze_run",
     "attention_selectivity",
+    "compare_runs",
     "distance_curve",
     "distinguishability",
     "first_token_attention",

@@ -377,3 +377,35 @@ def analyze_run(workdir: PathLike, step: Optional[int] = None, *,
                     for k in multiples},
       train_len=train_len, use_segments=data_cfg.packing == "segments",
       extra={"workdir": str(workdir), "step": restored_step}, **kwargs)
+
+
+def compare_runs(workdirs: Sequence[PathLike], out_dir: PathLike) -> dict[str, pathlib.Path]:
+  """Overlays the analysis.json of several analysed runs (e.g. gated vs baseline) in PNGs.
+
+  Each run is labelled by its folder name. Draws first-token attention and max
+  activation per layer, gate histograms (gated runs), top-N distance vs N/L,
+  and perplexity vs length ("run method" lines). Returns {plot name: path}.
+  """
+  runs = {pathlib.Path(w).name: json.loads((pathlib.Path(w) / "analysis.json").read_text())
+          for w in workdirs}
+  out_dir = pathlib.Path(out_dir)
+  pngs = {
+      "first_token_attention": plots.plot_first_token_attention(
+          {k: r["first_token"]["per_layer"] for k, r in runs.items()},
+          out_dir / "first_token_attention.png"),
+      "max_activation": plots.plot_max_activation(
+          {k: r["activations"]["per_layer_max"] for k, r in runs.items()},
+          out_dir / "max_activation.png"),
+      "selectivity_distance": plots.plot_selectivity_distance(
+          {k: r["selectivity"] for k, r in runs.items()}, out_dir / "selectivity_distance.png"),
+  }
+  gated = {k: r["gate_statistics"]["histogram"] for k, r in runs.items() if "gate_statistics" in r}
+  if gated:
+    pngs["gate_histogram"] = plots.plot_gate_histogram(gated, out_dir / "gate_histogram.png")
+  lengths = {f"{k} {m}": {float(n): v for n, v in by_k.items()}
+             for k, r in runs.items() if "long_context" in r
+             for m, by_k in r["long_context"]["perplexity"].items()}
+  if lengths:
+    pngs["perplexity_vs_length"] = plots.plot_perplexity_vs_length(
+        lengths, out_dir / "perplexity_vs_length.png")
+  return pngs
