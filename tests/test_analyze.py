@@ -3,6 +3,9 @@
 import json
 import math
 import pathlib
+import shutil
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import ml_collections
@@ -18,6 +21,7 @@ from gated_attention_jax.data import pipeline
 from gated_attention_jax.gate import GateConfig
 from gated_attention_jax.transformer import Transformer, TransformerConfig
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 BATCHES = 2
 SELECTED = 2
 
@@ -139,7 +143,7 @@ def test_plots_are_written(run):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def analyze_ungated(out_dir: pathlib.Path) -> dict:
+def ungated_model_and_batch() -> tuple[Transformer, dict]:
   cfg = TransformerConfig(vocab_size=64, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1,
                           head_dim=8, mlp_dim=32, attention_impl="xla",
                           gate=GateConfig(position="none"))
@@ -148,7 +152,20 @@ def analyze_ungated(out_dir: pathlib.Path) -> dict:
   batch = {"inputs": rng.integers(0, 64, (2, 16), dtype=np.int32),
            "positions": np.tile(np.arange(16, dtype=np.int32), (2, 1)),
            "segment_ids": np.ones((2, 16), np.int32)}
+  return model, batch
+
+
+def analyze_ungated(out_dir: pathlib.Path) -> dict:
+  model, batch = ungated_model_and_batch()
   return an.analyze_model(model, [batch], sink_batches=[batch], out_dir=out_dir)
+
+
+def test_padded_sink_windows_are_refused(tmp_path):
+  model, batch = ungated_model_and_batch()
+  padded = {**batch, "segment_ids": np.concatenate(
+      [batch["segment_ids"][:1], np.zeros_like(batch["segment_ids"][1:])])}
+  with pytest.raises(ValueError, match="without padding"):
+    an.analyze_model(model, [batch], sink_batches=[padded], out_dir=tmp_path)
 
 
 def test_ungated_model_has_no_gate_keys(tmp_path):
@@ -166,3 +183,22 @@ def test_compare_overlays_gated_and_ungated_runs(run, tmp_path):
   assert set(pngs) == {"first_token_attention", "max_activation", "selectivity_distance",
                        "gate_histogram", "perplexity_vs_length"}
   assert all(p.parent == tmp_path / "compare" and p.stat().st_size > 0 for p in pngs.values())
+
+
+def test_cli_writes_the_analysis(run, tmp_path):
+  _, workdir, _, _ = run
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("analysis*"))
+  subprocess.run(
+      [sys.executable, "-m", "gated_attention_jax.analyze", f"--workdir={copy}", "--step=6",
+       "--num_batches=1", "--long_context_batches=1", "--multiples=1,2",
+       "--rope_methods=none,yarn", "--map_layers=1", "--map_heads=2,3",
+       f"--compare={workdir}"],
+      check=True, cwd=ROOT, capture_output=True)
+  result = json.loads((copy / "analysis.json").read_text())
+  assert result["step"] == 6 and result["first_token"]["num_sequences"] == 4
+  assert set(result["long_context"]["perplexity"]) == {"none", "yarn"}
+  assert result["long_context"]["multiples"] == [1, 2]
+  maps = sorted(k for k in result["plots"] if k.startswith("attention_map"))
+  assert maps == ["attention_map_layer1_head2", "attention_map_layer1_head3"]
+  assert (copy / "analysis" / "compare" / "first_token_attention.png").exists()

@@ -254,7 +254,12 @@ def analyze_model(model: Transformer, batches: Iterable[Batch], *,
       gates.append(inter["gate_scores"])
   if first is None:
     raise ValueError("batches is empty")
-  sink_cols = [_forward(graphdef, state, b)["attention_probs"][..., :1] for b in sink_batches]
+  sink_cols = []
+  for batch in sink_batches:
+    if (np.asarray(batch["segment_ids"]) == 0).any():
+      raise ValueError("sink_batches must be full windows without padding (too few "
+                       "validation tokens?): the sink rate averages over every query")
+    sink_cols.append(_forward(graphdef, state, batch)["attention_probs"][..., :1])
   if not sink_cols:
     raise ValueError("sink_batches is empty")
 
