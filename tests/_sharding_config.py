@@ -10,7 +10,7 @@ from configs import default
 
 def get_config() -> ml_collections.ConfigDict:
   config = default.get_config()
-  config.model.update(d_model=32, num_layers=2, num_heads=8, num_kv_heads=2, head_dim=8,
+  config.model.update(d_model=32, num_layers=1, num_heads=8, num_kv_heads=2, head_dim=8,
                       mlp_dim=64)
   config.data.update(seq_len=32, prefetch=0)
   config.train.update(num_steps=4, batch_size=8, warmup_steps=2, log_every=1, eval_every=4,
