@@ -5,7 +5,8 @@ Sections:
   gate   GateConfig fields
   data   see gated_attention_jax/data/config.py
   train  optimisation, logging, evaluation and checkpoint cadence
-  mesh   data / fsdp / tensor sizes (-1 fills the rest), dcn_data for multi-slice
+  mesh   data / fsdp / tensor sizes (-1 fills the rest); a `dcn` section with the
+         number of slices along each axis for multi-slice runs
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
       "spike_factor": 2.0, "spike_window": 50,
       "peak_tflops_per_device": 0.0,  # 0: look the device up (MFU left out if unknown)
   }
-  mesh = {"data": -1, "fsdp": 1, "tensor": 1, "dcn_data": 1}
+  mesh = {"data": -1, "fsdp": 1, "tensor": 1, "dcn": {"data": 1, "fsdp": 1, "tensor": 1}}
   return ml_collections.ConfigDict({
       "model": model, "gate": gate, "data": data_config.default_data_config(),
       "train": train, "mesh": mesh})
@@ -84,8 +85,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> Transformer
       raise ValueError(f"config has no section {section!r}")
   data_config.validate(config.data)
   validate_train(config.train)
-  shape = sharding.mesh_shape(config.mesh, num_devices // config.mesh.get("dcn_data", 1))
-  batch_shards = shape[0] * shape[1] * config.mesh.get("dcn_data", 1)
+  shape = sharding.global_mesh_shape(config.mesh, num_devices)
+  batch_shards = shape[0] * shape[1]
   if config.train.batch_size % batch_shards:
     raise ValueError(f"train.batch_size ({config.train.batch_size}) must be a multiple of"
                      f" the data x fsdp mesh size ({batch_shards})")

@@ -17,7 +17,7 @@ out as the config's mesh. What is computed and what is measured:
 The measurement comes from the CPU compiler. TPU and GPU compilers fuse,
 lay out and schedule differently, so the temporaries on the real device differ
 (usually by tens of percent, not by orders of magnitude); keep a margin. Multi-slice
-(`mesh.dcn_data` > 1) is planned as the equivalent single mesh: per-device
+(`mesh.dcn` > 1) is planned as the equivalent single mesh: per-device
 memory depends only on how arrays are split, not on which link joins the devices.
 Attention is compiled with the "xla" implementation (the cuDNN and Pallas
 kernels do not compile for CPU); it materialises the attention probabilities,
@@ -52,10 +52,10 @@ BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.in
 
 
 def _single_mesh(config: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Folds `mesh.dcn_data` slices into the data axis, in place."""
-  dcn = config.mesh.get("dcn_data", 1)
-  data, fsdp, tensor = sharding.mesh_shape(config.mesh, num_devices // dcn)
-  config.mesh.update(data=data * dcn, fsdp=fsdp, tensor=tensor, dcn_data=1)
+  """Folds the `mesh.dcn` slices into one mesh of the same global shape, in place."""
+  data, fsdp, tensor = sharding.global_mesh_shape(config.mesh, num_devices)
+  config.mesh.update(data=data, fsdp=fsdp, tensor=tensor,
+                     dcn={"data": 1, "fsdp": 1, "tensor": 1})
 
 
 def plan(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]) -> dict[str, Any]:
@@ -123,7 +123,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
   sizes = [config.mesh[a] for a in sharding.MESH_AXES]
-  n = _NUM_DEVICES.value or math.prod(sizes) * config.mesh.get("dcn_data", 1)
+  n = _NUM_DEVICES.value or math.prod(sizes) * math.prod(sharding.dcn_shape(config.mesh))
   if n < 1 or (not _NUM_DEVICES.value and -1 in sizes):
     raise app.UsageError("give --num_devices when a mesh size is -1")
   # Fake CPU devices; must be set before the first backend use.

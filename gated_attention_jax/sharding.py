@@ -65,22 +65,42 @@ def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[i
   return tuple(sizes)
 
 
+def dcn_shape(mesh_cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """Slices along (data, fsdp, tensor) from the `mesh.dcn` section (all 1: one slice)."""
+  dcn = mesh_cfg.get("dcn") or {}
+  sizes = tuple(dcn.get(a, 1) for a in MESH_AXES)
+  for axis, size in zip(MESH_AXES, sizes):
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+      raise ValueError(f"mesh.dcn.{axis} must be a positive int, got {size!r}")
+  return sizes
+
+
+def global_mesh_shape(mesh_cfg: ml_collections.ConfigDict,
+                      num_devices: int) -> tuple[int, ...]:
+  """Sizes of the whole (data, fsdp, tensor) mesh: per-slice sizes × `mesh.dcn`."""
+  dcn = dcn_shape(mesh_cfg)
+  if num_devices % math.prod(dcn):
+    raise ValueError(f"mesh.dcn {dict(zip(MESH_AXES, dcn))}: {num_devices} devices do not"
+                     f" divide into {math.prod(dcn)} slices")
+  per_slice = mesh_shape(mesh_cfg, num_devices // math.prod(dcn))
+  return tuple(s * d for s, d in zip(per_slice, dcn))
+
+
 def make_mesh(mesh_cfg: ml_collections.ConfigDict,
               devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   """A (data, fsdp, tensor) mesh over all devices (all processes).
 
-  With `mesh.dcn_data` > 1 (multi-slice), the data axis spans slices: devices
-  are laid out by `mesh_utils.create_hybrid_device_mesh` so that only the data
-  axis crosses the data-centre network.
+  Multi-slice: `mesh.dcn.{data,fsdp,tensor}` count slices along each axis (usually
+  only data > 1); `mesh.data/fsdp/tensor` then describe one slice, and devices are
+  laid out by `mesh_utils.create_hybrid_device_mesh` so that only the dcn axes
+  cross the data-centre network.
   """
   devices = list(devices if devices is not None else jax.devices())
-  dcn = mesh_cfg.get("dcn_data", 1)
-  if not isinstance(dcn, int) or dcn < 1 or len(devices) % dcn:
-    raise ValueError(f"mesh.dcn_data must be a positive int dividing the {len(devices)}"
-                     f" devices, got {dcn!r}")
-  shape = mesh_shape(mesh_cfg, len(devices) // dcn)
-  if dcn > 1:
-    grid = mesh_utils.create_hybrid_device_mesh(shape, (dcn, 1, 1), devices)
+  global_mesh_shape(mesh_cfg, len(devices))  # validates
+  dcn = dcn_shape(mesh_cfg)
+  shape = mesh_shape(mesh_cfg, len(devices) // math.prod(dcn))
+  if math.prod(dcn) > 1:
+    grid = mesh_utils.create_hybrid_device_mesh(shape, dcn, devices)
     return Mesh(grid, MESH_AXES)
   # Auto axes: GSPMD propagates shardings between the ones we pin down.
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),

@@ -234,3 +234,14 @@ def test_constrain_is_a_no_op_without_a_mesh():
 def test_bad_mesh_sizes_are_rejected(mesh, error):
   with pytest.raises(ValueError, match=error):
     sharding.mesh_shape(mesh, 8)
+
+
+def test_dcn_section_multiplies_the_per_slice_mesh():
+  # 16 devices in 2 slices along data: each slice is (data -1 -> 4, fsdp 2, tensor 1).
+  mesh = {"data": -1, "fsdp": 2, "tensor": 1, "dcn": {"data": 2, "fsdp": 1, "tensor": 1}}
+  assert sharding.global_mesh_shape(mesh, 16) == (8, 2, 1)
+  assert sharding.global_mesh_shape({**mesh, "dcn": {}}, 16) == (8, 2, 1)  # one slice
+  with pytest.raises(ValueError, match="mesh.dcn.fsdp must be a positive int"):
+    sharding.global_mesh_shape({**mesh, "dcn": {"data": 2, "fsdp": 0}}, 16)
+  with pytest.raises(ValueError, match="do not divide into 3 slices"):
+    sharding.global_mesh_shape({**mesh, "dcn": {"data": 3}}, 16)
