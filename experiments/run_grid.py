@@ -4,6 +4,7 @@
     python experiments/run_grid.py --scale=small --seeds=0,1,2 --print_only   # for a cluster
     python experiments/run_grid.py --grid=stability --scale=smoke      # baseline vs G1 over LRs
     python experiments/run_grid.py --scale=small --config.data.tokenizer=gpt2  # overrides
+    python experiments/run_grid.py --scale=smoke --analyze   # + analysis.json for each run
 
 Run folders: ROOT/ablation/SCALE/VARIANT/seedS and ROOT/stability/SCALE/VARIANT_lrLR/seedS.
 A run whose summary.json says finished is skipped; an unfinished one resumes from
@@ -45,6 +46,17 @@ def command(config_arg: str, workdir: pathlib.Path, seed: int,
           f"--workdir={workdir}", f"--config.train.seed={seed}", *overrides]
 
 
+def analyze_command(workdir: pathlib.Path) -> list[str]:
+  return [sys.executable, "-m", "gated_attention_jax.analyze", f"--workdir={workdir}"]
+
+
+def run_logged(cmd: list[str], workdir: pathlib.Path) -> bool:
+  """Runs cmd from the repository root, appending its output to workdir/log.txt."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  with open(workdir / "log.txt", "a") as log:
+    return subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode == 0
+
+
 def finished(workdir: pathlib.Path) -> bool:
   summary = workdir / "summary.json"
   return summary.exists() and json.loads(summary.read_text()).get("finished", False)
@@ -62,6 +74,9 @@ def main() -> None:
   parser.add_argument("--root", default="runs", type=pathlib.Path)
   parser.add_argument("--print_only", action="store_true",
                       help="print one command per run instead of running them")
+  parser.add_argument("--analyze", action="store_true",
+                      help="also run gated_attention_jax.analyze on every finished run that"
+                      " has no analysis.json (sinks, activations, gates: summarize's columns)")
   args, overrides = parser.parse_known_args()
   bad = [o for o in overrides if not o.startswith("--config.")]
   if bad:
@@ -72,19 +87,25 @@ def main() -> None:
                [float(lr) for lr in args.lrs.split(",")], args.root)
   failed = []
   for i, (config_arg, workdir, seed) in enumerate(cells):
-    cmd = command(config_arg, workdir, seed, tuple(overrides))
+    cmds = [command(config_arg, workdir, seed, tuple(overrides))]
+    if args.analyze:
+      cmds.append(analyze_command(workdir))
     if args.print_only:
-      print(shlex.join(["python", *cmd[1:]]))
+      print(" && ".join(shlex.join(["python", *c[1:]]) for c in cmds))
       continue
     if finished(workdir):
       print(f"[{i + 1}/{len(cells)}] done already: {workdir}", flush=True)
-      continue
-    print(f"[{i + 1}/{len(cells)}] {shlex.join(cmd)}", flush=True)
-    workdir.mkdir(parents=True, exist_ok=True)
-    with open(workdir / "log.txt", "a") as log:
-      if subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode:
+    else:
+      print(f"[{i + 1}/{len(cells)}] {shlex.join(cmds[0])}", flush=True)
+      if not run_logged(cmds[0], workdir):
         failed.append(str(workdir))
         print(f"  failed (see {workdir / 'log.txt'})", flush=True)
+        continue
+    if args.analyze and not (workdir / "analysis.json").exists():
+      print(f"  {shlex.join(cmds[1])}", flush=True)
+      if not run_logged(cmds[1], workdir):
+        failed.append(f"{workdir} (analysis)")
+        print(f"  analysis failed (see {workdir / 'log.txt'})", flush=True)
   if failed:
     sys.exit(f"{len(failed)} runs failed: {failed}")
 
