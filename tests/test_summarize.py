@@ -110,7 +110,6 @@ def test_spearman_matches_scipy(a, b):
   assert summarize.spearman(a, b) == pytest.approx(stats.spearmanr(a, b).statistic)
 
 
-@pytest.mark.skipif(not (RESULTS / "runs").exists(), reason="smoke results not committed")
 def test_committed_smoke_results_are_what_the_code_produces(tmp_path):
   summarize.summarize(RESULTS / "runs" / "ablation", RESULTS / "runs" / "stability",
                       tmp_path, plots=False)
