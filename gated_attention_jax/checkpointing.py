@@ -4,6 +4,11 @@ Layout: `DIR/checkpoints/<step>/{state,data,config}`. Orbax writes each step to 
 temporary folder and renames it when complete, so a crash never leaves a
 half-written checkpoint that looks finished. `restore_latest` falls back to
 the previous step, with a warning, when the newest one cannot be read.
+
+There is no separate RNG state to save: training has no stochastic layers
+(no dropout), parameters are initialised from `train.seed`, and the data order
+is fully given by the seed and the saved iterator position, which is why a
+resumed run reproduces the uninterrupted one bit for bit.
 """
 
 from __future__ import annotations
