@@ -406,6 +406,7 @@ def test_plots_write_readable_pngs_of_expected_size(tmp_path):
             {"rope": {1: 20.0, 2: 60.0, 4: 300.0}, "yarn": {1: 20.0, 2: 22.0, 4: 25.0}}, p, figsize=size, dpi=dpi
         ),
         "sel.png": lambda p: an.plot_selectivity_distance({"m": selectivity}, p, figsize=size, dpi=dpi),
+        "dist.png": lambda p: an.plot_distinguishability({"m": selectivity}, p, figsize=size, dpi=dpi),
         "jac.png": lambda p: an.plot_jacobian_norm(curve, p, figsize=size, dpi=dpi),
     }
     for name, draw in calls.items():

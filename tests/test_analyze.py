@@ -134,7 +134,8 @@ def test_long_context_perplexity(run):
 def test_plots_are_written(run):
   _, workdir, _, result = run
   names = {"first_token_attention", "max_activation", "gate_histogram", "perplexity_vs_length",
-           "selectivity_distance", "jacobian_norm", "attention_map_layer0_head0",
+           "selectivity_distance", "distinguishability", "jacobian_norm",
+           "attention_map_layer0_head0",
            "attention_map_layer1_head0"}
   assert names <= set(result["plots"])
   for rel in result["plots"].values():
@@ -181,7 +182,7 @@ def test_compare_overlays_gated_and_ungated_runs(run, tmp_path):
   analyze_ungated(tmp_path / "baseline")
   pngs = an.compare_runs([workdir, tmp_path / "baseline"], tmp_path / "compare")
   assert set(pngs) == {"first_token_attention", "max_activation", "selectivity_distance",
-                       "gate_histogram", "perplexity_vs_length"}
+                       "distinguishability", "gate_histogram", "perplexity_vs_length"}
   assert all(p.parent == tmp_path / "compare" and p.stat().st_size > 0 for p in pngs.values())
 
 

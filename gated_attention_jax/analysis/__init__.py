@@ -19,6 +19,7 @@ from gated_attention_jax.analysis.plots import (
     plot_max_activation,
     plot_perplexity_vs_length,
     plot_selectivity_distance,
+    plot_distinguishability,
 )
 from gated_attention_jax.analysis.run_analysis import (
     analyze_model,
@@ -61,6 +62,7 @@ __all__ = [
     "plot_max_activation",
     "plot_perplexity_vs_length",
     "plot_selectivity_distance",
+    "plot_distinguishability",
     "sink_rate",
     "softmax_jacobian",
     "softmax_weights",

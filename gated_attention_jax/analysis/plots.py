@@ -161,6 +161,28 @@ def plot_selectivity_distance(
     return _save(fig, path, dpi)
 
 
+def plot_distinguishability(
+    curves: Mapping[str, Mapping[str, Sequence[float]]],
+    path: PathLike,
+    figsize: tuple[float, float] = (7.0, 4.0),
+    dpi: int = 100,
+) -> Path:
+    """Mean precision (solid), recall (dashed) and F (dotted) of the top-N tokens vs N/L,
+    per model (label -> attention_selectivity() output)."""
+    fig = _figure(figsize)
+    ax = fig.subplots()
+    for i, (label, summary) in enumerate(curves.items()):
+        color = f"C{i}"
+        for key, style in (("mean_precision", "-"), ("mean_recall", "--"), ("mean_f1", ":")):
+            ax.plot(summary["fractions"], summary[key], linestyle=style, color=color,
+                    label=f"{label} {key.removeprefix('mean_')}")
+    ax.set_xlabel("N / L")
+    ax.set_ylabel("distinguishable fraction")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize="small")
+    return _save(fig, path, dpi)
+
+
 def plot_jacobian_norm(
     curve: Mapping[str, Any],
     path: PathLike,

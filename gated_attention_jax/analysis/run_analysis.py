@@ -301,6 +301,8 @@ def analyze_model(model: Transformer, batches: Iterable[Batch], *,
   select["num_sequences"] = int(probs[:, rows].shape[1])
   pngs["selectivity_distance"] = plots.plot_selectivity_distance(
       {label: select}, out_dir / "selectivity_distance.png")
+  pngs["distinguishability"] = plots.plot_distinguishability(
+      {label: select}, out_dir / "distinguishability.png")
   # The last query's logits q.k/sqrt(H) equal log p up to a per-row constant,
   # which softmax ignores; probabilities that underflowed to 0 become the float32 minimum.
   last = probs[:, rows, :, -1, :].astype(np.float64)
@@ -403,6 +405,8 @@ def compare_runs(workdirs: Sequence[PathLike], out_dir: PathLike) -> dict[str, p
           out_dir / "max_activation.png"),
       "selectivity_distance": plots.plot_selectivity_distance(
           {k: r["selectivity"] for k, r in runs.items()}, out_dir / "selectivity_distance.png"),
+      "distinguishability": plots.plot_distinguishability(
+          {k: r["selectivity"] for k, r in runs.items()}, out_dir / "distinguishability.png"),
   }
   gated = {k: r["gate_statistics"]["histogram"] for k, r in runs.items() if "gate_statistics" in r}
   if gated:
