@@ -37,10 +37,12 @@ class GatedAttention(nnx.Module):
   """Multi-head (GQA/MQA) softmax attention with RoPE, QK-norm and a configurable gate.
 
   Call `layer(x, positions=None, segment_ids=None)` with x `(B, T, D)`; returns
-  `(B, T, D)`, or `(y, intermediates)` with `return_intermediates=True`
-  (`attention_probs` `(B, N, T, S)` on the "xla" path, `gate_scores` for gated
+  `(B, T, D)`, or `(y, intermediates)` with `return_intermediates=True`:
+  `queries` `(B, T, N, H)` and `keys` `(B, S, K, H)` as they enter the dot product
+  (after QK-norm and RoPE), `values` `(B, S, K, H)` (after any G2 gate),
+  `attention_probs` `(B, N, T, S)` on the "xla" path, and `gate_scores` for gated
   layers: the gate values after activation and sharing, `(B, T, heads[, H])` or
-  `(B, T, D)`).
+  `(B, T, D)`.
 
   KV-cache decoding: `layer.init_cache(batch, max_length)`, then calls with
   `decode=True` (a prompt first, then one token at a time) append to the cache.
@@ -235,7 +237,7 @@ class GatedAttention(nnx.Module):
       out = gate_lib.combine(out, scores, g.combine)
     if not return_intermediates:
       return out
-    intermediates: Intermediates = {"values": v}
+    intermediates: Intermediates = {"queries": q, "keys": k, "values": v}
     if probs is not None:
       intermediates["attention_probs"] = probs
     if scores is not None:

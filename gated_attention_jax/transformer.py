@@ -137,7 +137,7 @@ class Transformer(nnx.Module):
 
   With `return_intermediates=True` it returns `(logits, intermediates)` where
   intermediates holds per-layer lists: `hidden_states` (block outputs `(B, T, D)`),
-  `values` `(B, S, K, H)`, and, where available, `attention_probs` `(B, N, T, S)`
+  `queries` `(B, T, N, H)`, `keys` and `values` `(B, S, K, H)`, and, where available, `attention_probs` `(B, N, T, S)`
   ("xla" path) and `gate_scores`.
   """
 

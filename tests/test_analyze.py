@@ -114,6 +114,19 @@ def test_values_equal_the_metric_functions_applied_directly(run):
   assert jac["within_bounds"] and 0 < jac["max_ratio_spectral_to_bound"] <= 1 + 1e-9
   assert 0 < jac["max_ratio_max_abs_to_bound"] <= 1 + 1e-9
 
+  # The softmax weight bound, rebuilt head by head from the model's own q and k:
+  # the last query of layer 1, head 3 (kv head 1 of 2), logits q.k / sqrt(H).
+  q = first["queries"][1, :SELECTED, -1, 3]  # (B, H)
+  k = first["keys"][1, :SELECTED, :, 1]  # (B, S, H)
+  alpha = first["attention_probs"][1, :SELECTED, 3, -1, :]  # (B, S)
+  np.testing.assert_allclose(alpha, an.softmax_weights(q, k, np.sqrt(q.shape[-1])), rtol=1e-4,
+                             atol=1e-7)  # float32 model vs float64 softmax
+  assert an.weights_within_bounds(alpha, q, k, np.sqrt(q.shape[-1]), rtol=1e-6)
+  bounds = result["weight_bounds"]
+  assert bounds["within_bounds"]
+  assert bounds["max_ratio_to_upper"] <= 1 and bounds["min_ratio_to_lower"] >= 1
+  assert bounds["log_bound_width_mean"] > 0
+
 
 def test_long_context_perplexity(run):
   _, _, summary, result = run

@@ -194,6 +194,26 @@ def _jacobian(logits: np.ndarray, temperatures: Sequence[float]) -> dict[str, An
           "within_bounds": bool(max(ratio_spectral, ratio_max_abs) <= 1 + BOUND_RTOL)}
 
 
+def _weight_bounds(probs: np.ndarray, queries: np.ndarray, keys: np.ndarray) -> dict[str, Any]:
+  """Mudarisov et al.'s bound on each head's last-query attention weights.
+
+  probs (L, B, N, T, S), queries (L, B, T, N, H), keys (L, B, S, K, H) from windows
+  whose last query sees every key. The logits are q·k/sqrt(H), so T = sqrt(H) in
+  `selectivity.weight_bounds`; every weight must lie between its row's bounds
+  (ratio to the lower bound >= 1, to the upper bound <= 1).
+  """
+  group = probs.shape[2] // keys.shape[3]
+  alpha = probs[:, :, :, -1, :].astype(np.float64)  # (L, B, N, S)
+  q = queries[:, :, -1].astype(np.float64)  # (L, B, N, H)
+  k = np.repeat(keys, group, axis=3).transpose(0, 1, 3, 2, 4).astype(np.float64)
+  lower, upper = selectivity.weight_bounds(q, k, math.sqrt(q.shape[-1]))
+  to_upper = float((alpha / upper[..., None]).max())
+  to_lower = float((alpha / lower[..., None]).min())
+  return {"max_ratio_to_upper": to_upper, "min_ratio_to_lower": to_lower,
+          "log_bound_width_mean": float(np.log(upper / lower).mean()),
+          "within_bounds": bool(to_upper <= 1 + BOUND_RTOL and to_lower >= 1 - BOUND_RTOL)}
+
+
 def write_json(data: Mapping[str, Any], path: PathLike) -> pathlib.Path:
   """Writes data as JSON atomically (a temporary file renamed over the target)."""
   path = pathlib.Path(path)
@@ -308,13 +328,14 @@ def analyze_model(model: Transformer, batches: Iterable[Batch], *,
   last = probs[:, rows, :, -1, :].astype(np.float64)
   jac = _jacobian(np.log(np.maximum(last, np.finfo(np.float32).tiny)), temperatures)
   pngs["jacobian_norm"] = plots.plot_jacobian_norm(jac, out_dir / "jacobian_norm.png")
+  bounds = _weight_bounds(probs[:, rows], first["queries"][:, rows], first["keys"][:, rows])
 
   result.update(
       first_token={**f_attn, "num_sequences": int(sum(c.shape[1] for c in first_cols)),
                    "seq_len": int(probs.shape[3])},
       sink={**sinks, "num_sequences": int(sum(c.shape[1] for c in sink_cols)),
             "seq_len": int(sink_cols[0].shape[3])},
-      activations=acts, selectivity=select, jacobian=jac)
+      activations=acts, selectivity=select, jacobian=jac, weight_bounds=bounds)
   if gate_stats is not None:
     result["gate_statistics"] = gate_stats
   if long_context is not None:
