@@ -1,0 +1,250 @@
+"""Gated flash attention forward as a Mosaic GPU (Hopper) Pallas kernel: wgmma, TMA, warp specialisation.
+
+Dimension names: B batch, T query length, S key length, N query heads, K kv heads, H head_dim,
+G = N // K.
+
+Structure: one CTA per (q tile of 64 rows, query head, batch), two warpgroups. Warpgroup 1 is
+the producer: it TMA-loads the q tile (and the gate tile) once, then streams k/v tiles
+(and kv segment ids) through ``max_concurrent_steps`` SMEM slots, each guarded by a "full"
+barrier (TMA arrivals) and a "free" barrier (consumer arrival). Warpgroup 0 is the consumer: per
+kv tile it runs s = q·kᵀ on wgmma, the masked online softmax in registers, writes p to SMEM and
+runs p·v on wgmma, then frees the slot. Under causal masking both loops stop at the diagonal.
+The epilogue stores the ungated output y, the log-sum-exp lse and o = y ⊙ act(gate) through SMEM
+with TMA. GQA: the kv head is ``n // G``; K/V are never repeated.
+
+Status — forward only, and only ever run in GPU interpret mode on CPU
+(``jax._src.pallas.mosaic_gpu.interpret``, jax 0.10.2); never compiled or timed on a GPU.
+Missing / known gaps:
+
+* No backward kernel, so this is NOT wired into ``api``'s ``impl`` dispatch (``pallas_gpu``
+  still means ``flash_gpu``). ``forward`` has the same signature and outputs as
+  ``flash_gpu.forward``.
+* Shaped by what the interpreter supports: it rejects ``pl.run_state`` ("Higher-order primitive
+  run_state"), register (non-SMEM) wgmma A operands, ``plgpu.transpose_ref`` operands of wgmma
+  and ``plgpu.layout_cast``. Hence: wgmma accumulators are ``pl.run_scoped`` ``plgpu.ACC``
+  allocations (zero-initialised, one per matmul; the running output stays in registers and is
+  rescaled there); p goes through SMEM before p·v (FA3 keeps it in registers); and K is
+  transposed to (B, K, H, S) by XLA in the wrapper so q·kᵀ needs no transposed operand (on
+  hardware ``transpose_ref`` on the k tile would save that pass). No register layouts are
+  annotated, so the softmax's reductions/broadcasts may need ``plgpu.layout_cast`` to lower.
+* The interpreter runs wgmma synchronously, so the lack of explicit ``wgmma_wait`` ordering and
+  of wgmma/softmax overlap (ping-pong between two consumer warpgroups) is untested/unimplemented.
+* Tile shape is fixed at 64 query rows (one consumer warpgroup, wgmma M = 64); ``block_kv``
+  comes from ``cfg.block_sizes`` but is raised to at least 64; H should be a multiple of 64 for
+  the 128-byte swizzle. lse and the headwise gate use a (B, N, T) layout inside the kernel so
+  their TMA tiles are contiguous (transposed by XLA in the wrapper).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from gated_attention_jax.kernels import common
+from gated_attention_jax.kernels.reference import activation_and_grad
+
+BLOCK_Q = 64  # rows per consumer warpgroup: wgmma's M
+MIN_BLOCK_KV = 64
+_CONSUMER, _PRODUCER = 0, 1
+
+
+def _interpret_params(cfg: common.KernelConfig):
+  if not cfg.interpret:
+    return None
+  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+  return InterpretGPUParams()
+
+
+def _swizzled(shape, dtype):
+  """SMEM operand of wgmma: (8, 128 bytes) tiles with a 128-byte swizzle."""
+  elems = 128 // jnp.dtype(dtype).itemsize
+  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, elems)),
+                                              plgpu.SwizzleTransform(128)))
+
+
+def _fwd_kernel(*refs, cfg: common.KernelConfig, block_kv: int, group: int, offset: int,
+                kv_len: int, kv_padded: bool, gate_kind: str | None, has_segments: bool,
+                nbuf: int):
+  refs = iter(refs)
+  q_g, kt_g, v_g = next(refs), next(refs), next(refs)
+  gate_g = next(refs) if gate_kind else None
+  q_seg_g, kv_seg_g = (next(refs), next(refs)) if has_segments else (None, None)
+  o_g, y_g, lse_g = next(refs), next(refs), next(refs)
+  q_s, kt_s, v_s, p_s, o_s, y_s, lse_s = (next(refs) for _ in range(7))
+  gate_s = next(refs) if gate_kind else None
+  q_seg_s, kv_seg_s = (next(refs), next(refs)) if has_segments else (None, None)
+  q_bar, full, free = next(refs), next(refs), next(refs)
+
+  qi, ni, bi = lax.axis_index("q"), lax.axis_index("n"), lax.axis_index("b")
+  wg = lax.axis_index("wg")
+  kvh = ni // group
+  q_rows = pl.ds(qi * BLOCK_Q, BLOCK_Q)
+  nk = kt_g.shape[-1] // block_kv
+  if cfg.causal:
+    n_live = common.num_live_kv_blocks(qi, BLOCK_Q, block_kv, offset, nk)
+  else:
+    n_live = jnp.int32(nk)
+
+  @pl.when(wg == _PRODUCER)
+  def _producer():
+    plgpu.copy_gmem_to_smem(q_g.at[bi, q_rows, ni, :], q_s, q_bar.at[0])
+    if gate_kind == "elementwise":
+      plgpu.copy_gmem_to_smem(gate_g.at[bi, q_rows, ni, :], gate_s, q_bar.at[0])
+    elif gate_kind == "headwise":
+      plgpu.copy_gmem_to_smem(gate_g.at[bi, ni, q_rows], gate_s, q_bar.at[0])
+    if has_segments:
+      plgpu.copy_gmem_to_smem(q_seg_g.at[bi, q_rows], q_seg_s, q_bar.at[0])
+
+    def step(ki, carry):
+      slot = lax.rem(ki, nbuf)
+
+      @pl.when(ki >= nbuf)
+      def _():  # wait until the consumer is done with this slot's previous tile
+        plgpu.barrier_wait(free.at[slot])
+
+      kv_rows = pl.ds(ki * block_kv, block_kv)
+      plgpu.copy_gmem_to_smem(kt_g.at[bi, kvh, :, kv_rows], kt_s.at[slot], full.at[slot])
+      plgpu.copy_gmem_to_smem(v_g.at[bi, kv_rows, kvh, :], v_s.at[slot], full.at[slot])
+      if has_segments:
+        plgpu.copy_gmem_to_smem(kv_seg_g.at[bi, kv_rows], kv_seg_s.at[slot], full.at[slot])
+      return carry
+
+    lax.fori_loop(0, n_live, step, 0)
+    # Drain: observe the last release of every used slot before the CTA's barriers go away.
+    for j in range(nbuf):
+      last = n_live - nbuf + j
+
+      @pl.when(last >= 0)
+      def _():
+        plgpu.barrier_wait(free.at[lax.rem(last, nbuf)])
+
+  @pl.when(wg == _CONSUMER)
+  def _consumer():
+    plgpu.barrier_wait(q_bar.at[0])
+    q_seg = q_seg_s[...][:, None] if has_segments else None
+
+    def step(ki, carry):
+      m_prev, l_prev, acc = carry
+      slot = lax.rem(ki, nbuf)
+      plgpu.barrier_wait(full.at[slot])
+
+      def qk(acc_ref):
+        plgpu.wgmma(acc_ref, q_s, kt_s.at[slot])
+        return acc_ref[...]
+
+      s = pl.run_scoped(qk, plgpu.ACC((BLOCK_Q, block_kv), jnp.float32)) * cfg.scale
+      mask = common.tile_mask(
+          qi * BLOCK_Q, ki * block_kv, BLOCK_Q, block_kv, causal=cfg.causal, offset=offset,
+          kv_len=kv_len, kv_padded=kv_padded, q_seg=q_seg,
+          kv_seg=kv_seg_s.at[slot][...][None, :] if has_segments else None)
+      if mask is not None:
+        s = jnp.where(mask, s, -jnp.inf)
+      m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
+      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing visible yet
+      p = jnp.exp(s - m_safe[:, None])
+      alpha = jnp.exp(m_prev - m_safe)
+      p_s[...] = p.astype(p_s.dtype)
+      plgpu.commit_smem()
+
+      def pv(acc_ref):
+        plgpu.wgmma(acc_ref, p_s, v_s.at[slot])
+        return acc_ref[...]
+
+      pv_out = pl.run_scoped(pv, plgpu.ACC((BLOCK_Q, acc.shape[1]), jnp.float32))
+      plgpu.barrier_arrive(free.at[slot])
+      return m_new, alpha * l_prev + jnp.sum(p, axis=1), alpha[:, None] * acc + pv_out
+
+    h = q_s.shape[1]
+    init = (jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32), jnp.zeros((BLOCK_Q,), jnp.float32),
+            jnp.zeros((BLOCK_Q, h), jnp.float32))
+    m, l, acc = lax.fori_loop(0, n_live, step, init)
+    y = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
+    y_s[...] = y.astype(y_s.dtype)
+    lse_s[...] = jnp.where(l == 0.0, jnp.inf, m + jnp.log(l))
+    if gate_kind:
+      act = activation_and_grad(gate_s[...], cfg.gate_activation)[0]
+      y = y * (act if act.ndim == 2 else act[:, None])
+    o_s[...] = y.astype(o_s.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_s, o_g.at[bi, q_rows, ni, :])
+    plgpu.copy_smem_to_gmem(y_s, y_g.at[bi, q_rows, ni, :])
+    plgpu.copy_smem_to_gmem(lse_s, lse_g.at[bi, ni, q_rows])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def forward(q, k, v, gate, q_seg, kv_seg, cfg: common.KernelConfig, *, save_residuals: bool,
+            max_concurrent_steps: int = 2):
+  """Gated attention forward (Mosaic GPU); same contract as ``flash_gpu.forward``.
+
+  q: (B, T, N, H); k, v: (B, S, K, H); gate: (B, T, N, H), (B, T, N) or None;
+  q_seg: (B, T), kv_seg: (B, S) or both None.
+  Returns o (B, T, N, H) and, if save_residuals, the ungated output y (B, T, N, H) and the
+  log-sum-exp lse (B, T, N) float32 (+inf for rows that see no key); else (o, None, None).
+  ``max_concurrent_steps``: number of k/v SMEM slots in the TMA pipeline.
+  No backward exists yet (see the module docstring).
+  """
+  b, t, n, h = q.shape
+  s, kh = k.shape[1], k.shape[2]
+  group = n // kh
+  block_kv = max(MIN_BLOCK_KV, cfg.block_sizes.forward(t, s)[1])
+  tp, sp = common.round_up(t, BLOCK_Q), common.round_up(s, block_kv)
+  nbuf = max(1, min(max_concurrent_steps, sp // block_kv))
+  dtype = q.dtype
+
+  inputs = [common.pad_axis(q, 1, tp),
+            jnp.transpose(common.pad_axis(k, 1, sp), (0, 2, 3, 1)),  # (B, K, H, S)
+            common.pad_axis(v, 1, sp)]
+  gate_kind = None
+  if gate is not None:
+    gate_kind = "elementwise" if gate.ndim == 4 else "headwise"
+    gate = common.pad_axis(gate, 1, tp)
+    inputs.append(gate if gate.ndim == 4 else jnp.transpose(gate, (0, 2, 1)))  # (B, N, T)
+  has_segments = q_seg is not None
+  if has_segments:
+    inputs += [common.pad_axis(q_seg.astype(jnp.int32), 1, tp),
+               common.pad_axis(kv_seg.astype(jnp.int32), 1, sp)]
+
+  scratch = [
+      _swizzled((BLOCK_Q, h), dtype),  # q
+      _swizzled((nbuf, h, block_kv), k.dtype),  # kᵀ slots
+      _swizzled((nbuf, block_kv, h), v.dtype),  # v slots
+      _swizzled((BLOCK_Q, block_kv), v.dtype),  # p
+      plgpu.SMEM((BLOCK_Q, h), dtype),  # o
+      plgpu.SMEM((BLOCK_Q, h), dtype),  # y
+      plgpu.SMEM((BLOCK_Q,), jnp.float32),  # lse
+  ]
+  if gate_kind:
+    scratch.append(plgpu.SMEM((BLOCK_Q, h) if gate_kind == "elementwise" else (BLOCK_Q,),
+                              gate.dtype))
+  if has_segments:
+    scratch += [plgpu.SMEM((BLOCK_Q,), jnp.int32), plgpu.SMEM((nbuf, block_kv), jnp.int32)]
+  scratch += [
+      plgpu.Barrier(num_arrivals=1 + bool(gate_kind) + has_segments, num_barriers=1),  # q
+      plgpu.Barrier(num_arrivals=2 + has_segments, num_barriers=nbuf),  # full (TMA)
+      plgpu.Barrier(num_arrivals=1, num_barriers=nbuf),  # free (consumer)
+  ]
+  out_shape = [jax.ShapeDtypeStruct((b, tp, n, h), dtype),
+               jax.ShapeDtypeStruct((b, tp, n, h), dtype),
+               jax.ShapeDtypeStruct((b, n, tp), jnp.float32)]
+
+  kernel = functools.partial(
+      _fwd_kernel, cfg=cfg, block_kv=block_kv, group=group, offset=s - t, kv_len=s,
+      kv_padded=sp != s, gate_kind=gate_kind, has_segments=has_segments, nbuf=nbuf)
+  o, y, lse = plgpu.kernel(
+      kernel,
+      out_type=out_shape,
+      scratch_types=scratch,
+      grid=(tp // BLOCK_Q, n, b),
+      grid_names=("q", "n", "b"),
+      num_threads=2,
+      thread_name="wg",
+      interpret=_interpret_params(cfg),
+  )(*inputs)
+  if not save_residuals:
+    return o[:, :t], None, None
+  return o[:, :t], y[:, :t], jnp.transpose(lse, (0, 2, 1))[:, :t]
