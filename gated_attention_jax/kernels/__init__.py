@@ -1,4 +1,4 @@
-"""Fused gated flash attention kernels (Pallas TPU, portable Pallas GPU) and the XLA reference."""
+"""Fused gated flash attention kernels (Pallas TPU, portable Pallas GPU, Mosaic GPU) and the XLA reference."""
 
 from gated_attention_jax.kernels.api import IMPLS, gated_flash_attention
 from gated_attention_jax.kernels.common import BlockSizes

@@ -1,9 +1,11 @@
 """``gated_flash_attention``: argument checks, backend dispatch and the shared custom_vjp.
 
 Dimension names: B batch, T query length, S key length, N query heads, K kv heads, H head_dim.
-Both kernel families (``flash_tpu``, ``flash_gpu``) expose the same two functions,
+The kernel families (``flash_tpu``, ``flash_gpu``, ``flash_mgpu``) expose the same two functions,
 ``forward(q, k, v, gate, q_seg, kv_seg, cfg, save_residuals)`` and
-``backward(q, k, v, q_seg, kv_seg, lse, dy, delta, cfg)``; one custom_vjp wires either of them.
+``backward(q, k, v, q_seg, kv_seg, lse, dy, delta, cfg)``; one custom_vjp wires any of them.
+``impl="pallas_mgpu"`` (Mosaic GPU, Hopper) is explicit-only: ``"auto"`` still picks the portable
+``pallas_gpu`` on GPUs, since the Mosaic GPU kernels have only run in the GPU interpreter.
 The gate is applied in the forward kernel's epilogue; the backward's preprocessing pass turns
 dO into dy = dO ⊙ act(g), dgate = dO ⊙ y ⊙ act'(g) (summed over H when headwise) and
 delta = Σ_H dy ⊙ y, from the saved ungated output y — the gate is never divided out.
@@ -18,11 +20,14 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from gated_attention_jax.kernels import common, flash_gpu, flash_tpu, reference
+from gated_attention_jax.kernels import common, flash_gpu, flash_mgpu, flash_tpu, reference
 
-IMPLS = ("auto", "pallas_tpu", "pallas_gpu", "xla")
-_KERNELS = {"pallas_tpu": flash_tpu, "pallas_gpu": flash_gpu}
-_NATIVE_BACKEND = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}
+IMPLS = ("auto", "pallas_tpu", "pallas_gpu", "pallas_mgpu", "xla")
+_KERNELS = {"pallas_tpu": flash_tpu, "pallas_gpu": flash_gpu, "pallas_mgpu": flash_mgpu}
+# Off its native backend a Pallas impl runs in interpret mode (cfg.interpret = True): pallas_mgpu
+# then uses the Mosaic GPU interpreter (``flash_mgpu._interpret_params``), the others
+# ``pallas_call(interpret=True)``.
+_NATIVE_BACKEND = {"pallas_tpu": "tpu", "pallas_gpu": "gpu", "pallas_mgpu": "gpu"}
 _AUTO = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}
 
 
@@ -49,8 +54,10 @@ def gated_flash_attention(
       within equal ids. Rows that see no key output zeros.
     scale: logit scale, default 1 / sqrt(H).
     gate_activation: one of ``reference.GATE_ACTIVATIONS``.
-    impl: "pallas_tpu", "pallas_gpu", "xla" or "auto" (TPU -> pallas_tpu, GPU -> pallas_gpu,
-      otherwise xla). A Pallas impl on a backend it was not written for runs in interpret mode.
+    impl: "pallas_tpu", "pallas_gpu", "pallas_mgpu" (Mosaic GPU, Hopper; 64-row q tiles, kv
+      tiles >= 64, H a multiple of 64 advised), "xla" or "auto" (TPU -> pallas_tpu,
+      GPU -> pallas_gpu, otherwise xla). A Pallas impl on a backend it was not written for runs
+      in interpret mode.
     block_sizes: kernel tile sizes (Pallas impls only).
   Returns:
     (B, T, N, H) array in q.dtype.

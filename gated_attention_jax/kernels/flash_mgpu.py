@@ -1,9 +1,10 @@
-"""Gated flash attention forward as a Mosaic GPU (Hopper) Pallas kernel: wgmma, TMA, warp specialisation.
+"""Gated flash attention as Mosaic GPU (Hopper) Pallas kernels: forward (wgmma, TMA, warp
+specialisation), dq and dk/dv backward (wgmma, TMA); behind ``impl="pallas_mgpu"``.
 
 Dimension names: B batch, T query length, S key length, N query heads, K kv heads, H head_dim,
 G = N // K.
 
-Structure: one CTA per (q tile of 64 rows, query head, batch), two warpgroups. Warpgroup 1 is
+Forward structure: one CTA per (q tile of 64 rows, query head, batch), two warpgroups. Warpgroup 1 is
 the producer: it TMA-loads the q tile (and the gate tile) once, then streams k/v tiles
 (and kv segment ids) through ``max_concurrent_steps`` SMEM slots, each guarded by a "full"
 barrier (TMA arrivals) and a "free" barrier (consumer arrival). Warpgroup 0 is the consumer: per
@@ -12,13 +13,25 @@ runs p·v on wgmma, then frees the slot. Under causal masking both loops stop at
 The epilogue stores the ungated output y, the log-sum-exp lse and o = y ⊙ act(gate) through SMEM
 with TMA. GQA: the kv head is ``n // G``; K/V are never repeated.
 
-Status — forward only, and only ever run in GPU interpret mode on CPU
-(``jax._src.pallas.mosaic_gpu.interpret``, jax 0.10.2); never compiled or timed on a GPU.
+Backward (``backward``, same contract as ``flash_gpu.backward``): a dq kernel, one CTA per
+(q tile of 64 rows, query head, batch) looping over kv tiles up to the diagonal, and a dk/dv
+kernel, one CTA per (kv tile, kv head, batch) looping over the G query heads of its group and
+the live q tiles (causal: from ``common.first_live_q_block``). Both recompute p = exp(s − lse)
+from the saved lse, accumulate in float32 registers and run every matmul on wgmma with SMEM
+operands; the operands that would need a transposed view (kᵀ, vᵀ for dq; qᵀ, dyᵀ for dk/dv)
+are transposed by XLA in the wrapper, and dk/dv works in the transposed frame (sᵀ = k·qᵀ,
+dpᵀ = v·dyᵀ) so dv += pᵀ·dy and dk += dsᵀ·q need no transposed operand.
+
+Status — only ever run in GPU interpret mode on CPU (``jax._src.pallas.mosaic_gpu.interpret``,
+jax 0.10.2); never compiled or timed on a GPU. Wired into ``api`` as the explicit
+``impl="pallas_mgpu"`` (``"auto"`` still picks ``flash_gpu`` on GPUs).
 Missing / known gaps:
 
-* No backward kernel, so this is NOT wired into ``api``'s ``impl`` dispatch (``pallas_gpu``
-  still means ``flash_gpu``). ``forward`` has the same signature and outputs as
-  ``flash_gpu.forward``.
+* The backward kernels are single-warpgroup and unpipelined: each tile is TMA-loaded and
+  waited on right before use (no producer warpgroup, no multi-slot ring), and the SMEM tiles
+  are reused by the next iteration without a ``wgmma_wait`` (fine in the synchronous
+  interpreter; on hardware the next TMA load must wait for the previous wgmmas). The extra
+  XLA transposes (kᵀ, vᵀ, qᵀ, dyᵀ) cost one HBM pass each; ``transpose_ref`` would avoid them.
 * Shaped by what the interpreter supports: it rejects ``pl.run_state`` ("Higher-order primitive
   run_state"), register (non-SMEM) wgmma A operands, ``plgpu.transpose_ref`` operands of wgmma
   and ``plgpu.layout_cast``. Hence: wgmma accumulators are ``pl.run_scoped`` ``plgpu.ACC``
@@ -31,8 +44,8 @@ Missing / known gaps:
   of wgmma/softmax overlap (ping-pong between two consumer warpgroups) is untested/unimplemented.
 * Tile shape is fixed at 64 query rows (one consumer warpgroup, wgmma M = 64); ``block_kv``
   comes from ``cfg.block_sizes`` but is raised to at least 64; H should be a multiple of 64 for
-  the 128-byte swizzle. lse and the headwise gate use a (B, N, T) layout inside the kernel so
-  their TMA tiles are contiguous (transposed by XLA in the wrapper).
+  the 128-byte swizzle (forward and backward alike). lse, delta and the headwise gate use a
+  (B, N, T) layout inside the kernels so their TMA tiles are contiguous (transposed by XLA in the wrapper).
 """
 
 from __future__ import annotations
@@ -186,7 +199,6 @@ def forward(q, k, v, gate, q_seg, kv_seg, cfg: common.KernelConfig, *, save_resi
   Returns o (B, T, N, H) and, if save_residuals, the ungated output y (B, T, N, H) and the
   log-sum-exp lse (B, T, N) float32 (+inf for rows that see no key); else (o, None, None).
   ``max_concurrent_steps``: number of k/v SMEM slots in the TMA pipeline.
-  No backward exists yet (see the module docstring).
   """
   b, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
@@ -248,3 +260,245 @@ def forward(q, k, v, gate, q_seg, kv_seg, cfg: common.KernelConfig, *, save_resi
   if not save_residuals:
     return o[:, :t], None, None
   return o[:, :t], y[:, :t], jnp.transpose(lse, (0, 2, 1))[:, :t]
+
+
+# ----------------------------------------------------------------------------- backward
+#
+# One warpgroup per CTA (no warp specialisation yet): every tile is TMA-loaded and waited on
+# right before use (each load group has its own barrier, waited once per phase). All wgmma
+# operands are SMEM; the operands that would need a transposed view are pre-transposed by XLA
+# in the wrapper: kᵀ, vᵀ (B, K, H, S) for the dq kernel and qᵀ, dyᵀ (B, N, H, T) for dk/dv.
+# The dk/dv kernel works in the transposed ("kv rows") frame: sᵀ = k·qᵀ, pᵀ, dpᵀ = v·dyᵀ,
+# dsᵀ, so dv += pᵀ·dy and dk += dsᵀ·q need no transposed operand either.
+
+
+def _tile_mask_t(q_start, kv_start, block_q: int, block_kv: int, *, causal: bool, offset: int,
+                 kv_len: int, kv_padded: bool, q_seg=None, kv_seg=None):
+  """``common.tile_mask`` in the (block_kv, block_q) frame; q_seg (1, bq), kv_seg (bkv, 1)."""
+  mask = None
+
+  def _and(a, b):
+    return b if a is None else jnp.logical_and(a, b)
+
+  if causal or kv_padded:
+    kv_pos = kv_start + lax.broadcasted_iota(jnp.int32, (block_kv, block_q), 0)
+    if causal:
+      q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_kv, block_q), 1)
+      mask = _and(mask, kv_pos <= q_pos + offset)
+    if kv_padded:
+      mask = _and(mask, kv_pos < kv_len)
+  if q_seg is not None:
+    mask = _and(mask, q_seg == kv_seg)
+  return mask
+
+
+def _matmul(a_s, b_s, m: int, n: int):
+  """a_s (m, k) · b_s (k, n) on wgmma into a fresh f32 accumulator; returns the value."""
+
+  def body(acc_ref):
+    plgpu.wgmma(acc_ref, a_s, b_s)
+    return acc_ref[...]
+
+  return pl.run_scoped(body, plgpu.ACC((m, n), jnp.float32))
+
+
+def _dq_kernel(*refs, cfg: common.KernelConfig, block_kv: int, group: int, offset: int,
+               kv_len: int, kv_padded: bool, has_segments: bool):
+  refs = iter(refs)
+  q_g, dy_g, lse_g, delta_g, k_g, kt_g, vt_g = (next(refs) for _ in range(7))
+  q_seg_g, kv_seg_g = (next(refs), next(refs)) if has_segments else (None, None)
+  dq_g = next(refs)
+  q_s, dy_s, lse_s, delta_s, k_s, kt_s, vt_s, ds_s, dq_s = (next(refs) for _ in range(9))
+  q_seg_s, kv_seg_s = (next(refs), next(refs)) if has_segments else (None, None)
+  q_bar, kv_bar = next(refs), next(refs)
+
+  qi, ni, bi = lax.axis_index("q"), lax.axis_index("n"), lax.axis_index("b")
+  kvh = ni // group
+  q_rows = pl.ds(qi * BLOCK_Q, BLOCK_Q)
+  h = q_s.shape[1]
+  nk = k_g.shape[1] // block_kv
+  n_live = (common.num_live_kv_blocks(qi, BLOCK_Q, block_kv, offset, nk) if cfg.causal
+            else jnp.int32(nk))
+
+  plgpu.copy_gmem_to_smem(q_g.at[bi, q_rows, ni, :], q_s, q_bar.at[0])
+  plgpu.copy_gmem_to_smem(dy_g.at[bi, q_rows, ni, :], dy_s, q_bar.at[0])
+  plgpu.copy_gmem_to_smem(lse_g.at[bi, ni, q_rows], lse_s, q_bar.at[0])
+  plgpu.copy_gmem_to_smem(delta_g.at[bi, ni, q_rows], delta_s, q_bar.at[0])
+  if has_segments:
+    plgpu.copy_gmem_to_smem(q_seg_g.at[bi, q_rows], q_seg_s, q_bar.at[0])
+  plgpu.barrier_wait(q_bar.at[0])
+  lse, delta = lse_s[...][:, None], delta_s[...][:, None]
+  q_seg = q_seg_s[...][:, None] if has_segments else None
+
+  def step(ki, dq):
+    kv_rows = pl.ds(ki * block_kv, block_kv)
+    plgpu.copy_gmem_to_smem(k_g.at[bi, kv_rows, kvh, :], k_s, kv_bar.at[0])
+    plgpu.copy_gmem_to_smem(kt_g.at[bi, kvh, :, kv_rows], kt_s, kv_bar.at[0])
+    plgpu.copy_gmem_to_smem(vt_g.at[bi, kvh, :, kv_rows], vt_s, kv_bar.at[0])
+    if has_segments:
+      plgpu.copy_gmem_to_smem(kv_seg_g.at[bi, kv_rows], kv_seg_s, kv_bar.at[0])
+    plgpu.barrier_wait(kv_bar.at[0])
+
+    s = _matmul(q_s, kt_s, BLOCK_Q, block_kv) * cfg.scale
+    p = jnp.exp(s - lse)  # lse = +inf on rows that see nothing -> p = 0
+    mask = common.tile_mask(
+        qi * BLOCK_Q, ki * block_kv, BLOCK_Q, block_kv, causal=cfg.causal, offset=offset,
+        kv_len=kv_len, kv_padded=kv_padded, q_seg=q_seg,
+        kv_seg=kv_seg_s[...][None, :] if has_segments else None)
+    if mask is not None:
+      p = jnp.where(mask, p, 0.0)
+    dp = _matmul(dy_s, vt_s, BLOCK_Q, block_kv)
+    ds_s[...] = (p * (dp - delta)).astype(ds_s.dtype)
+    plgpu.commit_smem()
+    return dq + _matmul(ds_s, k_s, BLOCK_Q, h)
+
+  dq = lax.fori_loop(0, n_live, step, jnp.zeros((BLOCK_Q, h), jnp.float32))
+  dq_s[...] = (dq * cfg.scale).astype(dq_s.dtype)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(dq_s, dq_g.at[bi, q_rows, ni, :])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _dkv_kernel(*refs, cfg: common.KernelConfig, block_kv: int, group: int, offset: int,
+                kv_len: int, kv_padded: bool, has_segments: bool):
+  refs = iter(refs)
+  k_g, v_g, q_g, qt_g, dy_g, dyt_g, lse_g, delta_g = (next(refs) for _ in range(8))
+  q_seg_g, kv_seg_g = (next(refs), next(refs)) if has_segments else (None, None)
+  dk_g, dv_g = next(refs), next(refs)
+  (k_s, v_s, q_s, qt_s, dy_s, dyt_s, lse_s, delta_s, pt_s, dst_s, dk_s,
+   dv_s) = (next(refs) for _ in range(12))
+  q_seg_s, kv_seg_s = (next(refs), next(refs)) if has_segments else (None, None)
+  kv_bar, q_bar = next(refs), next(refs)
+
+  ki, hi, bi = lax.axis_index("kv"), lax.axis_index("h"), lax.axis_index("b")
+  kv_rows = pl.ds(ki * block_kv, block_kv)
+  h = k_s.shape[1]
+  nq = q_g.shape[1] // BLOCK_Q
+  first = (common.first_live_q_block(ki, BLOCK_Q, block_kv, offset, nq) if cfg.causal
+           else jnp.int32(0))
+
+  plgpu.copy_gmem_to_smem(k_g.at[bi, kv_rows, hi, :], k_s, kv_bar.at[0])
+  plgpu.copy_gmem_to_smem(v_g.at[bi, kv_rows, hi, :], v_s, kv_bar.at[0])
+  if has_segments:
+    plgpu.copy_gmem_to_smem(kv_seg_g.at[bi, kv_rows], kv_seg_s, kv_bar.at[0])
+  plgpu.barrier_wait(kv_bar.at[0])
+  kv_seg = kv_seg_s[...][:, None] if has_segments else None
+
+  def step(qi, carry, ni):
+    dk, dv = carry
+    q_rows = pl.ds(qi * BLOCK_Q, BLOCK_Q)
+    plgpu.copy_gmem_to_smem(q_g.at[bi, q_rows, ni, :], q_s, q_bar.at[0])
+    plgpu.copy_gmem_to_smem(qt_g.at[bi, ni, :, q_rows], qt_s, q_bar.at[0])
+    plgpu.copy_gmem_to_smem(dy_g.at[bi, q_rows, ni, :], dy_s, q_bar.at[0])
+    plgpu.copy_gmem_to_smem(dyt_g.at[bi, ni, :, q_rows], dyt_s, q_bar.at[0])
+    plgpu.copy_gmem_to_smem(lse_g.at[bi, ni, q_rows], lse_s, q_bar.at[0])
+    plgpu.copy_gmem_to_smem(delta_g.at[bi, ni, q_rows], delta_s, q_bar.at[0])
+    if has_segments:
+      plgpu.copy_gmem_to_smem(q_seg_g.at[bi, q_rows], q_seg_s, q_bar.at[0])
+    plgpu.barrier_wait(q_bar.at[0])
+
+    st = _matmul(k_s, qt_s, block_kv, BLOCK_Q) * cfg.scale  # sᵀ (bkv, bq)
+    pt = jnp.exp(st - lse_s[...][None, :])
+    mask = _tile_mask_t(
+        qi * BLOCK_Q, ki * block_kv, BLOCK_Q, block_kv, causal=cfg.causal, offset=offset,
+        kv_len=kv_len, kv_padded=kv_padded,
+        q_seg=q_seg_s[...][None, :] if has_segments else None, kv_seg=kv_seg)
+    if mask is not None:
+      pt = jnp.where(mask, pt, 0.0)
+    dpt = _matmul(v_s, dyt_s, block_kv, BLOCK_Q)
+    pt_s[...] = pt.astype(pt_s.dtype)
+    dst_s[...] = (pt * (dpt - delta_s[...][None, :])).astype(dst_s.dtype)
+    plgpu.commit_smem()
+    dv = dv + _matmul(pt_s, dy_s, block_kv, h)
+    dk = dk + _matmul(dst_s, q_s, block_kv, h)
+    return dk, dv
+
+  carry = (jnp.zeros((block_kv, h), jnp.float32), jnp.zeros((block_kv, h), jnp.float32))
+  for g in range(group):  # static: the G query heads of kv head hi
+    carry = lax.fori_loop(first, nq, functools.partial(step, ni=hi * group + g), carry)
+  dk_s[...] = (carry[0] * cfg.scale).astype(dk_s.dtype)
+  dv_s[...] = carry[1].astype(dv_s.dtype)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(dk_s, dk_g.at[bi, kv_rows, hi, :])
+  plgpu.copy_smem_to_gmem(dv_s, dv_g.at[bi, kv_rows, hi, :])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def backward(q, k, v, q_seg, kv_seg, lse, dy, delta, cfg: common.KernelConfig):
+  """Flash backward (Mosaic GPU) for the ungated attention given dy = dO ⊙ act(gate).
+
+  Same contract as ``flash_gpu.backward``: q, dy: (B, T, N, H); k, v: (B, S, K, H);
+  lse, delta: (B, T, N) float32, delta = Σ_H dy ⊙ y; q_seg: (B, T), kv_seg: (B, S) or None.
+  Returns dq (B, T, N, H) in q.dtype, dk, dv (B, S, K, H) in k.dtype / v.dtype.
+  """
+  b, t, n, h = q.shape
+  s, kh = k.shape[1], k.shape[2]
+  group = n // kh
+  block_kv = max(MIN_BLOCK_KV, cfg.block_sizes.backward(t, s)[1])
+  tp, sp = common.round_up(t, BLOCK_Q), common.round_up(s, block_kv)
+  has_segments = q_seg is not None
+  static = dict(cfg=cfg, block_kv=block_kv, group=group, offset=s - t, kv_len=s,
+                kv_padded=sp != s, has_segments=has_segments)
+  # Padded query rows carry dy = 0, delta = 0 and q = 0 (so p = 1, finite): they add nothing.
+  q_p, dy_p = common.pad_axis(q, 1, tp), common.pad_axis(dy.astype(q.dtype), 1, tp)
+  lse_t = jnp.transpose(common.pad_axis(lse, 1, tp), (0, 2, 1))  # (B, N, T)
+  delta_t = jnp.transpose(common.pad_axis(delta.astype(jnp.float32), 1, tp), (0, 2, 1))
+  k_p, v_p = common.pad_axis(k, 1, sp), common.pad_axis(v, 1, sp)
+  segments = ([common.pad_axis(q_seg.astype(jnp.int32), 1, tp),
+               common.pad_axis(kv_seg.astype(jnp.int32), 1, sp)] if has_segments else [])
+  seg_scratch = ([plgpu.SMEM((BLOCK_Q,), jnp.int32), plgpu.SMEM((block_kv,), jnp.int32)]
+                 if has_segments else [])
+  interpret = _interpret_params(cfg)
+
+  # dq: one CTA per (q tile, query head, batch), looping over kv tiles up to the diagonal.
+  dq = plgpu.kernel(
+      functools.partial(_dq_kernel, **static),
+      out_type=jax.ShapeDtypeStruct((b, tp, n, h), q.dtype),
+      scratch_types=[
+          _swizzled((BLOCK_Q, h), q.dtype),  # q
+          _swizzled((BLOCK_Q, h), q.dtype),  # dy
+          plgpu.SMEM((BLOCK_Q,), jnp.float32),  # lse
+          plgpu.SMEM((BLOCK_Q,), jnp.float32),  # delta
+          _swizzled((block_kv, h), k.dtype),  # k
+          _swizzled((h, block_kv), k.dtype),  # kᵀ
+          _swizzled((h, block_kv), v.dtype),  # vᵀ
+          _swizzled((BLOCK_Q, block_kv), k.dtype),  # ds
+          plgpu.SMEM((BLOCK_Q, h), q.dtype),  # dq
+          *seg_scratch,
+          plgpu.Barrier(num_arrivals=4 + has_segments, num_barriers=1),  # q-side loads
+          plgpu.Barrier(num_arrivals=3 + has_segments, num_barriers=1),  # kv-side loads
+      ],
+      grid=(tp // BLOCK_Q, n, b),
+      grid_names=("q", "n", "b"),
+      interpret=interpret,
+  )(q_p, dy_p, lse_t, delta_t, k_p,
+    jnp.transpose(k_p, (0, 2, 3, 1)), jnp.transpose(v_p, (0, 2, 3, 1)), *segments)
+
+  # dk, dv: one CTA per (kv tile, kv head, batch), looping over its G heads and live q tiles.
+  dk, dv = plgpu.kernel(
+      functools.partial(_dkv_kernel, **static),
+      out_type=[jax.ShapeDtypeStruct((b, sp, kh, h), k.dtype),
+                jax.ShapeDtypeStruct((b, sp, kh, h), v.dtype)],
+      scratch_types=[
+          _swizzled((block_kv, h), k.dtype),  # k
+          _swizzled((block_kv, h), v.dtype),  # v
+          _swizzled((BLOCK_Q, h), q.dtype),  # q
+          _swizzled((h, BLOCK_Q), q.dtype),  # qᵀ
+          _swizzled((BLOCK_Q, h), q.dtype),  # dy
+          _swizzled((h, BLOCK_Q), q.dtype),  # dyᵀ
+          plgpu.SMEM((BLOCK_Q,), jnp.float32),  # lse
+          plgpu.SMEM((BLOCK_Q,), jnp.float32),  # delta
+          _swizzled((block_kv, BLOCK_Q), q.dtype),  # pᵀ
+          _swizzled((block_kv, BLOCK_Q), q.dtype),  # dsᵀ
+          plgpu.SMEM((block_kv, h), k.dtype),  # dk
+          plgpu.SMEM((block_kv, h), v.dtype),  # dv
+          *seg_scratch,
+          plgpu.Barrier(num_arrivals=2 + has_segments, num_barriers=1),  # kv-side loads
+          plgpu.Barrier(num_arrivals=6 + has_segments, num_barriers=1),  # q-side loads
+      ],
+      grid=(sp // block_kv, kh, b),
+      grid_names=("kv", "h", "b"),
+      interpret=interpret,
+  )(k_p, v_p, q_p, jnp.transpose(q_p, (0, 2, 3, 1)), dy_p, jnp.transpose(dy_p, (0, 2, 3, 1)),
+    lse_t, delta_t, *segments)
+  return dq[:, :t], dk[:, :s], dv[:, :s]
