@@ -22,9 +22,12 @@ kernels) against ``jax.vjp`` of ``reference.gated_attention`` evaluated in float
 bf16 inputs (and the same bf16 cotangent). The kernels round p, ds (and dy, y) to bf16 before
 their matmuls and return bf16 gradients, so we require max|err| <= 2e-2 · max|ref| for dq, dk,
 dv and dgate (observed <= 7.9e-3 · max|ref|, i.e. about one bf16 ulp of the largest entry). Cases: causal + GQA + elementwise gate, non-causal
-+ segments + headwise gate, causal T < S (3 kv tiles) ungated, causal + padded S + segments.
++ segments + headwise gate, causal T < S (3 kv tiles) ungated, causal + padded S + segments
+(T > S there, so some query rows see no key: lse = +inf, p = 0). The 2-slot pipelines of the
+backward kernels reuse slots in the 3-kv-tile case (dq) and in the G = 2 cases (dk/dv streams
+G × q tiles).
 
-Runtime: about 75 s on 2 CPU cores (cold compilation cache).
+Runtime: about 90 s for the whole file on 2 CPU cores (cold compilation cache).
 """
 
 from __future__ import annotations

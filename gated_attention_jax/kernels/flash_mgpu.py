@@ -1,5 +1,5 @@
 """Gated flash attention as Mosaic GPU (Hopper) Pallas kernels: forward (wgmma, TMA, warp
-specialisation), dq and dk/dv backward (wgmma, TMA); behind ``impl="pallas_mgpu"``.
+specialisation), dq and dk/dv backward (the same); behind ``impl="pallas_mgpu"``.
 
 Dimension names: B batch, T query length, S key length, N query heads, K kv heads, H head_dim,
 G = N // K.
@@ -18,7 +18,10 @@ Backward (``backward``, same contract as ``flash_gpu.backward``): a dq kernel, o
 kernel, one CTA per (kv tile, kv head, batch) looping over the G query heads of its group and
 the live q tiles (causal: from ``common.first_live_q_block``). Both recompute p = exp(s − lse)
 from the saved lse, accumulate in float32 registers and run every matmul on wgmma with SMEM
-operands; the operands that would need a transposed view (kᵀ, vᵀ for dq; qᵀ, dyᵀ for dk/dv)
+operands. They are warp-specialised like the forward: a producer warpgroup loads the CTA's fixed
+tiles once and streams the looped-over tiles (k, kᵀ, vᵀ for dq; q, qᵀ, dy, dyᵀ, lse, delta for
+dk/dv, the G heads × live q tiles flattened into one loop) through ``max_concurrent_steps``
+slots with full/free barriers, and a consumer warpgroup computes; the operands that would need a transposed view (kᵀ, vᵀ for dq; qᵀ, dyᵀ for dk/dv)
 are transposed by XLA in the wrapper, and dk/dv works in the transposed frame (sᵀ = k·qᵀ,
 dpᵀ = v·dyᵀ) so dv += pᵀ·dy and dk += dsᵀ·q need no transposed operand.
 
@@ -27,11 +30,12 @@ jax 0.10.2); never compiled or timed on a GPU. Wired into ``api`` as the explici
 ``impl="pallas_mgpu"`` (``"auto"`` still picks ``flash_gpu`` on GPUs).
 Missing / known gaps:
 
-* The backward kernels are single-warpgroup and unpipelined: each tile is TMA-loaded and
-  waited on right before use (no producer warpgroup, no multi-slot ring), and the SMEM tiles
-  are reused by the next iteration without a ``wgmma_wait`` (fine in the synchronous
-  interpreter; on hardware the next TMA load must wait for the previous wgmmas). The extra
-  XLA transposes (kᵀ, vᵀ, qᵀ, dyᵀ) cost one HBM pass each; ``transpose_ref`` would avoid them.
+* Backward: one consumer warpgroup (no ping-pong), and its p/ds SMEM tiles are rewritten each
+  step without a ``wgmma_wait`` (fine in the synchronous interpreter; on hardware the previous
+  step's wgmmas must have finished reading them). The extra XLA transposes (kᵀ, vᵀ, qᵀ, dyᵀ)
+  cost one HBM pass each; ``transpose_ref`` would avoid them. dk/dv's streamed slots are big
+  (4 bf16 (64, H) tiles each), so SMEM use for H = 256 with 2 slots and block_kv = 128 should
+  be checked against Hopper's 227 KiB.
 * Shaped by what the interpreter supports: it rejects ``pl.run_state`` ("Higher-order primitive
   run_state"), register (non-SMEM) wgmma A operands, ``plgpu.transpose_ref`` operands of wgmma
   and ``plgpu.layout_cast``. Hence: wgmma accumulators are ``pl.run_scoped`` ``plgpu.ACC``
@@ -264,12 +268,14 @@ def forward(q, k, v, gate, q_seg, kv_seg, cfg: common.KernelConfig, *, save_resi
 
 # ----------------------------------------------------------------------------- backward
 #
-# One warpgroup per CTA (no warp specialisation yet): every tile is TMA-loaded and waited on
-# right before use (each load group has its own barrier, waited once per phase). All wgmma
-# operands are SMEM; the operands that would need a transposed view are pre-transposed by XLA
-# in the wrapper: kᵀ, vᵀ (B, K, H, S) for the dq kernel and qᵀ, dyᵀ (B, N, H, T) for dk/dv.
-# The dk/dv kernel works in the transposed ("kv rows") frame: sᵀ = k·qᵀ, pᵀ, dpᵀ = v·dyᵀ,
-# dsᵀ, so dv += pᵀ·dy and dk += dsᵀ·q need no transposed operand either.
+# Both backward kernels are warp-specialised like the forward: warpgroup 1 (producer) TMA-loads
+# the CTA's fixed tiles once (on ``once``) and streams the looped-over tiles through ``nbuf``
+# SMEM slots guarded by "full" (TMA arrivals) / "free" (consumer arrival) barriers; warpgroup 0
+# (consumer) runs the wgmmas and the elementwise math. All wgmma operands are SMEM; operands
+# that would need a transposed view are pre-transposed by XLA in the wrapper: kᵀ, vᵀ
+# (B, K, H, S) for dq and qᵀ, dyᵀ (B, N, H, T) for dk/dv. The dk/dv kernel works in the
+# transposed ("kv rows") frame: sᵀ = k·qᵀ, pᵀ, dpᵀ = v·dyᵀ, dsᵀ, so dv += pᵀ·dy and
+# dk += dsᵀ·q need no transposed operand either.
 
 
 def _tile_mask_t(q_start, kv_start, block_q: int, block_kv: int, *, causal: bool, offset: int,
@@ -302,17 +308,53 @@ def _matmul(a_s, b_s, m: int, n: int):
   return pl.run_scoped(body, plgpu.ACC((m, n), jnp.float32))
 
 
+def _produce(n_steps, nbuf: int, free, load):
+  """Producer loop: ``load(step, slot)`` for each step, reusing a slot once it is freed."""
+
+  def step(j, carry):
+    slot = lax.rem(j, nbuf)
+
+    @pl.when(j >= nbuf)
+    def _():  # wait until the consumer is done with this slot's previous tile
+      plgpu.barrier_wait(free.at[slot])
+
+    load(j, slot)
+    return carry
+
+  lax.fori_loop(0, n_steps, step, 0)
+  for j in range(nbuf):  # drain: observe the last release of every used slot
+    last = n_steps - nbuf + j
+
+    @pl.when(last >= 0)
+    def _():
+      plgpu.barrier_wait(free.at[lax.rem(last, nbuf)])
+
+
+def _consume(n_steps, nbuf: int, full, free, compute, init):
+  """Consumer loop: waits for each slot, ``carry = compute(step, slot, carry)``, frees it."""
+
+  def step(j, carry):
+    slot = lax.rem(j, nbuf)
+    plgpu.barrier_wait(full.at[slot])
+    carry = compute(j, slot, carry)
+    plgpu.barrier_arrive(free.at[slot])
+    return carry
+
+  return lax.fori_loop(0, n_steps, step, init)
+
+
 def _dq_kernel(*refs, cfg: common.KernelConfig, block_kv: int, group: int, offset: int,
-               kv_len: int, kv_padded: bool, has_segments: bool):
+               kv_len: int, kv_padded: bool, has_segments: bool, nbuf: int):
   refs = iter(refs)
   q_g, dy_g, lse_g, delta_g, k_g, kt_g, vt_g = (next(refs) for _ in range(7))
   q_seg_g, kv_seg_g = (next(refs), next(refs)) if has_segments else (None, None)
   dq_g = next(refs)
   q_s, dy_s, lse_s, delta_s, k_s, kt_s, vt_s, ds_s, dq_s = (next(refs) for _ in range(9))
   q_seg_s, kv_seg_s = (next(refs), next(refs)) if has_segments else (None, None)
-  q_bar, kv_bar = next(refs), next(refs)
+  once, full, free = next(refs), next(refs), next(refs)
 
   qi, ni, bi = lax.axis_index("q"), lax.axis_index("n"), lax.axis_index("b")
+  wg = lax.axis_index("wg")
   kvh = ni // group
   q_rows = pl.ds(qi * BLOCK_Q, BLOCK_Q)
   h = q_s.shape[1]
@@ -320,47 +362,54 @@ def _dq_kernel(*refs, cfg: common.KernelConfig, block_kv: int, group: int, offse
   n_live = (common.num_live_kv_blocks(qi, BLOCK_Q, block_kv, offset, nk) if cfg.causal
             else jnp.int32(nk))
 
-  plgpu.copy_gmem_to_smem(q_g.at[bi, q_rows, ni, :], q_s, q_bar.at[0])
-  plgpu.copy_gmem_to_smem(dy_g.at[bi, q_rows, ni, :], dy_s, q_bar.at[0])
-  plgpu.copy_gmem_to_smem(lse_g.at[bi, ni, q_rows], lse_s, q_bar.at[0])
-  plgpu.copy_gmem_to_smem(delta_g.at[bi, ni, q_rows], delta_s, q_bar.at[0])
-  if has_segments:
-    plgpu.copy_gmem_to_smem(q_seg_g.at[bi, q_rows], q_seg_s, q_bar.at[0])
-  plgpu.barrier_wait(q_bar.at[0])
-  lse, delta = lse_s[...][:, None], delta_s[...][:, None]
-  q_seg = q_seg_s[...][:, None] if has_segments else None
-
-  def step(ki, dq):
-    kv_rows = pl.ds(ki * block_kv, block_kv)
-    plgpu.copy_gmem_to_smem(k_g.at[bi, kv_rows, kvh, :], k_s, kv_bar.at[0])
-    plgpu.copy_gmem_to_smem(kt_g.at[bi, kvh, :, kv_rows], kt_s, kv_bar.at[0])
-    plgpu.copy_gmem_to_smem(vt_g.at[bi, kvh, :, kv_rows], vt_s, kv_bar.at[0])
+  @pl.when(wg == _PRODUCER)
+  def _producer():
+    plgpu.copy_gmem_to_smem(q_g.at[bi, q_rows, ni, :], q_s, once.at[0])
+    plgpu.copy_gmem_to_smem(dy_g.at[bi, q_rows, ni, :], dy_s, once.at[0])
+    plgpu.copy_gmem_to_smem(lse_g.at[bi, ni, q_rows], lse_s, once.at[0])
+    plgpu.copy_gmem_to_smem(delta_g.at[bi, ni, q_rows], delta_s, once.at[0])
     if has_segments:
-      plgpu.copy_gmem_to_smem(kv_seg_g.at[bi, kv_rows], kv_seg_s, kv_bar.at[0])
-    plgpu.barrier_wait(kv_bar.at[0])
+      plgpu.copy_gmem_to_smem(q_seg_g.at[bi, q_rows], q_seg_s, once.at[0])
 
-    s = _matmul(q_s, kt_s, BLOCK_Q, block_kv) * cfg.scale
-    p = jnp.exp(s - lse)  # lse = +inf on rows that see nothing -> p = 0
-    mask = common.tile_mask(
-        qi * BLOCK_Q, ki * block_kv, BLOCK_Q, block_kv, causal=cfg.causal, offset=offset,
-        kv_len=kv_len, kv_padded=kv_padded, q_seg=q_seg,
-        kv_seg=kv_seg_s[...][None, :] if has_segments else None)
-    if mask is not None:
-      p = jnp.where(mask, p, 0.0)
-    dp = _matmul(dy_s, vt_s, BLOCK_Q, block_kv)
-    ds_s[...] = (p * (dp - delta)).astype(ds_s.dtype)
+    def load(ki, slot):
+      kv_rows = pl.ds(ki * block_kv, block_kv)
+      plgpu.copy_gmem_to_smem(k_g.at[bi, kv_rows, kvh, :], k_s.at[slot], full.at[slot])
+      plgpu.copy_gmem_to_smem(kt_g.at[bi, kvh, :, kv_rows], kt_s.at[slot], full.at[slot])
+      plgpu.copy_gmem_to_smem(vt_g.at[bi, kvh, :, kv_rows], vt_s.at[slot], full.at[slot])
+      if has_segments:
+        plgpu.copy_gmem_to_smem(kv_seg_g.at[bi, kv_rows], kv_seg_s.at[slot], full.at[slot])
+
+    _produce(n_live, nbuf, free, load)
+
+  @pl.when(wg == _CONSUMER)
+  def _consumer():
+    plgpu.barrier_wait(once.at[0])
+    lse, delta = lse_s[...][:, None], delta_s[...][:, None]
+    q_seg = q_seg_s[...][:, None] if has_segments else None
+
+    def compute(ki, slot, dq):
+      s = _matmul(q_s, kt_s.at[slot], BLOCK_Q, block_kv) * cfg.scale
+      p = jnp.exp(s - lse)  # lse = +inf on rows that see nothing -> p = 0
+      mask = common.tile_mask(
+          qi * BLOCK_Q, ki * block_kv, BLOCK_Q, block_kv, causal=cfg.causal, offset=offset,
+          kv_len=kv_len, kv_padded=kv_padded, q_seg=q_seg,
+          kv_seg=kv_seg_s.at[slot][...][None, :] if has_segments else None)
+      if mask is not None:
+        p = jnp.where(mask, p, 0.0)
+      dp = _matmul(dy_s, vt_s.at[slot], BLOCK_Q, block_kv)
+      ds_s[...] = (p * (dp - delta)).astype(ds_s.dtype)
+      plgpu.commit_smem()
+      return dq + _matmul(ds_s, k_s.at[slot], BLOCK_Q, h)
+
+    dq = _consume(n_live, nbuf, full, free, compute, jnp.zeros((BLOCK_Q, h), jnp.float32))
+    dq_s[...] = (dq * cfg.scale).astype(dq_s.dtype)
     plgpu.commit_smem()
-    return dq + _matmul(ds_s, k_s, BLOCK_Q, h)
-
-  dq = lax.fori_loop(0, n_live, step, jnp.zeros((BLOCK_Q, h), jnp.float32))
-  dq_s[...] = (dq * cfg.scale).astype(dq_s.dtype)
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(dq_s, dq_g.at[bi, q_rows, ni, :])
-  plgpu.wait_smem_to_gmem(0)
+    plgpu.copy_smem_to_gmem(dq_s, dq_g.at[bi, q_rows, ni, :])
+    plgpu.wait_smem_to_gmem(0)
 
 
 def _dkv_kernel(*refs, cfg: common.KernelConfig, block_kv: int, group: int, offset: int,
-                kv_len: int, kv_padded: bool, has_segments: bool):
+                kv_len: int, kv_padded: bool, has_segments: bool, nbuf: int):
   refs = iter(refs)
   k_g, v_g, q_g, qt_g, dy_g, dyt_g, lse_g, delta_g = (next(refs) for _ in range(8))
   q_seg_g, kv_seg_g = (next(refs), next(refs)) if has_segments else (None, None)
@@ -368,68 +417,87 @@ def _dkv_kernel(*refs, cfg: common.KernelConfig, block_kv: int, group: int, offs
   (k_s, v_s, q_s, qt_s, dy_s, dyt_s, lse_s, delta_s, pt_s, dst_s, dk_s,
    dv_s) = (next(refs) for _ in range(12))
   q_seg_s, kv_seg_s = (next(refs), next(refs)) if has_segments else (None, None)
-  kv_bar, q_bar = next(refs), next(refs)
+  once, full, free = next(refs), next(refs), next(refs)
 
   ki, hi, bi = lax.axis_index("kv"), lax.axis_index("h"), lax.axis_index("b")
+  wg = lax.axis_index("wg")
   kv_rows = pl.ds(ki * block_kv, block_kv)
   h = k_s.shape[1]
   nq = q_g.shape[1] // BLOCK_Q
   first = (common.first_live_q_block(ki, BLOCK_Q, block_kv, offset, nq) if cfg.causal
            else jnp.int32(0))
+  n_q_live = nq - first
+  n_steps = group * n_q_live  # step j: query head hi·G + j // n_q_live, q tile first + j % ...
 
-  plgpu.copy_gmem_to_smem(k_g.at[bi, kv_rows, hi, :], k_s, kv_bar.at[0])
-  plgpu.copy_gmem_to_smem(v_g.at[bi, kv_rows, hi, :], v_s, kv_bar.at[0])
-  if has_segments:
-    plgpu.copy_gmem_to_smem(kv_seg_g.at[bi, kv_rows], kv_seg_s, kv_bar.at[0])
-  plgpu.barrier_wait(kv_bar.at[0])
-  kv_seg = kv_seg_s[...][:, None] if has_segments else None
+  def head_and_tile(j):  # only called when n_steps > 0, i.e. n_q_live >= 1
+    live = jnp.maximum(n_q_live, 1)
+    return hi * group + j // live, first + lax.rem(j, live)
 
-  def step(qi, carry, ni):
-    dk, dv = carry
-    q_rows = pl.ds(qi * BLOCK_Q, BLOCK_Q)
-    plgpu.copy_gmem_to_smem(q_g.at[bi, q_rows, ni, :], q_s, q_bar.at[0])
-    plgpu.copy_gmem_to_smem(qt_g.at[bi, ni, :, q_rows], qt_s, q_bar.at[0])
-    plgpu.copy_gmem_to_smem(dy_g.at[bi, q_rows, ni, :], dy_s, q_bar.at[0])
-    plgpu.copy_gmem_to_smem(dyt_g.at[bi, ni, :, q_rows], dyt_s, q_bar.at[0])
-    plgpu.copy_gmem_to_smem(lse_g.at[bi, ni, q_rows], lse_s, q_bar.at[0])
-    plgpu.copy_gmem_to_smem(delta_g.at[bi, ni, q_rows], delta_s, q_bar.at[0])
+  @pl.when(wg == _PRODUCER)
+  def _producer():
+    plgpu.copy_gmem_to_smem(k_g.at[bi, kv_rows, hi, :], k_s, once.at[0])
+    plgpu.copy_gmem_to_smem(v_g.at[bi, kv_rows, hi, :], v_s, once.at[0])
     if has_segments:
-      plgpu.copy_gmem_to_smem(q_seg_g.at[bi, q_rows], q_seg_s, q_bar.at[0])
-    plgpu.barrier_wait(q_bar.at[0])
+      plgpu.copy_gmem_to_smem(kv_seg_g.at[bi, kv_rows], kv_seg_s, once.at[0])
 
-    st = _matmul(k_s, qt_s, block_kv, BLOCK_Q) * cfg.scale  # sᵀ (bkv, bq)
-    pt = jnp.exp(st - lse_s[...][None, :])
-    mask = _tile_mask_t(
-        qi * BLOCK_Q, ki * block_kv, BLOCK_Q, block_kv, causal=cfg.causal, offset=offset,
-        kv_len=kv_len, kv_padded=kv_padded,
-        q_seg=q_seg_s[...][None, :] if has_segments else None, kv_seg=kv_seg)
-    if mask is not None:
-      pt = jnp.where(mask, pt, 0.0)
-    dpt = _matmul(v_s, dyt_s, block_kv, BLOCK_Q)
-    pt_s[...] = pt.astype(pt_s.dtype)
-    dst_s[...] = (pt * (dpt - delta_s[...][None, :])).astype(dst_s.dtype)
+    def load(j, slot):
+      ni, qi = head_and_tile(j)
+      q_rows = pl.ds(qi * BLOCK_Q, BLOCK_Q)
+      bar = full.at[slot]
+      plgpu.copy_gmem_to_smem(q_g.at[bi, q_rows, ni, :], q_s.at[slot], bar)
+      plgpu.copy_gmem_to_smem(qt_g.at[bi, ni, :, q_rows], qt_s.at[slot], bar)
+      plgpu.copy_gmem_to_smem(dy_g.at[bi, q_rows, ni, :], dy_s.at[slot], bar)
+      plgpu.copy_gmem_to_smem(dyt_g.at[bi, ni, :, q_rows], dyt_s.at[slot], bar)
+      plgpu.copy_gmem_to_smem(lse_g.at[bi, ni, q_rows], lse_s.at[slot], bar)
+      plgpu.copy_gmem_to_smem(delta_g.at[bi, ni, q_rows], delta_s.at[slot], bar)
+      if has_segments:
+        plgpu.copy_gmem_to_smem(q_seg_g.at[bi, q_rows], q_seg_s.at[slot], bar)
+
+    _produce(n_steps, nbuf, free, load)
+
+  @pl.when(wg == _CONSUMER)
+  def _consumer():
+    plgpu.barrier_wait(once.at[0])
+    kv_seg = kv_seg_s[...][:, None] if has_segments else None
+
+    def compute(j, slot, carry):
+      dk, dv = carry
+      _, qi = head_and_tile(j)
+      st = _matmul(k_s, qt_s.at[slot], block_kv, BLOCK_Q) * cfg.scale  # sᵀ (bkv, bq)
+      pt = jnp.exp(st - lse_s.at[slot][...][None, :])
+      mask = _tile_mask_t(
+          qi * BLOCK_Q, ki * block_kv, BLOCK_Q, block_kv, causal=cfg.causal, offset=offset,
+          kv_len=kv_len, kv_padded=kv_padded,
+          q_seg=q_seg_s.at[slot][...][None, :] if has_segments else None, kv_seg=kv_seg)
+      if mask is not None:
+        pt = jnp.where(mask, pt, 0.0)
+      dpt = _matmul(v_s, dyt_s.at[slot], block_kv, BLOCK_Q)
+      pt_s[...] = pt.astype(pt_s.dtype)
+      dst_s[...] = (pt * (dpt - delta_s.at[slot][...][None, :])).astype(dst_s.dtype)
+      plgpu.commit_smem()
+      dv = dv + _matmul(pt_s, dy_s.at[slot], block_kv, h)
+      dk = dk + _matmul(dst_s, q_s.at[slot], block_kv, h)
+      return dk, dv
+
+    init = (jnp.zeros((block_kv, h), jnp.float32), jnp.zeros((block_kv, h), jnp.float32))
+    dk, dv = _consume(n_steps, nbuf, full, free, compute, init)
+    dk_s[...] = (dk * cfg.scale).astype(dk_s.dtype)
+    dv_s[...] = dv.astype(dv_s.dtype)
     plgpu.commit_smem()
-    dv = dv + _matmul(pt_s, dy_s, block_kv, h)
-    dk = dk + _matmul(dst_s, q_s, block_kv, h)
-    return dk, dv
-
-  carry = (jnp.zeros((block_kv, h), jnp.float32), jnp.zeros((block_kv, h), jnp.float32))
-  for g in range(group):  # static: the G query heads of kv head hi
-    carry = lax.fori_loop(first, nq, functools.partial(step, ni=hi * group + g), carry)
-  dk_s[...] = (carry[0] * cfg.scale).astype(dk_s.dtype)
-  dv_s[...] = carry[1].astype(dv_s.dtype)
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(dk_s, dk_g.at[bi, kv_rows, hi, :])
-  plgpu.copy_smem_to_gmem(dv_s, dv_g.at[bi, kv_rows, hi, :])
-  plgpu.wait_smem_to_gmem(0)
+    plgpu.copy_smem_to_gmem(dk_s, dk_g.at[bi, kv_rows, hi, :])
+    plgpu.copy_smem_to_gmem(dv_s, dv_g.at[bi, kv_rows, hi, :])
+    plgpu.wait_smem_to_gmem(0)
 
 
-def backward(q, k, v, q_seg, kv_seg, lse, dy, delta, cfg: common.KernelConfig):
+def backward(q, k, v, q_seg, kv_seg, lse, dy, delta, cfg: common.KernelConfig, *,
+             max_concurrent_steps: int = 2):
   """Flash backward (Mosaic GPU) for the ungated attention given dy = dO ⊙ act(gate).
 
   Same contract as ``flash_gpu.backward``: q, dy: (B, T, N, H); k, v: (B, S, K, H);
   lse, delta: (B, T, N) float32, delta = Σ_H dy ⊙ y; q_seg: (B, T), kv_seg: (B, S) or None.
   Returns dq (B, T, N, H) in q.dtype, dk, dv (B, S, K, H) in k.dtype / v.dtype.
+  ``max_concurrent_steps``: SMEM slots of the streamed tiles (kv tiles for dq, q tiles for
+  dk/dv).
   """
   b, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
@@ -446,59 +514,65 @@ def backward(q, k, v, q_seg, kv_seg, lse, dy, delta, cfg: common.KernelConfig):
   k_p, v_p = common.pad_axis(k, 1, sp), common.pad_axis(v, 1, sp)
   segments = ([common.pad_axis(q_seg.astype(jnp.int32), 1, tp),
                common.pad_axis(kv_seg.astype(jnp.int32), 1, sp)] if has_segments else [])
-  seg_scratch = ([plgpu.SMEM((BLOCK_Q,), jnp.int32), plgpu.SMEM((block_kv,), jnp.int32)]
-                 if has_segments else [])
   interpret = _interpret_params(cfg)
+  ws = dict(num_threads=2, thread_name="wg", interpret=interpret)
 
-  # dq: one CTA per (q tile, query head, batch), looping over kv tiles up to the diagonal.
+  # dq: one CTA per (q tile, query head, batch), streaming kv tiles up to the diagonal.
+  nbuf = max(1, min(max_concurrent_steps, sp // block_kv))
   dq = plgpu.kernel(
-      functools.partial(_dq_kernel, **static),
+      functools.partial(_dq_kernel, nbuf=nbuf, **static),
       out_type=jax.ShapeDtypeStruct((b, tp, n, h), q.dtype),
       scratch_types=[
           _swizzled((BLOCK_Q, h), q.dtype),  # q
           _swizzled((BLOCK_Q, h), q.dtype),  # dy
           plgpu.SMEM((BLOCK_Q,), jnp.float32),  # lse
           plgpu.SMEM((BLOCK_Q,), jnp.float32),  # delta
-          _swizzled((block_kv, h), k.dtype),  # k
-          _swizzled((h, block_kv), k.dtype),  # kᵀ
-          _swizzled((h, block_kv), v.dtype),  # vᵀ
+          _swizzled((nbuf, block_kv, h), k.dtype),  # k slots
+          _swizzled((nbuf, h, block_kv), k.dtype),  # kᵀ slots
+          _swizzled((nbuf, h, block_kv), v.dtype),  # vᵀ slots
           _swizzled((BLOCK_Q, block_kv), k.dtype),  # ds
           plgpu.SMEM((BLOCK_Q, h), q.dtype),  # dq
-          *seg_scratch,
-          plgpu.Barrier(num_arrivals=4 + has_segments, num_barriers=1),  # q-side loads
-          plgpu.Barrier(num_arrivals=3 + has_segments, num_barriers=1),  # kv-side loads
+          *([plgpu.SMEM((BLOCK_Q,), jnp.int32), plgpu.SMEM((nbuf, block_kv), jnp.int32)]
+            if has_segments else []),
+          plgpu.Barrier(num_arrivals=4 + has_segments, num_barriers=1),  # once (q side)
+          plgpu.Barrier(num_arrivals=3 + has_segments, num_barriers=nbuf),  # full (TMA)
+          plgpu.Barrier(num_arrivals=1, num_barriers=nbuf),  # free (consumer)
       ],
       grid=(tp // BLOCK_Q, n, b),
       grid_names=("q", "n", "b"),
-      interpret=interpret,
+      **ws,
   )(q_p, dy_p, lse_t, delta_t, k_p,
     jnp.transpose(k_p, (0, 2, 3, 1)), jnp.transpose(v_p, (0, 2, 3, 1)), *segments)
 
-  # dk, dv: one CTA per (kv tile, kv head, batch), looping over its G heads and live q tiles.
+  # dk, dv: one CTA per (kv tile, kv head, batch), streaming (query head of the group, live
+  # q tile) pairs.
+  nbuf = max(1, min(max_concurrent_steps, group * (tp // BLOCK_Q)))
   dk, dv = plgpu.kernel(
-      functools.partial(_dkv_kernel, **static),
+      functools.partial(_dkv_kernel, nbuf=nbuf, **static),
       out_type=[jax.ShapeDtypeStruct((b, sp, kh, h), k.dtype),
                 jax.ShapeDtypeStruct((b, sp, kh, h), v.dtype)],
       scratch_types=[
           _swizzled((block_kv, h), k.dtype),  # k
           _swizzled((block_kv, h), v.dtype),  # v
-          _swizzled((BLOCK_Q, h), q.dtype),  # q
-          _swizzled((h, BLOCK_Q), q.dtype),  # qᵀ
-          _swizzled((BLOCK_Q, h), q.dtype),  # dy
-          _swizzled((h, BLOCK_Q), q.dtype),  # dyᵀ
-          plgpu.SMEM((BLOCK_Q,), jnp.float32),  # lse
-          plgpu.SMEM((BLOCK_Q,), jnp.float32),  # delta
+          _swizzled((nbuf, BLOCK_Q, h), q.dtype),  # q slots
+          _swizzled((nbuf, h, BLOCK_Q), q.dtype),  # qᵀ slots
+          _swizzled((nbuf, BLOCK_Q, h), q.dtype),  # dy slots
+          _swizzled((nbuf, h, BLOCK_Q), q.dtype),  # dyᵀ slots
+          plgpu.SMEM((nbuf, BLOCK_Q), jnp.float32),  # lse slots
+          plgpu.SMEM((nbuf, BLOCK_Q), jnp.float32),  # delta slots
           _swizzled((block_kv, BLOCK_Q), q.dtype),  # pᵀ
           _swizzled((block_kv, BLOCK_Q), q.dtype),  # dsᵀ
           plgpu.SMEM((block_kv, h), k.dtype),  # dk
           plgpu.SMEM((block_kv, h), v.dtype),  # dv
-          *seg_scratch,
-          plgpu.Barrier(num_arrivals=2 + has_segments, num_barriers=1),  # kv-side loads
-          plgpu.Barrier(num_arrivals=6 + has_segments, num_barriers=1),  # q-side loads
+          *([plgpu.SMEM((nbuf, BLOCK_Q), jnp.int32), plgpu.SMEM((block_kv,), jnp.int32)]
+            if has_segments else []),
+          plgpu.Barrier(num_arrivals=2 + has_segments, num_barriers=1),  # once (kv side)
+          plgpu.Barrier(num_arrivals=6 + has_segments, num_barriers=nbuf),  # full (TMA)
+          plgpu.Barrier(num_arrivals=1, num_barriers=nbuf),  # free (consumer)
       ],
       grid=(sp // block_kv, kh, b),
       grid_names=("kv", "h", "b"),
-      interpret=interpret,
+      **ws,
   )(k_p, v_p, q_p, jnp.transpose(q_p, (0, 2, 3, 1)), dy_p, jnp.transpose(dy_p, (0, 2, 3, 1)),
     lse_t, delta_t, *segments)
   return dq[:, :t], dk[:, :s], dv[:, :s]
