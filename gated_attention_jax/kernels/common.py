@@ -91,10 +91,11 @@ def first_live_q_block(kv_block, block_q: int, block_kv: int, offset: int, num_q
 
 
 def tile_mask(q_start, kv_start, block_q: int, block_kv: int, *, causal: bool, offset: int,
-              kv_len: int, kv_padded: bool, q_seg=None, kv_seg=None):
+              kv_len: int, kv_padded: bool, q_seg=None, kv_seg=None, kv_rows: bool = False):
   """Boolean (block_q, block_kv) visibility mask of one tile, or None if everything is visible.
 
-  q_seg: (block_q, 1) and kv_seg: (1, block_kv) segment ids, or None.
+  q_seg: (block_q, 1) and kv_seg: (1, block_kv) segment ids, or None. kv_rows=True gives
+  the transposed (block_kv, block_q) mask, with q_seg (1, block_q) and kv_seg (block_kv, 1).
   """
   mask = None
 
@@ -102,12 +103,14 @@ def tile_mask(q_start, kv_start, block_q: int, block_kv: int, *, causal: bool, o
     return b if a is None else jnp.logical_and(a, b)
 
   if causal or kv_padded:
-    cols = kv_start + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_kv), 1)
+    shape = (block_kv, block_q) if kv_rows else (block_q, block_kv)
+    q_axis, kv_axis = (1, 0) if kv_rows else (0, 1)
+    kv_pos = kv_start + jax.lax.broadcasted_iota(jnp.int32, shape, kv_axis)
     if causal:
-      rows = q_start + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_kv), 0)
-      mask = _and(mask, cols <= rows + offset)
+      q_pos = q_start + jax.lax.broadcasted_iota(jnp.int32, shape, q_axis)
+      mask = _and(mask, kv_pos <= q_pos + offset)
     if kv_padded:
-      mask = _and(mask, cols < kv_len)
+      mask = _and(mask, kv_pos < kv_len)
   if q_seg is not None:
     mask = _and(mask, q_seg == kv_seg)
   return mask

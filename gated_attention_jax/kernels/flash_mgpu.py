@@ -278,24 +278,6 @@ def forward(q, k, v, gate, q_seg, kv_seg, cfg: common.KernelConfig, *, save_resi
 # dk += dsᵀ·q need no transposed operand either.
 
 
-def _tile_mask_t(q_start, kv_start, block_q: int, block_kv: int, *, causal: bool, offset: int,
-                 kv_len: int, kv_padded: bool, q_seg=None, kv_seg=None):
-  """``common.tile_mask`` in the (block_kv, block_q) frame; q_seg (1, bq), kv_seg (bkv, 1)."""
-  mask = None
-
-  def _and(a, b):
-    return b if a is None else jnp.logical_and(a, b)
-
-  if causal or kv_padded:
-    kv_pos = kv_start + lax.broadcasted_iota(jnp.int32, (block_kv, block_q), 0)
-    if causal:
-      q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_kv, block_q), 1)
-      mask = _and(mask, kv_pos <= q_pos + offset)
-    if kv_padded:
-      mask = _and(mask, kv_pos < kv_len)
-  if q_seg is not None:
-    mask = _and(mask, q_seg == kv_seg)
-  return mask
 
 
 def _matmul(a_s, b_s, m: int, n: int):
@@ -465,9 +447,9 @@ def _dkv_kernel(*refs, cfg: common.KernelConfig, block_kv: int, group: int, offs
       _, qi = head_and_tile(j)
       st = _matmul(k_s, qt_s.at[slot], block_kv, BLOCK_Q) * cfg.scale  # sᵀ (bkv, bq)
       pt = jnp.exp(st - lse_s.at[slot][...][None, :])
-      mask = _tile_mask_t(
+      mask = common.tile_mask(
           qi * BLOCK_Q, ki * block_kv, BLOCK_Q, block_kv, causal=cfg.causal, offset=offset,
-          kv_len=kv_len, kv_padded=kv_padded,
+          kv_len=kv_len, kv_padded=kv_padded, kv_rows=True,
           q_seg=q_seg_s.at[slot][...][None, :] if has_segments else None, kv_seg=kv_seg)
       if mask is not None:
         pt = jnp.where(mask, pt, 0.0)
