@@ -90,6 +90,21 @@ def first_live_q_block(kv_block, block_q: int, block_kv: int, offset: int, num_q
   return jnp.clip(first_row // block_q, 0, num_q_blocks)
 
 
+def online_softmax_step(s, m_prev):
+  """One online-softmax step of flash attention over a masked logit tile.
+
+  s: (block_q, block_kv) float32 logits, -inf where masked; m_prev: the running row
+  max, (block_q,) or (block_q, 1). Returns (m_new, p = exp(s - m_new), alpha =
+  exp(m_prev - m_new)) in m_prev's layout; rows that see no key yet keep m = -inf
+  and get p = 0.
+  """
+  keep = m_prev.ndim == 2
+  m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=keep))
+  m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing visible yet
+  p = jnp.exp(s - (m_safe if keep else m_safe[:, None]))
+  return m_new, p, jnp.exp(m_prev - m_safe)
+
+
 def tile_mask(q_start, kv_start, block_q: int, block_kv: int, *, causal: bool, offset: int,
               kv_len: int, kv_padded: bool, q_seg=None, kv_seg=None, kv_rows: bool = False):
   """Boolean (block_q, block_kv) visibility mask of one tile, or None if everything is visible.

@@ -77,10 +77,7 @@ def _fwd_kernel(*refs, cfg: common.KernelConfig, block_kv: int, offset: int, kv_
                  kv_padded, q_seg, kv_seg_ref[kv_rows] if has_segments else None)
     if mask is not None:
       s = jnp.where(mask, s, -jnp.inf)
-    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing visible yet
-    p = jnp.exp(s - m_safe[:, None])
-    alpha = jnp.exp(m_prev - m_safe)
+    m_new, p, alpha = common.online_softmax_step(s, m_prev)
     acc = alpha[:, None] * acc + jnp.dot(p.astype(v.dtype), v,
                                          preferred_element_type=jnp.float32)
     return m_new, alpha * l_prev + jnp.sum(p, axis=1), acc

@@ -161,10 +161,7 @@ def _fwd_kernel(*refs, cfg: common.KernelConfig, block_kv: int, group: int, offs
           kv_seg=kv_seg_s.at[slot][...][None, :] if has_segments else None)
       if mask is not None:
         s = jnp.where(mask, s, -jnp.inf)
-      m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
-      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing visible yet
-      p = jnp.exp(s - m_safe[:, None])
-      alpha = jnp.exp(m_prev - m_safe)
+      m_new, p, alpha = common.online_softmax_step(s, m_prev)
       p_s[...] = p.astype(p_s.dtype)
       plgpu.commit_smem()
 

@@ -76,10 +76,7 @@ def _fwd_kernel(*refs, cfg: common.KernelConfig, offset: int, kv_len: int, kv_pa
     if mask is not None:
       s = jnp.where(mask, s, -jnp.inf)
     m_prev = m_sc[...]
-    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing visible yet
-    p = jnp.exp(s - m_safe)
-    alpha = jnp.exp(m_prev - m_safe)
+    m_new, p, alpha = common.online_softmax_step(s, m_prev)
     m_sc[...] = m_new
     l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
     acc_sc[...] = alpha * acc_sc[...] + jnp.dot(
