@@ -6,7 +6,8 @@ import ml_collections
 
 from gated_attention_jax.data.tokenizers import TOKENIZERS
 
-CORPORA = ("bundled", "text_dir", "token_shards")
+CORPORA = ("bundled", "text_dir", "token_shards", "bigram_backcopy")
+SYNTHETIC = ("bigram_backcopy",)  # generated on the fly (see data/synthetic.py)
 PACKINGS = ("segments", "windows")
 
 
@@ -14,13 +15,20 @@ def default_data_config() -> ml_collections.ConfigDict:
   """Defaults: the bundled corpus, byte tokens, 512-token packed documents."""
   return ml_collections.ConfigDict({
       "corpus": "bundled",  # one of CORPORA
-      "path": "",  # folder for text_dir / token_shards; "" for bundled
+      "path": "",  # folder for text_dir / token_shards; "" for bundled and synthetic
       "tokenizer": "byte",  # one of TOKENIZERS
       "seq_len": 512,  # T
       "packing": "segments",  # one of PACKINGS
       "shuffle": True,
       "prefetch": 2,  # batches prefetched by background threads; 0 = none
       "cache_dir": "",  # "" = $GATED_ATTENTION_DATA or ~/.cache/gated_attention_jax/data
+      # corpus "bigram_backcopy": the task's chain is estimated from the bundled corpus
+      # under `tokenizer`; packing does not apply (every row is one sequence).
+      "bigram_backcopy": {
+          "vocab": 65,  # ordinary tokens: the most frequent tokens of the bundled corpus
+          "triggers": 3,  # the most frequent tokens back-copy
+          "bos": True,  # sequences start with BOS
+      },
   })
 
 
@@ -37,9 +45,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   for field in ("path", "cache_dir"):
     if not isinstance(cfg.get(field), str):
       raise ValueError(f"data.{field} must be a str, got {cfg.get(field)!r}")
-  if (cfg.corpus == "bundled") != (cfg.path == ""):
-    raise ValueError(f"data.path must be '' for corpus 'bundled' and a folder for "
-                     f"'text_dir'/'token_shards', got {cfg.path!r} with "
+  if (cfg.corpus in ("bundled",) + SYNTHETIC) != (cfg.path == ""):
+    raise ValueError(f"data.path must be '' for corpus 'bundled'/'bigram_backcopy' and a"
+                     f" folder for 'text_dir'/'token_shards', got {cfg.path!r} with "
                      f"corpus {cfg.corpus!r}")
   if not _is_int(cfg.get("seq_len")) or cfg.seq_len < 2:
     raise ValueError(f"data.seq_len must be an int >= 2, got {cfg.get('seq_len')!r}")
@@ -47,3 +55,17 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(f"data.shuffle must be a bool, got {cfg.get('shuffle')!r}")
   if not _is_int(cfg.get("prefetch")) or cfg.prefetch < 0:
     raise ValueError(f"data.prefetch must be an int >= 0, got {cfg.get('prefetch')!r}")
+  if cfg.corpus in SYNTHETIC:
+    _validate_bigram_backcopy(cfg.get("bigram_backcopy") or {})
+
+
+def _validate_bigram_backcopy(bb) -> None:
+  for field in ("vocab", "triggers"):
+    if not _is_int(bb.get(field)) or bb.get(field) < 1:
+      raise ValueError(f"data.bigram_backcopy.{field} must be a positive int, got"
+                       f" {bb.get(field)!r}")
+  if bb["triggers"] >= bb["vocab"]:
+    raise ValueError(f"data.bigram_backcopy.triggers ({bb['triggers']}) must be smaller"
+                     f" than data.bigram_backcopy.vocab ({bb['vocab']})")
+  if not isinstance(bb.get("bos"), bool):
+    raise ValueError(f"data.bigram_backcopy.bos must be a bool, got {bb.get('bos')!r}")

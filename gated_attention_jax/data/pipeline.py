@@ -43,6 +43,7 @@ import numpy as np
 from gated_attention_jax.data import config as config_lib
 from gated_attention_jax.data import prepare
 from gated_attention_jax.data import shards
+from gated_attention_jax.data import synthetic
 from gated_attention_jax.data import tokenizers
 
 default_data_config = config_lib.default_data_config
@@ -137,9 +138,28 @@ class PackedWindows:
     return row
 
 
+@functools.lru_cache(maxsize=8)
+def _bigram_statistics(tokenizer: str, cache_dir: str, vocab: int) -> synthetic.BigramStatistics:
+  """The Bigram-Backcopy chain, from the bundled corpus's train split under `tokenizer`."""
+  directory = prepare.corpus_dir(ml_collections.ConfigDict(
+      {"corpus": "bundled", "path": "", "tokenizer": tokenizer, "cache_dir": cache_dir}))
+  return synthetic.bigram_statistics(shards.load_split(directory, "train"), vocab)
+
+
+def _synthetic(data_cfg: ml_collections.ConfigDict, split: str,
+               seq_len: int) -> synthetic.BigramBackcopy:
+  bb = data_cfg.bigram_backcopy
+  stats = _bigram_statistics(data_cfg.tokenizer, data_cfg.cache_dir, bb.vocab)
+  stream = synthetic.TRAIN_STREAM if split == "train" else synthetic.VALIDATION_STREAM
+  return synthetic.BigramBackcopy(stats, num_triggers=bb.triggers, seq_len=seq_len,
+                                  bos=bb.bos, seed=0, stream=stream)
+
+
 def _load(data_cfg: ml_collections.ConfigDict, split: str, seq_len: int,
-          include_partial: bool = False) -> PackedWindows:
+          include_partial: bool = False) -> PackedWindows | synthetic.BigramBackcopy:
   """The split's windows; data_cfg must already be validated."""
+  if data_cfg.corpus in config_lib.SYNTHETIC:
+    return _synthetic(data_cfg, split, seq_len)
   directory = prepare.corpus_dir(data_cfg)
   manifest = shards.read_manifest(directory)
   tok = tokenizers.get_tokenizer(data_cfg.tokenizer, data_cfg.cache_dir or None)
@@ -154,6 +174,8 @@ def _load(data_cfg: ml_collections.ConfigDict, split: str, seq_len: int,
 def vocab_size(data_cfg: ml_collections.ConfigDict) -> int:
   """Number of token ids the model must embed (BOS/PAD included)."""
   config_lib.validate(data_cfg)
+  if data_cfg.corpus in config_lib.SYNTHETIC:
+    return _synthetic(data_cfg, "train", data_cfg.seq_len).vocab_size
   if data_cfg.corpus == "token_shards":
     return int(shards.read_manifest(prepare.corpus_dir(data_cfg))["vocab_size"])
   return tokenizers.get_tokenizer(data_cfg.tokenizer, data_cfg.cache_dir or None).vocab_size
@@ -203,7 +225,13 @@ def make_eval_batches(data_cfg: ml_collections.ConfigDict, *, batch_size: int,
   if t < 2 or batch_size < 1:
     raise ValueError(f"need seq_len >= 2 and batch_size >= 1, got {t=}, {batch_size=}")
   source = _load(data_cfg, "validation", t, include_partial=True)
-  pad_id = tokenizers.get_tokenizer(data_cfg.tokenizer, data_cfg.cache_dir or None).pad_id
+  if data_cfg.corpus in config_lib.SYNTHETIC:
+    if num_batches is None:
+      raise ValueError(f"data.corpus={data_cfg.corpus!r} is an endless stream: give"
+                       " num_batches for its validation batches")
+    pad_id = source.pad_id
+  else:
+    pad_id = tokenizers.get_tokenizer(data_cfg.tokenizer, data_cfg.cache_dir or None).pad_id
   ds = grain.MapDataset.source(source).batch(batch_size, drop_remainder=False)
   ds = ds.map(functools.partial(_pad_rows, batch_size=batch_size, pad_id=pad_id))
   if num_batches is not None:
