@@ -21,9 +21,13 @@ def _decay_mask(params):
 
 
 def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """AdamW (β1, β2, weight decay from the config) after global-norm clipping."""
+  """AdamW (β1, β2, weight decay from the config) after global-norm clipping.
+
+  `train.grad_clip` = 0 turns clipping off (the published Bigram-Backcopy recipe).
+  """
+  clip = optax.clip_by_global_norm(train.grad_clip) if train.grad_clip > 0 else optax.identity()
   return optax.chain(
-      optax.clip_by_global_norm(train.grad_clip),
+      clip,
       optax.adamw(learning_rate_schedule(train), b1=train.b1, b2=train.b2,
                   weight_decay=train.weight_decay, mask=_decay_mask),
   )
