@@ -51,7 +51,7 @@ class GatedAttention(nnx.Module):
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
                gate: GateConfig = GateConfig(), *, rope_theta: float = 10000.0,
                partial_rotary_factor: float = 1.0,
-               rope_scaling: rope.RopeScaling = rope.RopeScaling(),
+               rope_scaling: rope.RopeScaling = rope.RopeScaling(), use_rope: bool = True,
                qk_norm: bool = False, norm_eps: float = 1e-6, norm_style: str = "scale",
                causal: bool = True, attention_impl: str = "xla",
                dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
@@ -74,6 +74,7 @@ class GatedAttention(nnx.Module):
     self.rope_theta = rope_theta
     self.partial_rotary_factor = partial_rotary_factor
     self.rope_scaling = rope_scaling
+    self.use_rope = use_rope
     self.causal = causal
     self.attention_impl = attention_impl
     self.dtype = dtype
@@ -209,10 +210,11 @@ class GatedAttention(nnx.Module):
 
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
-    rope_args = dict(theta=self.rope_theta, partial_rotary_factor=self.partial_rotary_factor,
-                     scaling=self.rope_scaling)
-    q = rope.apply_rope(q, positions, **rope_args)
-    k = rope.apply_rope(k, positions, **rope_args)
+    if self.use_rope:
+      rope_args = dict(theta=self.rope_theta, partial_rotary_factor=self.partial_rotary_factor,
+                       scaling=self.rope_scaling)
+      q = rope.apply_rope(q, positions, **rope_args)
+      k = rope.apply_rope(k, positions, **rope_args)
 
     q_offset = 0
     if decode:

@@ -1,4 +1,4 @@
-"""Small building blocks: parameters with logical axis names, RMSNorm, embedding, SwiGLU.
+"""Small building blocks: parameters with logical axis names, norms, embedding, MLPs.
 
 Every parameter carries logical axis names (`out_sharding` metadata, e.g.
 `("embed", "q_heads", "head_dim")`); `gated_attention_jax.sharding` maps them to
@@ -17,6 +17,8 @@ from flax import nnx
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 
 NORM_STYLES = ("scale", "offset")
+NORM_TYPES = ("rmsnorm", "layernorm")
+MLP_TYPES = ("swiglu", "relu")
 INIT_STDDEV = 0.02  # the paper's N(0, 0.02) for every linear weight, gate rows included
 
 
@@ -67,6 +69,33 @@ class RMSNorm(nnx.Module):
     return (rms_normalize(x, self.eps) * scale).astype(x.dtype)
 
 
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis: (x - mean) / std * w + b (w ones, b zeros at init)."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-5, param_dtype: jnp.dtype = jnp.float32,
+               rngs: nnx.Rngs):
+    self.eps = eps
+    self.weight = make_param(rngs, (dim,), ("norm",), jax.nn.initializers.ones, param_dtype)
+    self.bias = make_param(rngs, (dim,), ("norm",), jax.nn.initializers.zeros, param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(accum_dtype(x.dtype))
+    centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    y = rms_normalize(centred, self.eps)
+    w, b = (p[...].astype(x32.dtype) for p in (self.weight, self.bias))
+    return (y * w + b).astype(x.dtype)
+
+
+def make_norm(norm_type: str, dim: int, *, eps: float, style: str, param_dtype: jnp.dtype,
+              rngs: nnx.Rngs) -> nnx.Module:
+  """The block norm named by `norm_type` (RMSNorm takes `style`; LayerNorm has a bias)."""
+  if norm_type == "layernorm":
+    return LayerNorm(dim, eps=eps, param_dtype=param_dtype, rngs=rngs)
+  if norm_type == "rmsnorm":
+    return RMSNorm(dim, eps=eps, style=style, param_dtype=param_dtype, rngs=rngs)
+  raise ValueError(f"norm_type must be one of {NORM_TYPES}, got {norm_type!r}")
+
+
 class Embed(nnx.Module):
   """Token embedding `(V, D)`; `attend` gives tied output logits."""
 
@@ -102,3 +131,28 @@ class SwiGLU(nnx.Module):
     dt = x.dtype
     h = jax.nn.silu(x @ self.gate_proj[...].astype(dt)) * (x @ self.up_proj[...].astype(dt))
     return h @ self.down_proj[...].astype(dt)
+
+
+class ReluMLP(nnx.Module):
+  """Two-layer ReLU MLP: W_down(relu(x W_up)) (GPT-2 style without biases)."""
+
+  def __init__(self, d_model: int, mlp_dim: int, *, param_dtype: jnp.dtype,
+               rngs: nnx.Rngs):
+    self.up_proj = make_param(rngs, (d_model, mlp_dim), ("embed", "mlp"), normal_init(),
+                              param_dtype)
+    self.down_proj = make_param(rngs, (mlp_dim, d_model), ("mlp", "embed"), normal_init(),
+                                param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """`(B, T, D)` → `(B, T, D)` in x's dtype."""
+    dt = x.dtype
+    return jax.nn.relu(x @ self.up_proj[...].astype(dt)) @ self.down_proj[...].astype(dt)
+
+
+def make_mlp(mlp_type: str, d_model: int, mlp_dim: int, *, param_dtype: jnp.dtype,
+             rngs: nnx.Rngs) -> nnx.Module:
+  if mlp_type == "swiglu":
+    return SwiGLU(d_model, mlp_dim, param_dtype=param_dtype, rngs=rngs)
+  if mlp_type == "relu":
+    return ReluMLP(d_model, mlp_dim, param_dtype=param_dtype, rngs=rngs)
+  raise ValueError(f"mlp_type must be one of {MLP_TYPES}, got {mlp_type!r}")

@@ -1,8 +1,11 @@
 """A decoder-only language model with gated attention in every layer.
 
-Token embedding → `num_layers` pre-norm blocks (RMSNorm → GatedAttention →
-residual, RMSNorm → SwiGLU → residual) → final RMSNorm → tied or untied logits.
-The same `GateConfig` is used in every layer.
+Token embedding (+ learned position embedding) → `num_layers` pre-norm blocks
+(norm → GatedAttention → residual, norm → MLP → residual) → final norm → tied or
+untied logits. The same `GateConfig` is used in every layer. Defaults are the
+paper's Qwen3-style stack (RMSNorm, SwiGLU, RoPE); `norm_type="layernorm"`,
+`mlp_type="relu"`, `position_embedding="learned"` give the GPT-2-style stack of
+Guo et al.'s Bigram-Backcopy recipe.
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ from gated_attention_jax import attention_ops
 from gated_attention_jax import layers
 from gated_attention_jax import rope
 from gated_attention_jax import sharding
-from gated_attention_jax.attention import GatedAttention
+from gated_attention_jax.attention import GatedAttention, positions_from_segments
 from gated_attention_jax.gate import GateConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
           "float64": jnp.float64}  # float64 for reference tests (needs jax_enable_x64)
 REMAT_POLICIES = ("none", "full", "save_matmuls")
+POSITION_EMBEDDINGS = ("rope", "learned", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +52,10 @@ class TransformerConfig:
   rope_theta: float = 10000.0
   partial_rotary_factor: float = 1.0
   rope_scaling: rope.RopeScaling = rope.RopeScaling()
+  position_embedding: str = "rope"  # one of POSITION_EMBEDDINGS
+  max_positions: int = 0  # rows of the learned position table (position_embedding "learned")
+  norm_type: str = "rmsnorm"  # one of layers.NORM_TYPES (block and final norms)
+  mlp_type: str = "swiglu"  # one of layers.MLP_TYPES
   gate: GateConfig = GateConfig()
   attention_impl: str = "xla"
   dtype: str = "float32"
@@ -69,6 +77,14 @@ class TransformerConfig:
                          f" {getattr(self, name)!r}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+    for name, allowed in (("position_embedding", POSITION_EMBEDDINGS),
+                          ("norm_type", layers.NORM_TYPES), ("mlp_type", layers.MLP_TYPES)):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"model.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+    if (self.position_embedding == "learned") != (self.max_positions > 0):
+      raise ValueError(f"model.max_positions must be > 0 exactly when model.position_embedding"
+                       f" is 'learned', got {self.max_positions!r} with"
+                       f" {self.position_embedding!r}")
     if self.norm_style not in layers.NORM_STYLES:
       raise ValueError(f"model.norm_style must be one of {layers.NORM_STYLES}, got"
                        f" {self.norm_style!r}")
@@ -99,22 +115,26 @@ class TransformerConfig:
     return dataclasses.replace(self, **changes)
 
 
+def _norm(cfg: TransformerConfig, rngs: nnx.Rngs) -> nnx.Module:
+  return layers.make_norm(cfg.norm_type, cfg.d_model, eps=cfg.norm_eps, style=cfg.norm_style,
+                          param_dtype=DTYPES[cfg.param_dtype], rngs=rngs)
+
+
 class Block(nnx.Module):
   """Pre-norm transformer block."""
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     p = DTYPES[cfg.param_dtype]
-    self.attn_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, style=cfg.norm_style,
-                                    param_dtype=p, rngs=rngs)
+    self.attn_norm = _norm(cfg, rngs)
     self.attn = GatedAttention(
         cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.gate,
         rope_theta=cfg.rope_theta, partial_rotary_factor=cfg.partial_rotary_factor,
-        rope_scaling=cfg.rope_scaling, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
+        rope_scaling=cfg.rope_scaling, use_rope=cfg.position_embedding == "rope",
+        qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
         norm_style=cfg.norm_style, attention_impl=cfg.attention_impl,
         dtype=DTYPES[cfg.dtype], param_dtype=p, rngs=rngs)
-    self.mlp_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, style=cfg.norm_style,
-                                   param_dtype=p, rngs=rngs)
-    self.mlp = layers.SwiGLU(cfg.d_model, cfg.mlp_dim, param_dtype=p, rngs=rngs)
+    self.mlp_norm = _norm(cfg, rngs)
+    self.mlp = layers.make_mlp(cfg.mlp_type, cfg.d_model, cfg.mlp_dim, param_dtype=p, rngs=rngs)
 
   def __call__(self, x: jax.Array, positions: Optional[jax.Array],
                segment_ids: Optional[jax.Array], decode: bool, return_intermediates: bool):
@@ -145,11 +165,23 @@ class Transformer(nnx.Module):
     self.config = cfg
     p = DTYPES[cfg.param_dtype]
     self.embed = layers.Embed(cfg.vocab_size, cfg.d_model, param_dtype=p, rngs=rngs)
+    self.pos_embed = None if cfg.position_embedding != "learned" else layers.make_param(
+        rngs, (cfg.max_positions, cfg.d_model), (None, "embed"), layers.normal_init(), p)
     self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-    self.final_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, style=cfg.norm_style,
-                                     param_dtype=p, rngs=rngs)
+    self.final_norm = _norm(cfg, rngs)
     self.lm_head = None if cfg.tie_embeddings else layers.make_param(
         rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), layers.normal_init(), p)
+
+  def _positions(self, tokens: jax.Array, positions: Optional[jax.Array],
+                 segment_ids: Optional[jax.Array], decode: bool) -> jax.Array:
+    """Rows of the learned position table: given, else per segment, else 0..T-1."""
+    if positions is not None:
+      return positions
+    if decode:
+      raise ValueError("decoding with learned position embeddings needs explicit positions")
+    if segment_ids is not None:
+      return positions_from_segments(segment_ids)
+    return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
 
   def init_cache(self, batch_size: int, max_length: int) -> None:
     """Allocates every layer's KV cache for decoding."""
@@ -160,7 +192,11 @@ class Transformer(nnx.Module):
                segment_ids: Optional[jax.Array] = None, *, decode: bool = False,
                return_intermediates: bool = False):
     cfg = self.config
-    x = sharding.constrain(self.embed(tokens, DTYPES[cfg.dtype]), ("batch", "seq", "embed"))
+    x = self.embed(tokens, DTYPES[cfg.dtype])
+    if self.pos_embed is not None:
+      x = x + jnp.take(self.pos_embed[...], self._positions(tokens, positions, segment_ids, decode),
+                       axis=0).astype(x.dtype)
+    x = sharding.constrain(x, ("batch", "seq", "embed"))
     run_block = Block.__call__
     if cfg.remat != "none":
       run_block = nnx.remat(run_block, policy=_remat_policy(cfg.remat),
