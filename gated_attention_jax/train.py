@@ -29,6 +29,7 @@ from gated_attention_jax import metrics_writer
 from gated_attention_jax import optim
 from gated_attention_jax import params as params_lib
 from gated_attention_jax import sharding
+from gated_attention_jax.analysis import metrics as sink_metrics_lib
 from gated_attention_jax.data import pipeline
 from gated_attention_jax.transformer import Transformer, TransformerConfig
 
@@ -46,7 +47,8 @@ def flops_per_token(cfg: TransformerConfig, seq_len: int, num_params: int) -> fl
   masking not discounted).
   """
   embedding = cfg.vocab_size * cfg.d_model
-  matmul_params = num_params - embedding * (1 if cfg.tie_embeddings else 2) + embedding
+  matmul_params = (num_params - embedding * (1 if cfg.tie_embeddings else 2) + embedding
+                   - cfg.max_positions * cfg.d_model)  # a learned position table is a lookup
   return 6.0 * matmul_params + 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
 
 
@@ -108,6 +110,12 @@ class Trainer:
                               out_shardings=(self.state_shardings, sharding.replicated(mesh)))
     self.eval_step = jax.jit(sharding.under_mesh(self._eval_step, mesh),
                              out_shardings=sharding.replicated(mesh))
+    # Sink tracking needs attention probabilities: the same parameters, run on the "xla" path.
+    probe_cfg = model_cfg.replace(attention_impl="xla", remat="none")
+    self.probe_graphdef = nnx.split(
+        nnx.eval_shape(lambda: Transformer(probe_cfg, rngs=nnx.Rngs(0))))[0]
+    self.sink_step = jax.jit(sharding.under_mesh(self._sink_step, mesh),
+                             out_shardings=sharding.replicated(mesh))
 
   def _init_state(self) -> dict[str, Any]:
     model = Transformer(self.model_cfg, rngs=nnx.Rngs(self.config.train.seed))
@@ -141,6 +149,27 @@ class Trainer:
     nll, _, _ = token_losses(model, batch, self.use_segments, False)
     mask = batch["loss_mask"]
     return {"nll_sum": (nll * mask).sum(), "tokens": mask.sum()}
+
+  def _sink_step(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
+    model = nnx.merge(self.probe_graphdef, params)
+    segment_ids = batch["segment_ids"] if self.use_segments else None
+    _, inter = model(batch["inputs"], batch["positions"], segment_ids,
+                     return_intermediates=True)
+    return {"first_key_probs": jnp.stack([p[..., :1] for p in inter["attention_probs"]]),
+            "hidden_states": jnp.stack(inter["hidden_states"]).astype(jnp.float32)}
+
+  def sink_metrics(self, params: Any, local_batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """First-token attention, sink rate (eps 0.3) and max activation on one batch."""
+    out = jax.device_get(self.sink_step(params, self.global_batch(local_batch)))
+    first = sink_metrics_lib.first_token_attention(out["first_key_probs"])
+    sinks = sink_metrics_lib.sink_rate(out["first_key_probs"])
+    massive = sink_metrics_lib.massive_activations(out["hidden_states"])
+    return {"first_token_attention": first["first_token_attention"],
+            "first_token_attention_per_layer": first["per_layer"],
+            "sink_rate": sinks["sink_rate"],
+            "max_activation": massive["max_activation"],
+            "max_activation_per_layer": massive["per_layer_max"],
+            "massive_count": massive["massive_count"]}
 
   def global_batch(self, local: dict[str, np.ndarray]) -> Batch:
     """This process's rows → one global array sharded over (data, fsdp)."""
@@ -281,6 +310,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                                               values["gate_score_mean_per_layer"]]
         if do_eval:
           eval_metrics = trainer.evaluate(state["params"], eval_batches)
+          if train_cfg.get("track_sinks", False):
+            eval_metrics.update(trainer.sink_metrics(state["params"], eval_batches[0]))
           row.update(eval_metrics)
         writer.write(step, row)
         if is_chief:
