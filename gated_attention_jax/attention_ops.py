@@ -8,6 +8,14 @@
     fuse a G1 output gate into the kernel's epilogue: the Pallas GPU kernel on GPUs,
     the Pallas TPU kernel elsewhere (in TPU interpret mode on CPU: slow, for tests).
 
+Under a (data, fsdp, tensor) context mesh (`sharding.under_mesh`), the "pallas"
+kernel runs per shard (`jax.shard_map`): a `pallas_call` is opaque to XLA's
+partitioner, which would otherwise gather q, k, v and the gate onto one device.
+Each input is split as its logical axes say (`Q_AXES`, `KV_AXES`, ...: the
+batch over (data, fsdp), heads over tensor), exactly as the layer constrains
+them, so nothing moves on the way in or out; `pallas_shard_plan` says how GQA's
+kv heads follow their query heads and refuses meshes the kernel cannot serve.
+
 Masks are built from token indices (causal: key index <= query index, with the
 queries offset by `q_offset` when they continue a KV cache) and segment ids
 (packed documents: keys and queries must share a segment id).
@@ -15,16 +23,24 @@ queries offset by `q_offset` when they continue a KV cache) and segment ids
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+import math
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AbstractMesh, Mesh
 
 from gated_attention_jax import gate as gate_lib
 from gated_attention_jax import kernels
 from gated_attention_jax import layers
+from gated_attention_jax import sharding
 
 ATTENTION_IMPLS = ("xla", "cudnn", "pallas")
+# Logical axes of the op's inputs (the layer constrains q, k, v and the gate to the same).
+Q_AXES = ("batch", "seq", "q_heads", "head_dim")  # q, the output, an elementwise gate
+KV_AXES = ("batch", "seq", "kv_heads", "head_dim")  # k, v
+SEGMENT_AXES = ("batch", "seq")  # segment ids; a headwise gate is Q_AXES[:3]
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -82,6 +98,115 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
       implementation=implementation)
 
 
+@dataclasses.dataclass(frozen=True)
+class PallasShardPlan:
+  """How the Pallas kernel's inputs split over a mesh (see `pallas_shard_plan`).
+
+  in_specs: PartitionSpecs of (q, k, v, gate, q_segment_ids, kv_segment_ids), None
+    for absent inputs; the output is split like q.
+  head_axes: the mesh axes splitting the query heads (() if they are whole).
+  slice_kv_head: the kv heads are whole on every device while the query heads are
+    split, and each shard slices out the one kv head its query heads read (False:
+    the kv heads are split with their query heads, or nothing is split).
+  """
+
+  in_specs: tuple
+  head_axes: tuple[str, ...]
+  slice_kv_head: bool
+
+
+def pallas_shard_plan(q_shape: Sequence[int], kv_shape: Sequence[int],
+                      mesh: Mesh | AbstractMesh, *, gate_ndim: int = 0,
+                      segments: bool = False) -> PallasShardPlan:
+  """Per-shard layout of the Pallas kernel on `mesh`, from the logical-axis rules.
+
+  Query head i reads kv head i // G (G = N / K). A shard holding N / t consecutive
+  query heads (t: the ways the rules split them) runs the GQA kernel on its own if
+  its kv heads are split the same way (K % t == 0), or if all its query heads read
+  one kv head (t % K == 0: the rules leave the K heads whole and the shard slices
+  its head out). Any other split of the query heads raises ValueError naming the
+  mesh axis and the head counts, as does a tensor axis that does not divide the
+  query heads (the rules would leave them whole and every device on that axis
+  would run the same kernel).
+
+  Args:
+    q_shape: (B, T, N, H); kv_shape: (B, S, K, H).
+    gate_ndim: 4 (elementwise gate), 3 (headwise) or 0 (none).
+    segments: whether segment ids are passed.
+  """
+  n, kv_heads = q_shape[2], kv_shape[2]
+  q_spec = sharding.logical_to_mesh_spec(Q_AXES, q_shape, mesh)
+  kv_spec = sharding.logical_to_mesh_spec(KV_AXES, kv_shape, mesh)
+  head_axes, kv_axes = sharding.spec_axes(q_spec[2]), sharding.spec_axes(kv_spec[2])
+  wanted = sharding.rule_axes("q_heads", mesh)
+  t = math.prod(mesh.shape[a] for a in wanted)
+  where = " x ".join(f"mesh.{a}={mesh.shape[a]}" for a in wanted)
+  fits = [d for d in range(1, n + 1) if n % d == 0 and (kv_heads % d == 0 or d % kv_heads == 0)]
+  advice = (f"; the kernel can split {n} query heads over {kv_heads} kv heads"
+            f" {', '.join(map(str, fits))} ways (or use attention_impl='xla')")
+  if head_axes != wanted:
+    raise ValueError(f"attention_impl='pallas' runs per shard, but {where} does not divide"
+                     f" the {n} query heads{advice}")
+  if kv_axes not in (head_axes, ()) or (kv_axes != head_axes and t % kv_heads):
+    raise ValueError(
+        f"attention_impl='pallas' runs per shard, but {where} gives each device {n // t}"
+        f" of the {n} query heads, which read parts of several of the {kv_heads} kv heads"
+        f" (GQA groups of {n // kv_heads}): the split must divide the {kv_heads} kv heads or"
+        f" be a multiple of {kv_heads}{advice}")
+  spec = lambda axes, shape: sharding.logical_to_mesh_spec(axes, shape, mesh)
+  return PallasShardPlan(
+      in_specs=(q_spec, kv_spec, kv_spec,
+                spec(Q_AXES[:gate_ndim], q_shape[:gate_ndim]) if gate_ndim else None,
+                spec(SEGMENT_AXES, q_shape[:2]) if segments else None,
+                spec(SEGMENT_AXES, kv_shape[:2]) if segments else None),
+      head_axes=head_axes, slice_kv_head=kv_axes != head_axes)
+
+
+def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, gate: Optional[jax.Array], *,
+                     causal: bool, scale: float, q_segment_ids: Optional[jax.Array] = None,
+                     kv_segment_ids: Optional[jax.Array] = None,
+                     gate_activation: str = "sigmoid") -> jax.Array:
+  """The fused kernel (`kernels.gated_flash_attention`), per shard under a context mesh.
+
+  Shapes as in `attend`. On GPUs the Pallas GPU kernel, elsewhere the TPU kernel
+  (interpret mode off TPU). Without a (data, fsdp, tensor) context mesh of more
+  than one device the kernel sees the whole arrays.
+  """
+  kernel = "pallas_gpu" if jax.default_backend() == "gpu" else "pallas_tpu"
+  group = q.shape[2] // k.shape[2]
+
+  def run(q, k, v, gate, q_seg, kv_seg, head_axes=(), slice_kv_head=False):
+    if slice_kv_head:  # this shard's query heads all read kv head (first local head) // G
+      start = jax.lax.axis_index(head_axes) * q.shape[2] // group
+      k, v = (jax.lax.dynamic_slice_in_dim(x, start, 1, axis=2) for x in (k, v))
+    segment_ids = None if q_seg is None else (q_seg, kv_seg)
+    return kernels.gated_flash_attention(q, k, v, gate, causal=causal, segment_ids=segment_ids,
+                                         scale=scale, gate_activation=gate_activation,
+                                         impl=kernel)
+
+  args = (q, k, v, gate, q_segment_ids, kv_segment_ids)
+  mesh = sharding.context_mesh()
+  if mesh is None or mesh.size == 1:
+    return run(*args)
+  plan = pallas_shard_plan(q.shape, k.shape, mesh, gate_ndim=0 if gate is None else gate.ndim,
+                           segments=q_segment_ids is not None)
+  present = [i for i, a in enumerate(args) if a is not None]
+
+  def local(*shards):
+    full = [None] * len(args)
+    for i, x in zip(present, shards):
+      full[i] = x
+    return run(*full, head_axes=plan.head_axes, slice_kv_head=plan.slice_kv_head)
+
+  # check_vma=False: pallas_call's outputs carry no varying-manual-axes type. The
+  # transpose then sums the cotangents of inputs a shard holds whole (k, v when each
+  # shard slices its kv head, a batch that does not divide) over the devices that
+  # share them (over a size-1 axis that is an all-reduce within one device: a no-op).
+  # Every axis is manual: partly-automatic shard_maps refuse interpret mode's callbacks.
+  return jax.shard_map(local, mesh=mesh, in_specs=tuple(plan.in_specs[i] for i in present),
+                       out_specs=plan.in_specs[0], check_vma=False)(*(args[i] for i in present))
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str, scale: float,
            causal: bool = True, q_offset: jax.Array | int = 0,
            q_segment_ids: Optional[jax.Array] = None,
@@ -112,11 +237,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str, scale: float,
     impl = "xla"  # cache-offset masks are built explicitly; kernels see full sequences
   probs = None
   if impl == "pallas":
-    segment_ids = None if q_segment_ids is None else (q_segment_ids, kv_segment_ids)
-    kernel = "pallas_gpu" if jax.default_backend() == "gpu" else "pallas_tpu"
-    out = kernels.gated_flash_attention(q, k, v, fused_gate, causal=causal,
-                                        segment_ids=segment_ids, scale=scale,
-                                        gate_activation=gate_activation, impl=kernel)
+    out = pallas_attention(q, k, v, fused_gate, causal=causal, scale=scale,
+                           q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                           gate_activation=gate_activation)
     return out, None
   if impl == "cudnn" and not decoding:
     mask = None

@@ -107,6 +107,18 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict,
                        devices=devices)
 
 
+def rule_axes(name: Optional[str], mesh: Mesh | AbstractMesh) -> tuple[str, ...]:
+  """The axes of `mesh` (of size > 1) that the rule for logical axis `name` splits it over."""
+  target = dict(LOGICAL_AXIS_RULES).get(name) if name is not None else None
+  mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
+  return tuple(a for a in mesh_axes if a in mesh.shape and mesh.shape[a] > 1)
+
+
+def spec_axes(entry: Any) -> tuple[str, ...]:
+  """The mesh axes one PartitionSpec entry names: None -> (), "a" -> ("a",), ("a", "b") as is."""
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def logical_to_mesh_spec(axes: Sequence[Optional[str]], shape: Sequence[int],
                          mesh: Mesh | AbstractMesh) -> P:
   """PartitionSpec for an array with logical `axes`, replicating non-divisible dims.
@@ -115,16 +127,12 @@ def logical_to_mesh_spec(axes: Sequence[Optional[str]], shape: Sequence[int],
   wins): activations `("batch", "seq", "embed")` shard the batch over fsdp and
   keep the embedding whole, as FSDP wants.
   """
-  rules = dict(LOGICAL_AXIS_RULES)
-  unknown = [a for a in axes if a is not None and a not in rules]
+  unknown = [a for a in axes if a is not None and a not in dict(LOGICAL_AXIS_RULES)]
   if unknown:
     raise ValueError(f"logical axes {unknown} have no rule in LOGICAL_AXIS_RULES")
   spec, used = [], set()
   for name, size in zip(axes, shape):
-    target = rules.get(name) if name is not None else None
-    mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
-    mesh_axes = tuple(a for a in mesh_axes
-                      if a in mesh.shape and a not in used and mesh.shape[a] > 1)
+    mesh_axes = tuple(a for a in rule_axes(name, mesh) if a not in used)
     if mesh_axes and size % math.prod(mesh.shape[a] for a in mesh_axes) == 0:
       used.update(mesh_axes)
       spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
@@ -196,9 +204,17 @@ def under_mesh(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
   return wrapped
 
 
-def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
-  """Pins activation `x` to the sharding its logical `axes` map to; a no-op without a mesh."""
+def context_mesh() -> Optional[AbstractMesh]:
+  """The (data, fsdp, tensor) mesh a function is traced under (`under_mesh`), else None."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+    return None
+  return mesh
+
+
+def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
+  """Pins activation `x` to the sharding its logical `axes` map to; a no-op without a mesh."""
+  mesh = context_mesh()
+  if mesh is None:
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_mesh_spec(axes, x.shape, mesh))
