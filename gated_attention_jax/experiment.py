@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 
 import ml_collections
+from jax.sharding import AbstractMesh
 
+from gated_attention_jax import attention_ops
 from gated_attention_jax import sharding
 from gated_attention_jax.data import config as data_config
 from gated_attention_jax.data import pipeline
@@ -90,4 +92,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> Transformer
   if config.train.batch_size % batch_shards:
     raise ValueError(f"train.batch_size ({config.train.batch_size}) must be a multiple of"
                      f" the data x fsdp mesh size ({batch_shards})")
-  return model_config(config)
+  model = model_config(config)
+  if model.attention_impl == "pallas":  # the kernel runs per shard: can this mesh serve it?
+    b, t = config.train.batch_size, config.data.seq_len
+    attention_ops.pallas_shard_plan((b, t, model.num_heads, model.head_dim),
+                                    (b, t, model.num_kv_heads, model.head_dim),
+                                    AbstractMesh(shape, sharding.MESH_AXES))
+  return model
