@@ -11,6 +11,9 @@ Loss tolerance: float32, rtol 1e-5. Sharding changes the order of the
 reductions (partial sums per device, then all-reduce), which moves the last
 bits; after a few steps the losses differ by ~1e-7 relative, far under 1e-5,
 while a wrong gate slice or a missing gradient reduction changes them by >1e-3.
+The same holds for attention_impl="pallas" (the TPU kernel in interpret mode, run
+per shard) against "xla" on one device: the kernel's online softmax reorders the
+sums too, ~1e-7 relative in the losses.
 """
 
 import json
@@ -25,7 +28,8 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from gated_attention_jax import sharding
+from gated_attention_jax import attention_ops, experiment, sharding
+from tests import _sharding_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RTOL = 1e-5
@@ -44,6 +48,10 @@ VARIANTS = [
     ({"position": "value", "granularity": "headwise", "sharing": "head_shared"}, (2, 2, 2)),
 ]
 REMATS = ["save_matmuls"]  # "full" is checked against no remat in test_model.py
+# attention_impl="pallas" (G1 elementwise gate fused, segment ids): (8, 1, 1) splits the
+# batch only, (2, 2, 2) splits query and kv heads 2 ways, (1, 2, 4) splits the query
+# heads 4 ways and each device slices out the one kv head its 2 query heads read.
+PALLAS_MESHES = [(8, 1, 1), (2, 2, 2), (1, 2, 4)]
 
 
 def _env(num_devices: int) -> dict:
@@ -67,6 +75,8 @@ def runs():
   for gate, mesh in VARIANTS:
     plan += [{"gate": gate, "mesh": [1, 1, 1]}, {"gate": gate, "mesh": list(mesh)}]
   plan += [{"model": {"remat": r}, "mesh": [2, 2, 2]} for r in REMATS]
+  plan += [{"model": {"attention_impl": "pallas"}, "mesh": list(m), "hlo": True}
+           for m in PALLAS_MESHES]
   results = _driver("losses", {"runs": plan, "steps": STEPS})
   key = lambda r: json.dumps([r.get("gate", {}), r.get("model", {}), r["mesh"]], sort_keys=True)
   return {key(r): r for r in results}, key
@@ -103,6 +113,86 @@ def test_gate_variant_matches_one_device_with_heads_split(runs, gate, mesh):
 def test_remat_policies_work_in_the_sharded_step(runs, remat):
   np.testing.assert_allclose(_get(runs, (2, 2, 2), model={"remat": remat})["losses"],
                              _get(runs, (1, 1, 1))["losses"], rtol=RTOL)
+
+
+@pytest.mark.parametrize("mesh", PALLAS_MESHES, ids=str)
+def test_pallas_training_matches_xla_on_one_device(runs, mesh):
+  run = _get(runs, mesh, model={"attention_impl": "pallas"})
+  np.testing.assert_allclose(run["losses"], _get(runs, (1, 1, 1))["losses"], rtol=RTOL)
+  # q, k, v and the gate (B, T, heads, H) are the model's only rank-4 arrays (weights
+  # have rank <= 3, other activations (B, T, D) rank 3): an all-gather of rank 4 would
+  # be XLA gathering them around the kernel, as it does when the pallas_call is not
+  # run per shard. FSDP's weight all-gathers are expected and ignored.
+  gathered = [shapes[0] for shapes in run["all_gathers"]]
+  assert not [s for s in gathered if len(s) == 4], gathered
+  if mesh[1] > 1:  # the parse finds FSDP's weight gathers, so it would find others
+    assert gathered, run["all_gathers"]
+
+
+# Cases for attention_impl="pallas" at the op level (B 8, T 32, H 16 unless given).
+ATTEND_CASES = [
+    {"mesh": [2, 2, 2], "heads": [4, 2], "gate": "elementwise", "segments": True},  # K % t == 0
+    {"mesh": [1, 2, 4], "heads": [4, 2], "gate": "headwise", "segments": True},  # t % K == 0
+    {"mesh": [1, 2, 4], "heads": [8, 1], "gate": "elementwise"},  # MQA
+    {"mesh": [8, 1, 1], "heads": [4, 2], "segments": True},  # ungated, batch only
+    {"mesh": [2, 2, 2], "heads": [4, 2], "gate": "headwise", "batch": 2},  # B % 4 != 0
+]
+
+
+@pytest.fixture(scope="module")
+def attend_runs(tmp_path_factory):
+  out = tmp_path_factory.mktemp("attend")
+  return _driver("attend", {"cases": ATTEND_CASES, "out": str(out)}), out
+
+
+@pytest.mark.parametrize("index", range(len(ATTEND_CASES)),
+                         ids=[json.dumps(c, separators=(",", ":")) for c in ATTEND_CASES])
+def test_pallas_attention_runs_per_shard(attend_runs, index):
+  """Output and vjp of attend(impl="pallas") on inputs sharded by the logical rules.
+
+  Tolerance: float32 against the unsharded "xla" path; the kernel's online softmax
+  and tiled sums reorder the arithmetic (measured max |err| <= 3e-6 on values and
+  gradients of size ~1-7), so atol = rtol = 1e-5; a wrong kv head or gate slice, or
+  a missing sum of dk/dv over the devices sharing a kv head, is off by O(1).
+  """
+  results, out = attend_runs
+  case = results[index]
+  arrays = np.load(out / f"case{index}.npz")
+  names = [k[len("got_"):] for k in arrays if k.startswith("got_")]
+  assert {"out", "dq", "dk", "dv"} <= set(names)
+  assert ("dgate" in names) == (case.get("gate") is not None)
+  for name in names:
+    np.testing.assert_allclose(arrays[f"got_{name}"], arrays[f"want_{name}"], rtol=1e-5,
+                               atol=1e-5, err_msg=name)
+  moved = {op: n for op, n in case["collectives"].items() if op != "all-reduce" and n}
+  assert not moved, case  # nothing gathered, exchanged or scattered around the kernel
+  if index == 0:  # every axis splits something and no device shares an input's shard
+    assert case["collectives"]["all-reduce"] == 0, case
+
+
+@pytest.mark.parametrize("tensor,error", [
+    (2, "mesh.tensor=2 gives each device 3 of the 6 query heads, which read parts of"
+        " several of the 3 kv heads"),
+    (4, "mesh.tensor=4 does not divide the 6 query heads"),
+])
+def test_pallas_refuses_meshes_it_cannot_serve_before_compiling(tensor, error):
+  """6 query heads over 3 kv heads: the rules split (tensor 2) or replicate (tensor 4)
+  the query heads and replicate the kv heads, which the XLA path accepts, but no
+  device's query heads would map onto whole kv heads of its own."""
+  config = _sharding_config.get_config()
+  config.model.update(num_heads=6, num_kv_heads=3)
+  config.mesh.update(data=8 // tensor, fsdp=1, tensor=tensor)
+  experiment.validate(config, 8)  # "xla": fine
+  config.model.attention_impl = "pallas"
+  with pytest.raises(ValueError, match=error + ".*split 6 query heads over 3 kv heads 1, 3, 6"):
+    experiment.validate(config, 8)
+  # Traced under such a mesh (no devices needed, nothing compiled), attend says the same.
+  q = jax.ShapeDtypeStruct((8, 32, 6, 8), np.float32)
+  kv = jax.ShapeDtypeStruct((8, 32, 3, 8), np.float32)
+  attend = lambda q, k, v: attention_ops.attend(q, k, v, impl="pallas", scale=0.3)[0]
+  with jax.sharding.use_abstract_mesh(AbstractMesh((8 // tensor, 1, tensor), sharding.MESH_AXES)):
+    with pytest.raises(ValueError, match=error):
+      jax.eval_shape(attend, q, kv, kv)
 
 
 def test_parameters_and_optimizer_state_are_sharded_as_the_rules_say(runs):
