@@ -1,19 +1,27 @@
-"""Training throughput of a config: tokens/s and model TFLOP/s vs a bf16 matmul, one run.
+"""Training throughput of a config under several attention implementations, in one run.
 
     python experiments/benchmarks/train_throughput.py --config=configs/gpt_125m.py
-    # CPU smoke test:
-    python experiments/benchmarks/train_throughput.py --config=configs/default.py --steps=5 \
-        --matmul_size=1024
+    # = --impls=cudnn,pallas,xla: cuDNN + an XLA gate is the baseline, the fused
+    #   Pallas kernel and plain XLA are divided by it
+    # CPU smoke test (no cuDNN there; Pallas runs in TPU interpret mode, slowly):
+    python experiments/benchmarks/train_throughput.py --config=configs/default.py \
+        --impls=xla,pallas --steps=2 --warmup=1 --matmul_size=512 \
+        --config.train.batch_size=2 --config.data.seq_len=64 --config.model.num_layers=1
 
-The train step is the real one (`Trainer.train_step`: forward, backward, AdamW),
-fed one fixed batch of the real corpus that stays on the device, so the number
-is the model's, not the input pipeline's. Model FLOPs use `train.flops_per_token`.
-The baseline is a bf16 (matmul_size)^3 matmul timed on the same device in the
-same run; the ratio is model TFLOP/s / matmul TFLOP/s.
+For each `--impls` entry the config's `model.attention_impl` is set to it and the
+real train step is timed (`Trainer.train_step`: forward, backward, AdamW, on the
+config's mesh, so "pallas" runs per shard), fed one fixed batch of the real corpus
+that stays on the device, so the number is the model's, not the input pipeline's.
+Model FLOPs use `train.flops_per_token`. Reported per implementation: tokens/s,
+step time, model TFLOP/s per device, the ratio to the first implementation (the
+baseline) and to a bf16 (matmul_size)^3 matmul timed on the same device in the
+same run. Timings of different runs differ by ~5%: compare within one run.
 """
 
 from __future__ import annotations
 
+import copy
+import datetime
 import json
 import time
 
@@ -22,11 +30,14 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from gated_attention_jax import experiment, sharding, train
+from gated_attention_jax import attention_ops, experiment, sharding, train
 from gated_attention_jax.data import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.",
                                           lock_config=True)
+_IMPLS = flags.DEFINE_list("impls", ["cudnn", "pallas", "xla"],
+                           f"attention_impl values to time, the first is the baseline; from"
+                           f" {attention_ops.ATTENTION_IMPLS}.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed train steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps (compilation) first.")
 _MATMUL = flags.DEFINE_integer("matmul_size", 8192, "Side of the bf16 baseline matmul.")
@@ -45,9 +56,8 @@ def matmul_tflops(n: int, repeats: int = 10) -> float:
   return 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e12
 
 
-def main(argv):
-  del argv
-  config = _CONFIG.value
+def time_train_step(config) -> dict:
+  """Seconds per train step of `config` and its model's size and FLOPs per token."""
   model_cfg = experiment.validate(config, jax.device_count())
   trainer = train.Trainer(config, model_cfg, sharding.make_mesh(config.mesh))
   batch_size = config.train.batch_size // jax.process_count()
@@ -62,18 +72,39 @@ def main(argv):
     state, metrics = trainer.train_step(state, batch)
   jax.block_until_ready(metrics)
   seconds = (time.perf_counter() - start) / _STEPS.value
-  tokens = config.train.batch_size * config.data.seq_len
-  flops = train.flops_per_token(model_cfg, config.data.seq_len, trainer.num_params)
-  model_tflops = tokens * flops / seconds / 1e12 / jax.device_count()
+  return {"seconds": seconds, "params": trainer.num_params, "model_cfg": model_cfg,
+          "flops_per_token": train.flops_per_token(model_cfg, config.data.seq_len,
+                                                   trainer.num_params)}
+
+
+def main(argv):
+  del argv
+  for impl in _IMPLS.value:
+    attention_ops.check_impl(impl)
+  tokens = _CONFIG.value.train.batch_size * _CONFIG.value.data.seq_len
+  runs = []
+  for impl in _IMPLS.value:
+    config = copy.deepcopy(_CONFIG.value)
+    config.model.attention_impl = impl
+    timed = time_train_step(config)
+    tflops = tokens * timed["flops_per_token"] / timed["seconds"] / 1e12 / jax.device_count()
+    runs.append({"attention_impl": impl, "step_ms": timed["seconds"] * 1e3,
+                 "tokens_per_sec": tokens / timed["seconds"],
+                 "model_tflops_per_device": tflops})
   baseline = matmul_tflops(_MATMUL.value)
+  for run in runs:
+    run[f"ratio_to_{runs[0]['attention_impl']}"] = (run["tokens_per_sec"]
+                                                    / runs[0]["tokens_per_sec"])
+    run["ratio_to_matmul"] = run["model_tflops_per_device"] / baseline
+  model_cfg = timed["model_cfg"]
+  mesh = sharding.global_mesh_shape(_CONFIG.value.mesh, jax.device_count())
   result = {
       "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
-      "params": trainer.num_params, "seq_len": config.data.seq_len,
-      "global_batch": config.train.batch_size, "attention_impl": model_cfg.attention_impl,
-      "dtype": model_cfg.dtype, "gate": model_cfg.gate.describe(),
-      "step_ms": seconds * 1e3, "tokens_per_sec": tokens / seconds,
-      "model_tflops_per_device": model_tflops, "matmul_tflops": baseline,
-      "ratio_to_matmul": model_tflops / baseline,
+      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+      "jax": jax.__version__, "mesh": dict(zip(sharding.MESH_AXES, mesh)),
+      "params": timed["params"], "seq_len": _CONFIG.value.data.seq_len,
+      "global_batch": _CONFIG.value.train.batch_size, "dtype": model_cfg.dtype,
+      "gate": model_cfg.gate.describe(), "matmul_tflops": baseline, "runs": runs,
   }
   print(json.dumps(result, indent=2))
 
