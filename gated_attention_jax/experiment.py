@@ -1,7 +1,8 @@
 """The experiment config: its sections, defaults, and the one place it is validated.
 
 Sections:
-  model  TransformerConfig fields (vocab_size 0 = the tokenizer's, rounded up to 128)
+  model  TransformerConfig fields (vocab_size 0 = the tokenizer's, rounded up to 128;
+         a synthetic task's exactly)
   gate   GateConfig fields
   data   see gated_attention_jax/data/config.py
   train  optimisation, logging, evaluation and checkpoint cadence
@@ -40,6 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
       "b1": 0.9, "b2": 0.95, "weight_decay": 0.1, "grad_clip": 1.0, "z_loss": 0.0,
       "seed": 0,
       "log_every": 10, "eval_every": 200, "eval_batches": 8,
+      # at each eval, first-token attention, sink rate and max activation on the
+      # first eval batch (metrics.jsonl keys first_token_attention, sink_rate, ...)
+      "track_sinks": False,
       "checkpoint_every": 200, "keep_checkpoints": 3,
       "spike_factor": 2.0, "spike_window": 50,
       "peak_tflops_per_device": 0.0,  # 0: look the device up (MFU left out if unknown)
@@ -64,6 +68,8 @@ def validate_train(train: ml_collections.ConfigDict) -> None:
   for name in _NON_NEGATIVE:
     if not isinstance(train[name], (int, float)) or train[name] < 0:
       raise ValueError(f"train.{name} must be a number >= 0, got {train[name]!r}")
+  if not isinstance(train.get("track_sinks", False), bool):
+    raise ValueError(f"train.track_sinks must be a bool, got {train.track_sinks!r}")
   for name in ("b1", "b2"):
     if not 0 <= train[name] < 1:
       raise ValueError(f"train.{name} must be in [0, 1), got {train[name]!r}")
@@ -76,7 +82,8 @@ def model_config(config: ml_collections.ConfigDict) -> TransformerConfig:
   model = config.model.to_dict()
   if model["vocab_size"] == 0:
     vocab = pipeline.vocab_size(config.data)
-    model["vocab_size"] = -(-vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    synthetic = config.data.corpus in data_config.SYNTHETIC  # tiny vocabularies: kept exact
+    model["vocab_size"] = vocab if synthetic else -(-vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
   return TransformerConfig.from_dict(model, config.gate.to_dict())
 
 
@@ -98,4 +105,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> Transformer
     attention_ops.pallas_shard_plan((b, t, model.num_heads, model.head_dim),
                                     (b, t, model.num_kv_heads, model.head_dim),
                                     AbstractMesh(shape, sharding.MESH_AXES))
+  if model.position_embedding == "learned" and config.data.seq_len > model.max_positions:
+    raise ValueError(f"data.seq_len ({config.data.seq_len}) exceeds model.max_positions"
+                     f" ({model.max_positions}) of the learned position embedding")
   return model

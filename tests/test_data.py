@@ -372,7 +372,7 @@ def test_token_shards_corpus_reads_prepared_format(text_dir, tmp_path):
 
 @pytest.mark.parametrize("field,value,message", [
     ("packing", "x", "data.packing must be one of ('segments', 'windows'), got 'x'"),
-    ("corpus", "c4", "data.corpus must be one of ('bundled', 'text_dir', 'token_shards')"),
+    ("corpus", "c4", "data.corpus must be one of ('bundled', 'text_dir', 'token_shards', 'bigram_backcopy')"),
     ("tokenizer", "bpe", "data.tokenizer must be one of ('byte', 'gpt2'), got 'bpe'"),
     ("seq_len", 1, "data.seq_len must be an int >= 2, got 1"),
     ("seq_len", 8.0, "data.seq_len must be an int >= 2, got 8.0"),
