@@ -5,8 +5,11 @@
     python experiments/run_grid.py --grid=stability --scale=smoke      # baseline vs G1 over LRs
     python experiments/run_grid.py --scale=small --config.data.tokenizer=gpt2  # overrides
     python experiments/run_grid.py --scale=smoke --analyze   # + analysis.json for each run
+    python experiments/run_grid.py --grid=sinks --scale=testbed --seeds=0,1,2   # sink testbed
 
-Run folders: ROOT/ablation/SCALE/VARIANT/seedS and ROOT/stability/SCALE/VARIANT_lrLR/seedS.
+Run folders: ROOT/ablation/SCALE/VARIANT/seedS, ROOT/stability/SCALE/VARIANT_lrLR/seedS and
+ROOT/sinks/SETTING/VARIANT/seedS (for --grid=sinks, --scale names a setting of
+configs/sinks.py).
 A run whose summary.json says finished is skipped; an unfinished one resumes from
 its checkpoint (train.py does that). Each run is a separate process; `--config.*`
 flags are passed on to every run.
@@ -24,7 +27,7 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from configs import ablation, stability  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import ablation, sinks, stability  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def runs(grid: str, scale: str, variants: list[str], seeds: list[int], lrs: list[float],
@@ -32,8 +35,8 @@ def runs(grid: str, scale: str, variants: list[str], seeds: list[int], lrs: list
   """(config argument, run folder, seed) for every cell of the grid."""
   cells = []
   for variant in variants:
-    if grid == "ablation":
-      cells += [(f"configs/ablation.py:{variant},{scale}", root / "ablation" / scale / variant)]
+    if grid in ("ablation", "sinks"):
+      cells += [(f"configs/{grid}.py:{variant},{scale}", root / grid / scale / variant)]
     else:
       cells += [(f"configs/stability.py:{variant},{scale},{lr:g}",
                  root / "stability" / scale / f"{variant}_lr{lr:g}") for lr in lrs]
@@ -64,8 +67,10 @@ def finished(workdir: pathlib.Path) -> bool:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--grid", choices=("ablation", "stability"), default="ablation")
-  parser.add_argument("--scale", required=True, choices=sorted(ablation.SCALES))
+  parser.add_argument("--grid", choices=("ablation", "stability", "sinks"), default="ablation")
+  parser.add_argument("--scale", required=True,
+                      help=f"ablation/stability: one of {sorted(ablation.SCALES)}; sinks: a"
+                      f" setting, one of {list(sinks.SETTINGS)}")
   parser.add_argument("--variants", default="",
                       help="comma-separated; default: every variant of the grid")
   parser.add_argument("--seeds", default="0")
@@ -81,7 +86,12 @@ def main() -> None:
   bad = [o for o in overrides if not o.startswith("--config.")]
   if bad:
     parser.error(f"unrecognized arguments (only --config.* overrides pass through): {bad}")
-  default = list(ablation.VARIANTS) if args.grid == "ablation" else list(stability.VARIANTS)
+  scales = sinks.SETTINGS if args.grid == "sinks" else ablation.SCALES
+  if args.scale not in scales:
+    parser.error(f"--scale for --grid={args.grid} must be one of {list(scales)},"
+                 f" got {args.scale!r}")
+  default = list({"ablation": ablation.VARIANTS, "stability": stability.VARIANTS,
+                  "sinks": sinks.VARIANTS}[args.grid])
   variants = args.variants.split(",") if args.variants else default
   cells = runs(args.grid, args.scale, variants, [int(s) for s in args.seeds.split(",")],
                [float(lr) for lr in args.lrs.split(",")], args.root)
