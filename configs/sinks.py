@@ -30,6 +30,9 @@ factors Gu et al. 2025 ("When Attention Sink Emerges") and Guo et al. name:
   bpe          GPT-2 BPE tokens: the 65 most frequent, their bigrams; triggers are the
                3 most frequent (' the', ',', '.')
   qwen_stack   the paper's stack instead of GPT-2's: RMSNorm, SwiGLU, RoPE, QK-norm
+  bundled_text natural text instead of the task: the bundled corpus as bytes, windows
+               that start with BOS (the data factor; `--config.data.corpus=token_shards
+               --config.data.path=DIR` puts your own pre-tokenized corpus here)
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     "qwen_stack": {"model": dict(norm_type="rmsnorm", norm_eps=1e-6, mlp_type="swiglu",
                                  mlp_dim=341, position_embedding="rope", max_positions=0,
                                  qk_norm=True)},
+    "bundled_text": {"data": dict(corpus="bundled", packing="windows")},
 }
 
 

@@ -19,6 +19,7 @@ def _write_run(folder: pathlib.Path, first: list[float], act: list[float],
   rows = []
   for i, (f, a) in enumerate(zip(first, act)):
     row = {"step": 100 * (i + 1), "loss": 1.5, "eval_loss": 1.4 + 0.01 * i,
+           "tokens_per_sec": 8 * 64 * 100 / 60.0 / (i + 1),  # row i: (i + 1) minutes
            "first_token_attention": f, "sink_rate": float(f > 0.3), "max_activation": a}
     if gates is not None:
       row["gate_score_mean_per_layer"] = gates
@@ -47,6 +48,8 @@ def test_rows_onset_and_paper_columns(tmp_path: pathlib.Path):
   assert base["eval_loss"] == pytest.approx(1.42)
   assert base["onset_step"] == pytest.approx(250.0)  # 200 and 300
   assert base["onset_tokens_m"] == pytest.approx(250 * 8 * 64 / 1e6)
+  assert base["onset_minutes"] == pytest.approx((3 + 6) / 2)  # 1 + 2 and 1 + 2 + 3 minutes
+  assert base["run_minutes"] == pytest.approx(6.0)
   assert base["paper_first_token_attention"] == paper_results.ROWS["baseline"].first_token_attention
 
   gated = table["sdpa_elementwise"]

@@ -8,7 +8,9 @@ Reads RUNS/SETTING/VARIANT/seedS/{summary.json, metrics.jsonl, config.json}
   sinks.md, sinks.csv   per (setting, variant), mean ± std over finished seeds of the last
                         eval: first-token attention, sink rate, max activation, mean gate
                         score, validation loss; the sink onset (first eval step, and tokens
-                        seen, with first-token attention >= ONSET); the paper's Table 4
+                        seen, with first-token attention >= ONSET) and the training
+                        minutes to it and to the end (from the logged tokens/s, without
+                        compilation and evals, mean over seeds); the paper's Table 4
                         numbers beside (experiments/paper_results.py)
   sink_onset.png        first-token attention and max activation against tokens seen, one
                         line per run, a panel per setting
@@ -35,7 +37,8 @@ from experiments import paper_results, summarize  # pylint: disable=g-import-not
 ONSET = 0.3  # the issue's target: first-token attention of at least 0.3
 TRACKED = ("first_token_attention", "sink_rate", "max_activation", "gate_score", "eval_loss")
 COLUMNS = ("setting", "variant", "seeds", *[f"{k}{s}" for k in TRACKED for s in ("", "_std")],
-           "onset_step", "onset_tokens_m", "paper_first_token_attention",
+           "onset_step", "onset_tokens_m", "onset_minutes", "run_minutes",
+           "paper_first_token_attention",
            "paper_max_activation", "paper_gate_score_mean")
 
 
@@ -58,6 +61,22 @@ def onset_step(run: dict[str, Any], threshold: float = ONSET) -> Optional[int]:
   """First eval step with first-token attention >= threshold (None: never)."""
   return next((r["step"] for r in sink_curve(run) if r["first_token_attention"] >= threshold),
               None)
+
+
+def train_minutes(run: dict[str, Any], until_step: Optional[int] = None) -> float:
+  """Training time up to `until_step` (default: the end), from the logged tokens/s.
+
+  Each logged row covers the steps since the previous one at its tokens_per_sec;
+  compilation and evaluation are not included.
+  """
+  seconds, previous = 0.0, 0
+  for r in run["metrics"]:
+    if until_step is not None and r["step"] > until_step:
+      break
+    if r.get("tokens_per_sec"):
+      seconds += (r["step"] - previous) * tokens_per_step(run) / r["tokens_per_sec"]
+    previous = r["step"]
+  return seconds / 60
 
 
 def _last(run: dict[str, Any], key: str) -> Optional[float]:
@@ -93,6 +112,9 @@ def rows(grid: dict[str, dict[str, list[dict[str, Any]]]]) -> list[dict[str, Any
         row["onset_step"] = statistics.fmean(onsets)
         row["onset_tokens_m"] = statistics.fmean(
             o * tokens_per_step(r) / 1e6 for o, r in zip(onsets, done))
+        row["onset_minutes"] = statistics.fmean(
+            train_minutes(r, o) for o, r in zip(onsets, done))
+      row["run_minutes"] = statistics.fmean(train_minutes(r) for r in done)
       paper = paper_results.ROWS.get(variant)
       if paper is not None:
         row["paper_first_token_attention"] = paper.first_token_attention
