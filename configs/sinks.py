@@ -30,6 +30,8 @@ factors Gu et al. 2025 ("When Attention Sink Emerges") and Guo et al. name:
   bpe          GPT-2 BPE tokens: the 65 most frequent, their bigrams; triggers are the
                3 most frequent (' the', ',', '.')
   qwen_stack   the paper's stack instead of GPT-2's: RMSNorm, SwiGLU, RoPE, QK-norm
+  gqa_4x1      4 query heads of 32 sharing one kv head (the testbed has one head, where a
+               head-shared gate is the head-specific one: this setting tells them apart)
   bundled_text natural text instead of the task: the bundled corpus as bytes, windows
                that start with BOS (the data factor; `--config.data.corpus=token_shards
                --config.data.path=DIR` puts your own pre-tokenized corpus here)
@@ -70,6 +72,7 @@ SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     "qwen_stack": {"model": dict(norm_type="rmsnorm", norm_eps=1e-6, mlp_type="swiglu",
                                  mlp_dim=341, position_embedding="rope", max_positions=0,
                                  qk_norm=True)},
+    "gqa_4x1": {"model": dict(num_heads=4, num_kv_heads=1, head_dim=32)},
     "bundled_text": {"data": dict(corpus="bundled", packing="windows")},
 }
 
