@@ -28,7 +28,7 @@ factors Gu et al. 2025 ("When Attention Sink Emerges") and Guo et al. name:
   no_bos       no BOS: sequences start with their first ordinary token
   layers_3     3 layers (Guo et al.'s residual-state peaks need depth)
   bpe          GPT-2 BPE tokens: the 65 most frequent, their bigrams; triggers are the
-               3 most frequent ('\n', ',', '.')
+               3 most frequent (newline, ',', '.')
   qwen_stack   the paper's stack instead of GPT-2's: RMSNorm, SwiGLU, RoPE, QK-norm
   gqa_4x1      4 query heads of 32 sharing one kv head (the testbed has one head, where a
                head-shared gate is the head-specific one: this setting tells them apart)
