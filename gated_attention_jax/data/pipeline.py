@@ -146,8 +146,9 @@ def _bigram_statistics(tokenizer: str, cache_dir: str, vocab: int) -> synthetic.
   return synthetic.bigram_statistics(shards.load_split(directory, "train"), vocab)
 
 
-def _synthetic(data_cfg: ml_collections.ConfigDict, split: str,
-               seq_len: int) -> synthetic.BigramBackcopy:
+def synthetic_source(data_cfg: ml_collections.ConfigDict, split: str,
+                     seq_len: int) -> synthetic.BigramBackcopy:
+  """The synthetic task's source for `split` ("train" or "validation": separate streams)."""
   bb = data_cfg.bigram_backcopy
   stats = _bigram_statistics(data_cfg.tokenizer, data_cfg.cache_dir, bb.vocab)
   stream = synthetic.TRAIN_STREAM if split == "train" else synthetic.VALIDATION_STREAM
@@ -159,7 +160,7 @@ def _load(data_cfg: ml_collections.ConfigDict, split: str, seq_len: int,
           include_partial: bool = False) -> PackedWindows | synthetic.BigramBackcopy:
   """The split's windows; data_cfg must already be validated."""
   if data_cfg.corpus in config_lib.SYNTHETIC:
-    return _synthetic(data_cfg, split, seq_len)
+    return synthetic_source(data_cfg, split, seq_len)
   directory = prepare.corpus_dir(data_cfg)
   manifest = shards.read_manifest(directory)
   tok = tokenizers.get_tokenizer(data_cfg.tokenizer, data_cfg.cache_dir or None)
@@ -175,7 +176,7 @@ def vocab_size(data_cfg: ml_collections.ConfigDict) -> int:
   """Number of token ids the model must embed (BOS/PAD included)."""
   config_lib.validate(data_cfg)
   if data_cfg.corpus in config_lib.SYNTHETIC:
-    return _synthetic(data_cfg, "train", data_cfg.seq_len).vocab_size
+    return synthetic_source(data_cfg, "train", data_cfg.seq_len).vocab_size
   if data_cfg.corpus == "token_shards":
     return int(shards.read_manifest(prepare.corpus_dir(data_cfg))["vocab_size"])
   return tokenizers.get_tokenizer(data_cfg.tokenizer, data_cfg.cache_dir or None).vocab_size
