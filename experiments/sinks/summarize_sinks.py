@@ -43,8 +43,10 @@ COLUMNS = ("setting", "variant", "seeds", *[f"{k}{s}" for k in TRACKED for s in 
 
 
 def read_grid(root: pathlib.Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
-  """{setting: {variant: [runs]}} from ROOT/SETTING/VARIANT/seedS."""
-  return {s.name: summarize.read_runs(s) for s in sorted(p for p in root.iterdir() if p.is_dir())}
+  """{setting: {variant: [runs]}} from ROOT/SETTING/VARIANT/seedS, `testbed` first."""
+  folders = sorted((p for p in root.iterdir() if p.is_dir()),
+                   key=lambda p: (p.name != "testbed", p.name))
+  return {s.name: summarize.read_runs(s) for s in folders}
 
 
 def tokens_per_step(run: dict[str, Any]) -> int:
@@ -141,11 +143,12 @@ def plot_onset(grid: dict[str, dict[str, list[dict[str, Any]]]], path: pathlib.P
         axes[0, col].plot(tokens, [r["first_token_attention"] for r in curve], **style)
         axes[1, col].plot(tokens, [r["max_activation"] for r in curve], **style)
     axes[0, col].axhline(ONSET, color="gray", ls=":", lw=1)
+    if axes[0, col].get_legend_handles_labels()[0]:
+      axes[0, col].legend(fontsize=7)
     axes[0, col].set(title=setting, ylim=(0, 1))
     axes[1, col].set(xlabel="tokens seen (M)", yscale="log")
   axes[0, 0].set_ylabel("first-token attention")
   axes[1, 0].set_ylabel("max |activation|")
-  axes[0, 0].legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
