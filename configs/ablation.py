@@ -114,17 +114,22 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def parse(arg: str) -> tuple[str, str]:
-  """'VARIANT,SCALE' -> (variant, scale), checked against VARIANTS and SCALES."""
+def parse_cell(arg: str, variants, second: str, seconds) -> tuple[str, str]:
+  """'VARIANT,SECOND' -> (variant, second), each checked against its allowed names."""
   parts = arg.split(",")
   if len(parts) != 2:
-    raise ValueError(f"config argument must be 'VARIANT,SCALE', got {arg!r}")
-  variant, scale = parts
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown variant {variant!r}; one of {sorted(VARIANTS)}")
-  if scale not in SCALES:
-    raise ValueError(f"unknown scale {scale!r}; one of {sorted(SCALES)}")
-  return variant, scale
+    raise ValueError(f"config argument must be 'VARIANT,{second.upper()}', got {arg!r}")
+  variant, value = parts
+  if variant not in variants:
+    raise ValueError(f"unknown variant {variant!r}; one of {list(variants)}")
+  if value not in seconds:
+    raise ValueError(f"unknown {second} {value!r}; one of {list(seconds)}")
+  return variant, value
+
+
+def parse(arg: str) -> tuple[str, str]:
+  """'VARIANT,SCALE' -> (variant, scale), checked against VARIANTS and SCALES."""
+  return parse_cell(arg, VARIANTS, "scale", SCALES)
 
 
 def make_config(variant: str, scale: str) -> ml_collections.ConfigDict:

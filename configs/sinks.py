@@ -79,15 +79,7 @@ SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
 
 def parse(arg: str) -> tuple[str, str]:
   """'VARIANT,SETTING' -> (variant, setting), checked against VARIANTS and SETTINGS."""
-  parts = arg.split(",")
-  if len(parts) != 2:
-    raise ValueError(f"config argument must be 'VARIANT,SETTING', got {arg!r}")
-  variant, setting = parts
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown variant {variant!r}; one of {list(VARIANTS)}")
-  if setting not in SETTINGS:
-    raise ValueError(f"unknown setting {setting!r}; one of {list(SETTINGS)}")
-  return variant, setting
+  return ablation.parse_cell(arg, VARIANTS, "setting", SETTINGS)
 
 
 def make_config(variant: str, setting: str) -> ml_collections.ConfigDict:
