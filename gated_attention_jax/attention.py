@@ -33,6 +33,14 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
   return idx - starts
 
 
+def default_positions(shape: tuple[int, int], segment_ids: Optional[jax.Array],
+                      offset: jax.Array | int = 0) -> jax.Array:
+  """Positions `(B, T)` when none are given: per segment, else offset + 0..T-1."""
+  if segment_ids is not None:
+    return positions_from_segments(segment_ids)
+  return jnp.broadcast_to(jnp.arange(shape[1]) + offset, shape)
+
+
 class GatedAttention(nnx.Module):
   """Multi-head (GQA/MQA) softmax attention with RoPE, QK-norm and a configurable gate.
 
@@ -183,11 +191,8 @@ class GatedAttention(nnx.Module):
     x = x.astype(dt)
     g = self.gate
     if positions is None:
-      if segment_ids is not None:
-        positions = positions_from_segments(segment_ids)
-      else:
-        offset = self.cache_index[...] if decode and self.cache_index is not None else 0
-        positions = jnp.broadcast_to(jnp.arange(t) + offset, (b, t))
+      offset = self.cache_index[...] if decode and self.cache_index is not None else 0
+      positions = default_positions((b, t), segment_ids, offset)
 
     logits = self.gate_logits(x) if g.enabled else None
     if logits is not None:  # gate slices split exactly as the heads they gate

@@ -21,7 +21,7 @@ from gated_attention_jax import attention_ops
 from gated_attention_jax import layers
 from gated_attention_jax import rope
 from gated_attention_jax import sharding
-from gated_attention_jax.attention import GatedAttention, positions_from_segments
+from gated_attention_jax.attention import GatedAttention, default_positions
 from gated_attention_jax.gate import GateConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
@@ -179,9 +179,7 @@ class Transformer(nnx.Module):
       return positions
     if decode:
       raise ValueError("decoding with learned position embeddings needs explicit positions")
-    if segment_ids is not None:
-      return positions_from_segments(segment_ids)
-    return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    return default_positions(tokens.shape, segment_ids)
 
   def init_cache(self, batch_size: int, max_length: int) -> None:
     """Allocates every layer's KV cache for decoding."""
