@@ -110,12 +110,14 @@ class Trainer:
                               out_shardings=(self.state_shardings, sharding.replicated(mesh)))
     self.eval_step = jax.jit(sharding.under_mesh(self._eval_step, mesh),
                              out_shardings=sharding.replicated(mesh))
-    # Sink tracking needs attention probabilities: the same parameters, run on the "xla" path.
-    probe_cfg = model_cfg.replace(attention_impl="xla", remat="none")
-    self.probe_graphdef = nnx.split(
-        nnx.eval_shape(lambda: Transformer(probe_cfg, rngs=nnx.Rngs(0))))[0]
-    self.sink_step = jax.jit(sharding.under_mesh(self._sink_step, mesh),
-                             out_shardings=sharding.replicated(mesh))
+    self.track_sinks = config.train.get("track_sinks", False)
+    if self.track_sinks:
+      # Sink tracking needs attention probabilities: the same parameters on the "xla" path.
+      probe_cfg = model_cfg.replace(attention_impl="xla", remat="none")
+      self.probe_graphdef = nnx.split(
+          nnx.eval_shape(lambda: Transformer(probe_cfg, rngs=nnx.Rngs(0))))[0]
+      self.sink_step = jax.jit(sharding.under_mesh(self._sink_step, mesh),
+                               out_shardings=sharding.replicated(mesh))
 
   def _init_state(self) -> dict[str, Any]:
     model = Transformer(self.model_cfg, rngs=nnx.Rngs(self.config.train.seed))
@@ -159,7 +161,10 @@ class Trainer:
             "hidden_states": jnp.stack(inter["hidden_states"]).astype(jnp.float32)}
 
   def sink_metrics(self, params: Any, local_batch: dict[str, np.ndarray]) -> dict[str, Any]:
-    """First-token attention, sink rate (eps 0.3) and max activation on one batch."""
+    """First-token attention, sink rate (eps 0.3) and max activation on one batch.
+
+    Only when `self.track_sinks` (`train.track_sinks`).
+    """
     out = jax.device_get(self.sink_step(params, self.global_batch(local_batch)))
     first = sink_metrics_lib.first_token_attention(out["first_key_probs"])
     sinks = sink_metrics_lib.sink_rate(out["first_key_probs"])
@@ -310,7 +315,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                                               values["gate_score_mean_per_layer"]]
         if do_eval:
           eval_metrics = trainer.evaluate(state["params"], eval_batches)
-          if train_cfg.get("track_sinks", False):
+          if trainer.track_sinks:
             eval_metrics.update(trainer.sink_metrics(state["params"], eval_batches[0]))
           row.update(eval_metrics)
         writer.write(step, row)
