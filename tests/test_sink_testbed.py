@@ -255,3 +255,13 @@ def test_tiny_testbed_run_tracks_sinks(tmp_path):
   for key in ("first_token_attention", "sink_rate", "max_activation", "massive_count"):
     assert summary[key] == on_disk[key] == row[key], key
   assert experiment.model_config(run_config).vocab_size == 67
+
+  # The analysis CLI's path works on a learned-position model: no length past the
+  # 32-row table is read (it would give NaN), and no RoPE scaling is evaluated.
+  analysis = run_analysis.analyze_run(tmp_path, batch_size=4, num_batches=1,
+                                      long_context_batches=1)
+  assert analysis["long_context"]["multiples"] == [1]
+  assert list(analysis["long_context"]["perplexity"]) == ["none"]
+  assert np.isfinite(analysis["long_context"]["perplexity"]["none"]["1"])
+  assert analysis["sink"]["seq_len"] == 32
+  assert 0 <= analysis["sink"]["sink_rate"] <= 1

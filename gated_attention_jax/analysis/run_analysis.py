@@ -142,11 +142,18 @@ def long_context_perplexity(model: Transformer, batches_by_multiple: Mapping[int
   distinct one evaluated once; the loss is the token-weighted mean cross
   entropy over `loss_mask`, as in training's evaluation (attention masked by
   segment iff `use_segments`).
+  Without RoPE only method "none" is evaluated (the others rescale RoPE), and a
+  learned position table is not read past its `max_positions` rows: longer
+  multiples are left out (`multiples` lists those evaluated).
   Returns `perplexity` and `loss` as {method: {str(k): value}}, `tokens` {str(k): n}.
   """
   cfg = analysis_config(model.config)
+  if cfg.position_embedding != "rope":
+    methods = [m for m in methods if m == "none"]
+  longest = cfg.max_positions if cfg.position_embedding == "learned" else None
   state = _float32_state(model)
-  batches = {k: list(b) for k, b in batches_by_multiple.items()}
+  batches = {k: list(b) for k, b in batches_by_multiple.items()
+             if longest is None or k * train_len <= longest}
   losses: dict[tuple[rope.RopeScaling, int], tuple[float, float]] = {}
   out: dict[str, Any] = {"train_len": train_len, "multiples": sorted(batches),
                          "perplexity": {}, "loss": {}, "tokens": {}}
@@ -379,7 +386,8 @@ def analyze_run(workdir: PathLike, step: Optional[int] = None, *,
   Data, all from the run's validation split:
     - F-Attn, M-Act, gates, maps, selectivity: `num_batches` batches of
       `batch_size` windows (data.packing forced to "windows") at the training length;
-    - sink rate: 100 windows of 64 tokens ("windows" packing);
+    - sink rate: 100 windows of 64 tokens ("windows" packing; fewer tokens if a learned
+      position table is shorter);
     - long context: `long_context_batches` batches at k x the training length
       for k in `multiples`, packed as in training, of max(1, batch_size // k)
       rows (about the same tokens at every length); at k = 1 they are training's
@@ -393,11 +401,14 @@ def analyze_run(workdir: PathLike, step: Optional[int] = None, *,
   windows = ml_collections.ConfigDict(data_cfg.to_dict())
   windows.packing = "windows"
   train_len = data_cfg.seq_len
+  sink_len = SINK_SEQ_LEN  # a learned position table has no rows past max_positions
+  if model.config.position_embedding == "learned":
+    sink_len = min(sink_len, model.config.max_positions)
   return analyze_model(
       model,
       pipeline.make_eval_batches(windows, batch_size=batch_size, num_batches=num_batches),
       sink_batches=pipeline.make_eval_batches(windows, batch_size=SINK_SEQUENCES,
-                                              num_batches=1, seq_len=SINK_SEQ_LEN),
+                                              num_batches=1, seq_len=sink_len),
       out_dir=workdir / "analysis", json_path=workdir / "analysis.json",
       long_context={k: pipeline.make_eval_batches(data_cfg, batch_size=max(1, batch_size // k),
                                                   num_batches=long_context_batches,
