@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from gated_attention_jax import aot
 from gated_attention_jax.kernels import common, flash_gpu, flash_mgpu, flash_tpu, reference
 
 IMPLS = ("auto", "pallas_tpu", "pallas_gpu", "pallas_mgpu", "xla")
@@ -43,6 +44,7 @@ def gated_flash_attention(
     gate_activation: str = "sigmoid",
     impl: str = "auto",
     block_sizes: common.BlockSizes | None = None,
+    interpret: bool | None = None,
 ) -> jax.Array:
   """softmax(scale · q kᵀ + mask) v ⊙ act(gate).
 
@@ -59,13 +61,18 @@ def gated_flash_attention(
       GPU -> pallas_gpu, otherwise xla). A Pallas impl on a backend it was not written for runs
       in interpret mode.
     block_sizes: kernel tile sizes (Pallas impls only).
+    interpret: run a Pallas impl in its interpreter (True) or compile it (False). None: compile
+      when the platform being lowered for is the impl's own — the abstract mesh's device inside
+      ``aot.lowering_for`` (ahead-of-time compiles for a TPU or GPU from a CPU machine), else
+      jax's default backend — and interpret otherwise.
   Returns:
     (B, T, N, H) array in q.dtype.
   """
   q_seg, kv_seg = _check_args(q, k, v, gate, segment_ids, gate_activation, impl)
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+  platform = aot.target_platform()
   if impl == "auto":
-    impl = _AUTO.get(jax.default_backend(), "xla")
+    impl = _AUTO.get(platform, "xla")
   if impl == "xla":
     return reference.gated_attention(q, k, v, gate, causal=causal, scale=scale,
                                      gate_activation=gate_activation,
@@ -73,7 +80,7 @@ def gated_flash_attention(
   cfg = common.KernelConfig(
       impl=impl, causal=bool(causal), scale=scale, gate_activation=gate_activation,
       block_sizes=block_sizes or common.BlockSizes(),
-      interpret=jax.default_backend() != _NATIVE_BACKEND[impl])
+      interpret=platform != _NATIVE_BACKEND[impl] if interpret is None else bool(interpret))
   return _flash(cfg, q, k, v, gate, q_seg, kv_seg)
 
 
