@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.resources
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -85,6 +86,9 @@ def target_devices(target: str) -> tuple[Any, ...]:
     raise ValueError(f"target must be 'h100', 'h200' or a TPU topology '<generation>:<shape>' "
                      f"with generation one of {TPU_GENERATIONS} (e.g. 'v5e:2x2', 'v5p:8x8x4'), "
                      f"got {target!r}.")
+  # Ahead-of-time compiles hold no TPU, so several processes may load libtpu at once (else the
+  # second fails on libtpu's lockfile).
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     topo = topologies.get_topology_desc(topology_name=target, platform="tpu")
   except Exception as e:  # pylint: disable=broad-except
@@ -130,6 +134,18 @@ def target_platform() -> str:
   if device is not None and getattr(device, "platform", None):
     return "gpu" if device.platform in ("cuda", "rocm", "gpu") else device.platform
   return jax.default_backend()
+
+
+def target_device_kind() -> str | None:
+  """Device kind of the target being lowered for (the abstract mesh's, else the first local
+  device's), e.g. "NVIDIA H100 80GB HBM3"; None when unknown."""
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  if device is not None and getattr(device, "device_kind", None):
+    return device.device_kind
+  try:
+    return jax.local_devices()[0].device_kind
+  except RuntimeError:
+    return None
 
 
 def abstract_args(devices: Sequence[Any], *shapes_and_dtypes: tuple[tuple[int, ...], Any]):

@@ -4,8 +4,11 @@ Dimension names: B batch, T query length, S key length, N query heads, K kv head
 The kernel families (``flash_tpu``, ``flash_gpu``, ``flash_mgpu``) expose the same two functions,
 ``forward(q, k, v, gate, q_seg, kv_seg, cfg, save_residuals)`` and
 ``backward(q, k, v, q_seg, kv_seg, lse, dy, delta, cfg)``; one custom_vjp wires any of them.
-``impl="pallas_mgpu"`` (Mosaic GPU, Hopper) is explicit-only: ``"auto"`` still picks the portable
-``pallas_gpu`` on GPUs, since the Mosaic GPU kernels have only run in the GPU interpreter.
+``impl="auto"`` picks by the platform being lowered for (``aot.target_platform``): TPU ->
+``pallas_tpu``; a Hopper GPU (H100/H200) -> ``pallas_mgpu`` where it serves the inputs (jax >=
+0.11, bf16/f16, head_dim a multiple of 64 up to 256), else ``pallas_gpu`` (any GPU; head_dim a
+power of two up to 256), else ``xla``. An explicit impl that cannot serve the inputs is refused
+with the reason before anything compiles (``tiles``).
 The gate is applied in the forward kernel's epilogue; the backward's preprocessing pass turns
 dO into dy = dO ⊙ act(g), dgate = dO ⊙ y ⊙ act'(g) (summed over H when headwise) and
 delta = Σ_H dy ⊙ y, from the saved ungated output y — the gate is never divided out.
@@ -21,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from gated_attention_jax import aot
-from gated_attention_jax.kernels import common, flash_gpu, flash_mgpu, flash_tpu, reference
+from gated_attention_jax.kernels import common, flash_gpu, flash_mgpu, flash_tpu, reference, tiles
 
 IMPLS = ("auto", "pallas_tpu", "pallas_gpu", "pallas_mgpu", "xla")
 _KERNELS = {"pallas_tpu": flash_tpu, "pallas_gpu": flash_gpu, "pallas_mgpu": flash_mgpu}
@@ -29,7 +32,7 @@ _KERNELS = {"pallas_tpu": flash_tpu, "pallas_gpu": flash_gpu, "pallas_mgpu": fla
 # then uses the Mosaic GPU interpreter (``flash_mgpu._interpret_params``), the others
 # ``pallas_call(interpret=True)``.
 _NATIVE_BACKEND = {"pallas_tpu": "tpu", "pallas_gpu": "gpu", "pallas_mgpu": "gpu"}
-_AUTO = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}
+HOPPER_KINDS = ("H100", "H200", "H800", "H20", "GH200")
 
 
 def gated_flash_attention(
@@ -56,10 +59,9 @@ def gated_flash_attention(
       within equal ids. Rows that see no key output zeros.
     scale: logit scale, default 1 / sqrt(H).
     gate_activation: one of ``reference.GATE_ACTIVATIONS``.
-    impl: "pallas_tpu", "pallas_gpu", "pallas_mgpu" (Mosaic GPU, Hopper; 64-row q tiles, kv
-      tiles >= 64, H a multiple of 64 advised), "xla" or "auto" (TPU -> pallas_tpu,
-      GPU -> pallas_gpu, otherwise xla). A Pallas impl on a backend it was not written for runs
-      in interpret mode.
+    impl: "pallas_tpu", "pallas_gpu", "pallas_mgpu" (Mosaic GPU, Hopper), "xla" or "auto" (see
+      the module docstring). A Pallas impl on a backend it was not written for runs in
+      interpret mode (see ``interpret``).
     block_sizes: kernel tile sizes (Pallas impls only).
     interpret: run a Pallas impl in its interpreter (True) or compile it (False). None: compile
       when the platform being lowered for is the impl's own — the abstract mesh's device inside
@@ -71,8 +73,12 @@ def gated_flash_attention(
   q_seg, kv_seg = _check_args(q, k, v, gate, segment_ids, gate_activation, impl)
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
   platform = aot.target_platform()
+  gate_kind = None if gate is None else ("elementwise" if gate.ndim == 4 else "headwise")
   if impl == "auto":
-    impl = _AUTO.get(platform, "xla")
+    impl = _auto_impl(platform, q, gate_kind, q_seg is not None, block_sizes)
+  reason = _unsupported(impl, q, gate_kind, q_seg is not None, block_sizes)
+  if reason:
+    raise ValueError(reason)
   if impl == "xla":
     return reference.gated_attention(q, k, v, gate, causal=causal, scale=scale,
                                      gate_activation=gate_activation,
@@ -82,6 +88,32 @@ def gated_flash_attention(
       block_sizes=block_sizes or common.BlockSizes(),
       interpret=platform != _NATIVE_BACKEND[impl] if interpret is None else bool(interpret))
   return _flash(cfg, q, k, v, gate, q_seg, kv_seg)
+
+
+def _unsupported(impl: str, q, gate_kind, has_segments: bool,
+                 block_sizes: common.BlockSizes | None) -> str | None:
+  """Why ``impl`` cannot serve these inputs on its target (None if it can)."""
+  h = q.shape[-1]
+  if impl == "pallas_mgpu":
+    block_kv = None if block_sizes is None else (block_sizes.block_kv_bwd or block_sizes.block_kv)
+    return tiles.mgpu_unsupported(h, q.dtype, block_kv, gate=gate_kind, segments=has_segments)
+  if impl == "pallas_gpu":
+    return tiles.triton_unsupported(h)
+  return None
+
+
+def _auto_impl(platform: str, q, gate_kind, has_segments: bool, block_sizes) -> str:
+  if platform == "tpu":
+    return "pallas_tpu"
+  if platform != "gpu":
+    return "xla"
+  kind = aot.target_device_kind() or ""
+  candidates = (("pallas_mgpu",) if any(h in kind for h in HOPPER_KINDS) else ()) + (
+      "pallas_gpu",)
+  for impl in candidates:
+    if _unsupported(impl, q, gate_kind, has_segments, block_sizes) is None:
+      return impl
+  return "xla"
 
 
 def _check_args(q, k, v, gate, segment_ids, gate_activation, impl):

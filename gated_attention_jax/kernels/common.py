@@ -20,12 +20,14 @@ MIN_BLOCK = 16
 class BlockSizes:
   """Tile sizes along T (``block_q*``) and S (``block_kv*``) for forward and backward kernels.
 
-  The backward sizes default to the forward ones. Each size is capped at the next power of two
-  of the (short) sequence it tiles, so tiny inputs do not pay for huge padded tiles.
+  None leaves a size to the impl: 128 x 128 on TPU, and on GPUs what ``tiles`` derives from the
+  target's shared-memory and register budgets for the head_dim and dtype. The backward sizes
+  default to the forward ones when those are given. Each size is capped at the next power of
+  two of the (short) sequence it tiles, so tiny inputs do not pay for huge padded tiles.
   """
 
-  block_q: int = 128
-  block_kv: int = 128
+  block_q: int | None = None
+  block_kv: int | None = None
   block_q_bwd: int | None = None
   block_kv_bwd: int | None = None
 
@@ -35,14 +37,16 @@ class BlockSizes:
       if value is not None and (value < MIN_BLOCK or value & (value - 1)):
         raise ValueError(f"BlockSizes.{f.name} must be a power of two >= {MIN_BLOCK}, got {value}.")
 
-  def forward(self, t: int, s: int) -> tuple[int, int]:
+  def forward(self, t: int, s: int, default: tuple[int, int] = (128, 128)) -> tuple[int, int]:
     """Effective (block_q, block_kv) for the forward pass on lengths T=t, S=s."""
-    return _fit(self.block_q, t), _fit(self.block_kv, s)
+    bq = default[0] if self.block_q is None else self.block_q
+    bk = default[1] if self.block_kv is None else self.block_kv
+    return _fit(bq, t), _fit(bk, s)
 
-  def backward(self, t: int, s: int) -> tuple[int, int]:
+  def backward(self, t: int, s: int, default: tuple[int, int] = (128, 128)) -> tuple[int, int]:
     """Effective (block_q, block_kv) for the backward passes on lengths T=t, S=s."""
-    bq = self.block_q if self.block_q_bwd is None else self.block_q_bwd
-    bk = self.block_kv if self.block_kv_bwd is None else self.block_kv_bwd
+    bq = next(b for b in (self.block_q_bwd, self.block_q, default[0]) if b is not None)
+    bk = next(b for b in (self.block_kv_bwd, self.block_kv, default[1]) if b is not None)
     return _fit(bq, t), _fit(bk, s)
 
 

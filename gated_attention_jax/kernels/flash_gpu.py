@@ -25,15 +25,21 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from gated_attention_jax.kernels import common
+from gated_attention_jax.kernels import common, tiles
 from gated_attention_jax.kernels.reference import activation_and_grad
 
 
-def _compiler_params(cfg: common.KernelConfig):
+def _tiles(cfg: common.KernelConfig, kernel: str, t: int, s: int, h: int, dtype):
+  """(block_q, block_kv, compiler params) of ``kernel``: ``cfg.block_sizes`` where given, else
+  ``tiles.triton_tiles``'s budget-derived defaults."""
+  default = tiles.triton_tiles(h, jnp.dtype(dtype).itemsize, kernel)
+  pick = cfg.block_sizes.forward if kernel == "fwd" else cfg.block_sizes.backward
+  block_q, block_kv = pick(t, s, (default.block_q, default.block_kv))
   if cfg.interpret:
-    return None
+    return block_q, block_kv, None
   from jax.experimental.pallas import triton as pltriton  # GPU-only import
-  return pltriton.CompilerParams(num_warps=4, num_stages=2)
+  return block_q, block_kv, pltriton.CompilerParams(num_warps=default.num_warps,
+                                                     num_stages=default.num_stages)
 
 
 def _live_kv_blocks(cfg, qi, block_q, block_kv, offset, nk):
@@ -107,7 +113,7 @@ def forward(q, k, v, gate, q_seg, kv_seg, cfg: common.KernelConfig, *, save_resi
   b, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
   group = n // kh
-  block_q, block_kv = cfg.block_sizes.forward(t, s)
+  block_q, block_kv, params = _tiles(cfg, "fwd", t, s, h, q.dtype)
   tp, sp = common.round_up(t, block_q), common.round_up(s, block_kv)
 
   q_spec = pl.BlockSpec((None, block_q, None, h), lambda bi, ni, qi: (bi, qi, ni, 0))
@@ -139,7 +145,7 @@ def forward(q, k, v, gate, q_seg, kv_seg, cfg: common.KernelConfig, *, save_resi
       in_specs=in_specs,
       out_specs=out_specs,
       out_shape=out_shape,
-      compiler_params=_compiler_params(cfg),
+      compiler_params=params,
       interpret=cfg.interpret,
       name="gated_flash_fwd_gpu",
   )(*inputs)
@@ -233,7 +239,7 @@ def backward(q, k, v, q_seg, kv_seg, lse, dy, delta, cfg: common.KernelConfig):
   b, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
   group = n // kh
-  block_q, block_kv = cfg.block_sizes.backward(t, s)
+  block_q, block_kv, params = _tiles(cfg, "bwd", t, s, h, q.dtype)
   tp, sp = common.round_up(t, block_q), common.round_up(s, block_kv)
   static = dict(cfg=cfg, offset=s - t, kv_len=s, kv_padded=sp != s,
                 has_segments=q_seg is not None)
@@ -256,7 +262,7 @@ def backward(q, k, v, q_seg, kv_seg, lse, dy, delta, cfg: common.KernelConfig):
       in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec] + seg_specs,
       out_specs=q_spec,
       out_shape=jax.ShapeDtypeStruct((b, tp, n, h), q.dtype),
-      compiler_params=_compiler_params(cfg),
+      compiler_params=params,
       interpret=cfg.interpret,
       name="gated_flash_dq_gpu",
   )(q_p, k_p, v_p, dy_p, lse_p, delta_p, *segments)
@@ -274,7 +280,7 @@ def backward(q, k, v, q_seg, kv_seg, lse, dy, delta, cfg: common.KernelConfig):
       out_specs=[kv_spec, kv_spec],
       out_shape=[jax.ShapeDtypeStruct((b, sp, kh, h), k.dtype),
                  jax.ShapeDtypeStruct((b, sp, kh, h), v.dtype)],
-      compiler_params=_compiler_params(cfg),
+      compiler_params=params,
       interpret=cfg.interpret,
       name="gated_flash_dkv_gpu",
   )(q_p, k_p, v_p, dy_p, lse_p, delta_p, *segments)

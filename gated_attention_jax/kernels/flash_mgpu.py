@@ -4,52 +4,38 @@ specialisation), dq and dk/dv backward (the same); behind ``impl="pallas_mgpu"``
 Dimension names: B batch, T query length, S key length, N query heads, K kv heads, H head_dim,
 G = N // K.
 
-Forward structure: one CTA per (q tile of 64 rows, query head, batch), two warpgroups. Warpgroup 1 is
-the producer: it TMA-loads the q tile (and the gate tile) once, then streams k/v tiles
-(and kv segment ids) through ``max_concurrent_steps`` SMEM slots, each guarded by a "full"
-barrier (TMA arrivals) and a "free" barrier (consumer arrival). Warpgroup 0 is the consumer: per
-kv tile it runs s = q·kᵀ on wgmma, the masked online softmax in registers, writes p to SMEM and
-runs p·v on wgmma, then frees the slot. Under causal masking both loops stop at the diagonal.
-The epilogue stores the ungated output y, the log-sum-exp lse and o = y ⊙ act(gate) through SMEM
-with TMA. GQA: the kv head is ``n // G``; K/V are never repeated.
+Forward: one CTA per (q tile of 64 rows, query head, batch), two warpgroups. Warpgroup 1 is the
+producer: it TMA-loads the q tile (and the gate tile) once, then streams k/v tiles (and kv
+segment ids) through ``tiles.MGPU_SLOTS`` SMEM slots, each guarded by a "full" barrier (TMA
+arrivals) and a "free" barrier (consumer arrival). Warpgroup 0 is the consumer: per kv tile it
+runs s = q·kᵀ on wgmma (kᵀ is a transposed view of the k slot, no copy), the masked online
+softmax in registers, writes p to SMEM and runs p·v on wgmma, then frees the slot. Under causal
+masking both loops stop at the diagonal. The epilogue stores the ungated output y (through the
+q tile's SMEM, free by then), the log-sum-exp lse and o = y ⊙ act(gate) (an elementwise gate is
+loaded straight into o's SMEM tile and overwritten by o) with TMA. GQA: the kv head is n // G;
+K/V are never repeated.
 
-Backward (``backward``, same contract as ``flash_gpu.backward``): a dq kernel, one CTA per
-(q tile of 64 rows, query head, batch) looping over kv tiles up to the diagonal, and a dk/dv
-kernel, one CTA per (kv tile, kv head, batch) looping over the G query heads of its group and
-the live q tiles (causal: from ``common.first_live_q_block``). Both recompute p = exp(s − lse)
+Backward (same contract as ``flash_gpu.backward``): a dq kernel, one CTA per (q tile, query head,
+batch) streaming k/v tiles up to the diagonal, and a dk/dv kernel, one CTA per (kv tile, kv head,
+batch) streaming (query head of the group, live q tile) pairs. Both recompute p = exp(s − lse)
 from the saved lse, accumulate in float32 registers and run every matmul on wgmma with SMEM
-operands. They are warp-specialised like the forward: a producer warpgroup loads the CTA's fixed
-tiles once and streams the looped-over tiles (k, kᵀ, vᵀ for dq; q, qᵀ, dy, dyᵀ, lse, delta for
-dk/dv, the G heads × live q tiles flattened into one loop) through ``max_concurrent_steps``
-slots with full/free barriers, and a consumer warpgroup computes; the operands that would need a transposed view (kᵀ, vᵀ for dq; qᵀ, dyᵀ for dk/dv)
-are transposed by XLA in the wrapper, and dk/dv works in the transposed frame (sᵀ = k·qᵀ,
-dpᵀ = v·dyᵀ) so dv += pᵀ·dy and dk += dsᵀ·q need no transposed operand.
+operands; operands that need a transposed view (kᵀ, vᵀ in dq; qᵀ, dyᵀ in dk/dv) are
+transposed SMEM views of the tiles already loaded. dk/dv works in the transposed frame
+(sᵀ = k·qᵀ, dpᵀ = v·dyᵀ) so dv += pᵀ·dy and dk += dsᵀ·q. dq is staged out through the q tile's
+SMEM and dk/dv through the k/v tiles', which the loop no longer needs.
 
-Status — only ever run in GPU interpret mode on CPU (``jax._src.pallas.mosaic_gpu.interpret``,
-jax 0.10.2); never compiled or timed on a GPU. Wired into ``api`` as the explicit
-``impl="pallas_mgpu"`` (``"auto"`` still picks ``flash_gpu`` on GPUs).
-Missing / known gaps:
+Tiles and what is accepted come from ``tiles``: 64 query rows, kv tiles of 128 rows up to
+head_dim 128 and 64 above, bf16/f16 inputs, head_dim a multiple of 64 up to 256, jax >= 0.11
+(0.10's Mosaic GPU cannot infer the softmax's layouts); ``tiles.mgpu_smem_bytes`` is the exact
+scratch each kernel allocates and is checked against Hopper's 232,448 bytes before compiling.
 
-* Backward: one consumer warpgroup (no ping-pong), and its p/ds SMEM tiles are rewritten each
-  step without a ``wgmma_wait`` (fine in the synchronous interpreter; on hardware the previous
-  step's wgmmas must have finished reading them). The extra XLA transposes (kᵀ, vᵀ, qᵀ, dyᵀ)
-  cost one HBM pass each; ``transpose_ref`` would avoid them. dk/dv's streamed slots are big
-  (4 bf16 (64, H) tiles each), so SMEM use for H = 256 with 2 slots and block_kv = 128 should
-  be checked against Hopper's 227 KiB.
-* Shaped by what the interpreter supports: it rejects ``pl.run_state`` ("Higher-order primitive
-  run_state"), register (non-SMEM) wgmma A operands, ``plgpu.transpose_ref`` operands of wgmma
-  and ``plgpu.layout_cast``. Hence: wgmma accumulators are ``pl.run_scoped`` ``plgpu.ACC``
-  allocations (zero-initialised, one per matmul; the running output stays in registers and is
-  rescaled there); p goes through SMEM before p·v (FA3 keeps it in registers); and K is
-  transposed to (B, K, H, S) by XLA in the wrapper so q·kᵀ needs no transposed operand (on
-  hardware ``transpose_ref`` on the k tile would save that pass). No register layouts are
-  annotated, so the softmax's reductions/broadcasts may need ``plgpu.layout_cast`` to lower.
-* The interpreter runs wgmma synchronously, so the lack of explicit ``wgmma_wait`` ordering and
-  of wgmma/softmax overlap (ping-pong between two consumer warpgroups) is untested/unimplemented.
-* Tile shape is fixed at 64 query rows (one consumer warpgroup, wgmma M = 64); ``block_kv``
-  comes from ``cfg.block_sizes`` but is raised to at least 64; H should be a multiple of 64 for
-  the 128-byte swizzle (forward and backward alike). lse, delta and the headwise gate use a
-  (B, N, T) layout inside the kernels so their TMA tiles are contiguous (transposed by XLA in the wrapper).
+Every wgmma accumulator is read right after its wgmma (``_matmul``), which waits for it, so an
+SMEM tile (p, ds) is never rewritten while a wgmma still reads it. Not done (FA3 has them): p
+kept in registers as wgmma's A operand, two consumer warpgroups ping-ponging softmax and
+matmuls, and overlapping a tile's softmax with the next tile's q·kᵀ. Verified by compiling for
+H100/H200 (``compile_check``) and in jax's Mosaic GPU interpreter (tests/test_kernels_mgpu.py);
+not yet run on a GPU, so runtime-only faults (barrier phase errors, async ordering) are
+unverified.
 """
 
 from __future__ import annotations
@@ -62,11 +48,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from gated_attention_jax.kernels import common
+from gated_attention_jax.kernels import common, tiles
 from gated_attention_jax.kernels.reference import activation_and_grad
 
-BLOCK_Q = 64  # rows per consumer warpgroup: wgmma's M
-MIN_BLOCK_KV = 64
+BLOCK_Q = tiles.MGPU_BLOCK_Q
 _CONSUMER, _PRODUCER = 0, 1
 
 
@@ -84,201 +69,19 @@ def _swizzled(shape, dtype):
                                               plgpu.SwizzleTransform(128)))
 
 
-def _fwd_kernel(*refs, cfg: common.KernelConfig, block_kv: int, group: int, offset: int,
-                kv_len: int, kv_padded: bool, gate_kind: str | None, has_segments: bool,
-                nbuf: int):
-  refs = iter(refs)
-  q_g, kt_g, v_g = next(refs), next(refs), next(refs)
-  gate_g = next(refs) if gate_kind else None
-  q_seg_g, kv_seg_g = (next(refs), next(refs)) if has_segments else (None, None)
-  o_g, y_g, lse_g = next(refs), next(refs), next(refs)
-  q_s, kt_s, v_s, p_s, o_s, y_s, lse_s = (next(refs) for _ in range(7))
-  gate_s = next(refs) if gate_kind else None
-  q_seg_s, kv_seg_s = (next(refs), next(refs)) if has_segments else (None, None)
-  q_bar, full, free = next(refs), next(refs), next(refs)
-
-  qi, ni, bi = lax.axis_index("q"), lax.axis_index("n"), lax.axis_index("b")
-  wg = lax.axis_index("wg")
-  kvh = ni // group
-  q_rows = pl.ds(qi * BLOCK_Q, BLOCK_Q)
-  nk = kt_g.shape[-1] // block_kv
-  if cfg.causal:
-    n_live = common.num_live_kv_blocks(qi, BLOCK_Q, block_kv, offset, nk)
-  else:
-    n_live = jnp.int32(nk)
-
-  @pl.when(wg == _PRODUCER)
-  def _producer():
-    plgpu.copy_gmem_to_smem(q_g.at[bi, q_rows, ni, :], q_s, q_bar.at[0])
-    if gate_kind == "elementwise":
-      plgpu.copy_gmem_to_smem(gate_g.at[bi, q_rows, ni, :], gate_s, q_bar.at[0])
-    elif gate_kind == "headwise":
-      plgpu.copy_gmem_to_smem(gate_g.at[bi, ni, q_rows], gate_s, q_bar.at[0])
-    if has_segments:
-      plgpu.copy_gmem_to_smem(q_seg_g.at[bi, q_rows], q_seg_s, q_bar.at[0])
-
-    def step(ki, carry):
-      slot = lax.rem(ki, nbuf)
-
-      @pl.when(ki >= nbuf)
-      def _():  # wait until the consumer is done with this slot's previous tile
-        plgpu.barrier_wait(free.at[slot])
-
-      kv_rows = pl.ds(ki * block_kv, block_kv)
-      plgpu.copy_gmem_to_smem(kt_g.at[bi, kvh, :, kv_rows], kt_s.at[slot], full.at[slot])
-      plgpu.copy_gmem_to_smem(v_g.at[bi, kv_rows, kvh, :], v_s.at[slot], full.at[slot])
-      if has_segments:
-        plgpu.copy_gmem_to_smem(kv_seg_g.at[bi, kv_rows], kv_seg_s.at[slot], full.at[slot])
-      return carry
-
-    lax.fori_loop(0, n_live, step, 0)
-    # Drain: observe the last release of every used slot before the CTA's barriers go away.
-    for j in range(nbuf):
-      last = n_live - nbuf + j
-
-      @pl.when(last >= 0)
-      def _():
-        plgpu.barrier_wait(free.at[lax.rem(last, nbuf)])
-
-  @pl.when(wg == _CONSUMER)
-  def _consumer():
-    plgpu.barrier_wait(q_bar.at[0])
-    q_seg = q_seg_s[...][:, None] if has_segments else None
-
-    def step(ki, carry):
-      m_prev, l_prev, acc = carry
-      slot = lax.rem(ki, nbuf)
-      plgpu.barrier_wait(full.at[slot])
-
-      def qk(acc_ref):
-        plgpu.wgmma(acc_ref, q_s, kt_s.at[slot])
-        return acc_ref[...]
-
-      s = pl.run_scoped(qk, plgpu.ACC((BLOCK_Q, block_kv), jnp.float32)) * cfg.scale
-      mask = common.tile_mask(
-          qi * BLOCK_Q, ki * block_kv, BLOCK_Q, block_kv, causal=cfg.causal, offset=offset,
-          kv_len=kv_len, kv_padded=kv_padded, q_seg=q_seg,
-          kv_seg=kv_seg_s.at[slot][...][None, :] if has_segments else None)
-      if mask is not None:
-        s = jnp.where(mask, s, -jnp.inf)
-      m_new, p, alpha = common.online_softmax_step(s, m_prev)
-      p_s[...] = p.astype(p_s.dtype)
-      plgpu.commit_smem()
-
-      def pv(acc_ref):
-        plgpu.wgmma(acc_ref, p_s, v_s.at[slot])
-        return acc_ref[...]
-
-      pv_out = pl.run_scoped(pv, plgpu.ACC((BLOCK_Q, acc.shape[1]), jnp.float32))
-      plgpu.barrier_arrive(free.at[slot])
-      return m_new, alpha * l_prev + jnp.sum(p, axis=1), alpha[:, None] * acc + pv_out
-
-    h = q_s.shape[1]
-    init = (jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32), jnp.zeros((BLOCK_Q,), jnp.float32),
-            jnp.zeros((BLOCK_Q, h), jnp.float32))
-    m, l, acc = lax.fori_loop(0, n_live, step, init)
-    y = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
-    y_s[...] = y.astype(y_s.dtype)
-    lse_s[...] = jnp.where(l == 0.0, jnp.inf, m + jnp.log(l))
-    if gate_kind:
-      act = activation_and_grad(gate_s[...], cfg.gate_activation)[0]
-      y = y * (act if act.ndim == 2 else act[:, None])
-    o_s[...] = y.astype(o_s.dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_s, o_g.at[bi, q_rows, ni, :])
-    plgpu.copy_smem_to_gmem(y_s, y_g.at[bi, q_rows, ni, :])
-    plgpu.copy_smem_to_gmem(lse_s, lse_g.at[bi, ni, q_rows])
-    plgpu.wait_smem_to_gmem(0)
+def _t(ref):
+  """Transposed view of a 2-D SMEM tile (a wgmma operand; nothing is copied)."""
+  return ref.transpose((1, 0))
 
 
-def forward(q, k, v, gate, q_seg, kv_seg, cfg: common.KernelConfig, *, save_residuals: bool,
-            max_concurrent_steps: int = 2):
-  """Gated attention forward (Mosaic GPU); same contract as ``flash_gpu.forward``.
-
-  q: (B, T, N, H); k, v: (B, S, K, H); gate: (B, T, N, H), (B, T, N) or None;
-  q_seg: (B, T), kv_seg: (B, S) or both None.
-  Returns o (B, T, N, H) and, if save_residuals, the ungated output y (B, T, N, H) and the
-  log-sum-exp lse (B, T, N) float32 (+inf for rows that see no key); else (o, None, None).
-  ``max_concurrent_steps``: number of k/v SMEM slots in the TMA pipeline.
-  """
-  b, t, n, h = q.shape
-  s, kh = k.shape[1], k.shape[2]
-  group = n // kh
-  block_kv = max(MIN_BLOCK_KV, cfg.block_sizes.forward(t, s)[1])
-  tp, sp = common.round_up(t, BLOCK_Q), common.round_up(s, block_kv)
-  nbuf = max(1, min(max_concurrent_steps, sp // block_kv))
-  dtype = q.dtype
-
-  inputs = [common.pad_axis(q, 1, tp),
-            jnp.transpose(common.pad_axis(k, 1, sp), (0, 2, 3, 1)),  # (B, K, H, S)
-            common.pad_axis(v, 1, sp)]
-  gate_kind = None
-  if gate is not None:
-    gate_kind = "elementwise" if gate.ndim == 4 else "headwise"
-    gate = common.pad_axis(gate, 1, tp)
-    inputs.append(gate if gate.ndim == 4 else jnp.transpose(gate, (0, 2, 1)))  # (B, N, T)
-  has_segments = q_seg is not None
-  if has_segments:
-    inputs += [common.pad_axis(q_seg.astype(jnp.int32), 1, tp),
-               common.pad_axis(kv_seg.astype(jnp.int32), 1, sp)]
-
-  scratch = [
-      _swizzled((BLOCK_Q, h), dtype),  # q
-      _swizzled((nbuf, h, block_kv), k.dtype),  # kᵀ slots
-      _swizzled((nbuf, block_kv, h), v.dtype),  # v slots
-      _swizzled((BLOCK_Q, block_kv), v.dtype),  # p
-      plgpu.SMEM((BLOCK_Q, h), dtype),  # o
-      plgpu.SMEM((BLOCK_Q, h), dtype),  # y
-      plgpu.SMEM((BLOCK_Q,), jnp.float32),  # lse
-  ]
-  if gate_kind:
-    scratch.append(plgpu.SMEM((BLOCK_Q, h) if gate_kind == "elementwise" else (BLOCK_Q,),
-                              gate.dtype))
-  if has_segments:
-    scratch += [plgpu.SMEM((BLOCK_Q,), jnp.int32), plgpu.SMEM((nbuf, block_kv), jnp.int32)]
-  scratch += [
-      plgpu.Barrier(num_arrivals=1 + bool(gate_kind) + has_segments, num_barriers=1),  # q
-      plgpu.Barrier(num_arrivals=2 + has_segments, num_barriers=nbuf),  # full (TMA)
-      plgpu.Barrier(num_arrivals=1, num_barriers=nbuf),  # free (consumer)
-  ]
-  out_shape = [jax.ShapeDtypeStruct((b, tp, n, h), dtype),
-               jax.ShapeDtypeStruct((b, tp, n, h), dtype),
-               jax.ShapeDtypeStruct((b, n, tp), jnp.float32)]
-
-  kernel = functools.partial(
-      _fwd_kernel, cfg=cfg, block_kv=block_kv, group=group, offset=s - t, kv_len=s,
-      kv_padded=sp != s, gate_kind=gate_kind, has_segments=has_segments, nbuf=nbuf)
-  o, y, lse = plgpu.kernel(
-      kernel,
-      out_type=out_shape,
-      scratch_types=scratch,
-      grid=(tp // BLOCK_Q, n, b),
-      grid_names=("q", "n", "b"),
-      num_threads=2,
-      thread_name="wg",
-      interpret=_interpret_params(cfg),
-  )(*inputs)
-  if not save_residuals:
-    return o[:, :t], None, None
-  return o[:, :t], y[:, :t], jnp.transpose(lse, (0, 2, 1))[:, :t]
-
-
-# ----------------------------------------------------------------------------- backward
-#
-# Both backward kernels are warp-specialised like the forward: warpgroup 1 (producer) TMA-loads
-# the CTA's fixed tiles once (on ``once``) and streams the looped-over tiles through ``nbuf``
-# SMEM slots guarded by "full" (TMA arrivals) / "free" (consumer arrival) barriers; warpgroup 0
-# (consumer) runs the wgmmas and the elementwise math. All wgmma operands are SMEM; operands
-# that would need a transposed view are pre-transposed by XLA in the wrapper: kᵀ, vᵀ
-# (B, K, H, S) for dq and qᵀ, dyᵀ (B, N, H, T) for dk/dv. The dk/dv kernel works in the
-# transposed ("kv rows") frame: sᵀ = k·qᵀ, pᵀ, dpᵀ = v·dyᵀ, dsᵀ, so dv += pᵀ·dy and
-# dk += dsᵀ·q need no transposed operand either.
-
-
+def _block_kv(cfg: common.KernelConfig, t: int, s: int, h: int, backward: bool) -> int:
+  pick = cfg.block_sizes.backward if backward else cfg.block_sizes.forward
+  return max(64, pick(t, s, (BLOCK_Q, tiles.mgpu_block_kv(h)))[1])
 
 
 def _matmul(a_s, b_s, m: int, n: int):
-  """a_s (m, k) · b_s (k, n) on wgmma into a fresh f32 accumulator; returns the value."""
+  """a_s (m, k) · b_s (k, n) on wgmma into a fresh f32 accumulator; returns the value (reading
+  the accumulator waits for the wgmma, so its SMEM operands may be overwritten afterwards)."""
 
   def body(acc_ref):
     plgpu.wgmma(acc_ref, a_s, b_s)
@@ -322,13 +125,166 @@ def _consume(n_steps, nbuf: int, full, free, compute, init):
   return lax.fori_loop(0, n_steps, step, init)
 
 
+# ----------------------------------------------------------------------------- forward
+
+
+def _fwd_kernel(*refs, cfg: common.KernelConfig, block_kv: int, group: int, offset: int,
+                kv_len: int, kv_padded: bool, gate_kind: str | None, has_segments: bool,
+                nbuf: int):
+  refs = iter(refs)
+  q_g, k_g, v_g = next(refs), next(refs), next(refs)
+  gate_g = next(refs) if gate_kind else None
+  q_seg_g, kv_seg_g = (next(refs), next(refs)) if has_segments else (None, None)
+  o_g, y_g, lse_g = next(refs), next(refs), next(refs)
+  q_s, k_s, v_s, p_s, o_s, lse_s = (next(refs) for _ in range(6))
+  # An elementwise gate tile lands in o's SMEM (read in the epilogue, then overwritten by o).
+  gate_s = o_s if gate_kind == "elementwise" else (next(refs) if gate_kind else None)
+  q_seg_s, kv_seg_s = (next(refs), next(refs)) if has_segments else (None, None)
+  q_bar, full, free = next(refs), next(refs), next(refs)
+
+  qi, ni, bi = lax.axis_index("q"), lax.axis_index("n"), lax.axis_index("b")
+  wg = lax.axis_index("wg")
+  kvh = ni // group
+  q_rows = pl.ds(qi * BLOCK_Q, BLOCK_Q)
+  nk = k_g.shape[1] // block_kv
+  n_live = (common.num_live_kv_blocks(qi, BLOCK_Q, block_kv, offset, nk) if cfg.causal
+            else jnp.int32(nk))
+
+  @pl.when(wg == _PRODUCER)
+  def _producer():
+    plgpu.copy_gmem_to_smem(q_g.at[bi, q_rows, ni, :], q_s, q_bar.at[0])
+    if gate_kind == "elementwise":
+      plgpu.copy_gmem_to_smem(gate_g.at[bi, q_rows, ni, :], gate_s, q_bar.at[0])
+    elif gate_kind == "headwise":
+      plgpu.copy_gmem_to_smem(gate_g.at[bi, ni, q_rows], gate_s, q_bar.at[0])
+    if has_segments:
+      plgpu.copy_gmem_to_smem(q_seg_g.at[bi, q_rows], q_seg_s, q_bar.at[0])
+
+    def load(ki, slot):
+      kv_rows = pl.ds(ki * block_kv, block_kv)
+      plgpu.copy_gmem_to_smem(k_g.at[bi, kv_rows, kvh, :], k_s.at[slot], full.at[slot])
+      plgpu.copy_gmem_to_smem(v_g.at[bi, kv_rows, kvh, :], v_s.at[slot], full.at[slot])
+      if has_segments:
+        plgpu.copy_gmem_to_smem(kv_seg_g.at[bi, kv_rows], kv_seg_s.at[slot], full.at[slot])
+
+    _produce(n_live, nbuf, free, load)
+
+  @pl.when(wg == _CONSUMER)
+  def _consumer():
+    plgpu.barrier_wait(q_bar.at[0])
+    q_seg = q_seg_s[...][:, None] if has_segments else None
+    h = q_s.shape[1]
+
+    def compute(ki, slot, carry):
+      m_prev, l_prev, acc = carry
+      s = _matmul(q_s, _t(k_s.at[slot]), BLOCK_Q, block_kv) * cfg.scale
+      mask = common.tile_mask(
+          qi * BLOCK_Q, ki * block_kv, BLOCK_Q, block_kv, causal=cfg.causal, offset=offset,
+          kv_len=kv_len, kv_padded=kv_padded, q_seg=q_seg,
+          kv_seg=kv_seg_s.at[slot][...][None, :] if has_segments else None)
+      if mask is not None:
+        s = jnp.where(mask, s, -jnp.inf)
+      m_new, p, alpha = common.online_softmax_step(s, m_prev)
+      p_s[...] = p.astype(p_s.dtype)
+      plgpu.commit_smem()
+      pv = _matmul(p_s, v_s.at[slot], BLOCK_Q, h)
+      return m_new, alpha * l_prev + jnp.sum(p, axis=1), alpha[:, None] * acc + pv
+
+    init = (jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32), jnp.zeros((BLOCK_Q,), jnp.float32),
+            jnp.zeros((BLOCK_Q, h), jnp.float32))
+    m, l, acc = _consume(n_live, nbuf, full, free, compute, init)
+    y = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
+    lse_s[...] = jnp.where(l == 0.0, jnp.inf, m + jnp.log(l))
+    if gate_kind:
+      act = activation_and_grad(gate_s[...], cfg.gate_activation)[0]
+      o = y * (act if act.ndim == 2 else act[:, None])
+    else:
+      o = y
+    q_s[...] = y.astype(q_s.dtype)  # q's tile is free: every wgmma reading it has finished
+    o_s[...] = o.astype(o_s.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_s, o_g.at[bi, q_rows, ni, :])
+    plgpu.copy_smem_to_gmem(q_s, y_g.at[bi, q_rows, ni, :])
+    plgpu.copy_smem_to_gmem(lse_s, lse_g.at[bi, ni, q_rows])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def forward(q, k, v, gate, q_seg, kv_seg, cfg: common.KernelConfig, *, save_residuals: bool):
+  """Gated attention forward (Mosaic GPU); same contract as ``flash_gpu.forward``.
+
+  q: (B, T, N, H); k, v: (B, S, K, H); gate: (B, T, N, H), (B, T, N) or None;
+  q_seg: (B, T), kv_seg: (B, S) or both None.
+  Returns o (B, T, N, H) and, if save_residuals, the ungated output y (B, T, N, H) and the
+  log-sum-exp lse (B, T, N) float32 (+inf for rows that see no key); else (o, None, None).
+  """
+  b, t, n, h = q.shape
+  s, kh = k.shape[1], k.shape[2]
+  group = n // kh
+  block_kv = _block_kv(cfg, t, s, h, backward=False)
+  tp, sp = common.round_up(t, BLOCK_Q), common.round_up(s, block_kv)
+  nbuf = max(1, min(tiles.MGPU_SLOTS, sp // block_kv))
+  dtype = q.dtype
+
+  inputs = [common.pad_axis(q, 1, tp), common.pad_axis(k, 1, sp), common.pad_axis(v, 1, sp)]
+  gate_kind = None
+  if gate is not None:
+    gate_kind = "elementwise" if gate.ndim == 4 else "headwise"
+    gate = common.pad_axis(gate.astype(dtype), 1, tp)
+    inputs.append(gate if gate.ndim == 4 else jnp.transpose(gate, (0, 2, 1)))  # (B, N, T)
+  has_segments = q_seg is not None
+  if has_segments:
+    inputs += [common.pad_axis(q_seg.astype(jnp.int32), 1, tp),
+               common.pad_axis(kv_seg.astype(jnp.int32), 1, sp)]
+
+  scratch = [
+      _swizzled((BLOCK_Q, h), dtype),  # q, then y
+      _swizzled((nbuf, block_kv, h), k.dtype),  # k slots
+      _swizzled((nbuf, block_kv, h), v.dtype),  # v slots
+      _swizzled((BLOCK_Q, block_kv), v.dtype),  # p
+      plgpu.SMEM((BLOCK_Q, h), dtype),  # o (and the elementwise gate before it)
+      plgpu.SMEM((BLOCK_Q,), jnp.float32),  # lse
+  ]
+  if gate_kind == "headwise":
+    scratch.append(plgpu.SMEM((BLOCK_Q,), dtype))
+  if has_segments:
+    scratch += [plgpu.SMEM((BLOCK_Q,), jnp.int32), plgpu.SMEM((nbuf, block_kv), jnp.int32)]
+  scratch += [
+      plgpu.Barrier(num_arrivals=1 + bool(gate_kind) + has_segments, num_barriers=1),  # q
+      plgpu.Barrier(num_arrivals=2 + has_segments, num_barriers=nbuf),  # full (TMA)
+      plgpu.Barrier(num_arrivals=1, num_barriers=nbuf),  # free (consumer)
+  ]
+  out_shape = [jax.ShapeDtypeStruct((b, tp, n, h), dtype),
+               jax.ShapeDtypeStruct((b, tp, n, h), dtype),
+               jax.ShapeDtypeStruct((b, n, tp), jnp.float32)]
+
+  kernel = functools.partial(
+      _fwd_kernel, cfg=cfg, block_kv=block_kv, group=group, offset=s - t, kv_len=s,
+      kv_padded=sp != s, gate_kind=gate_kind, has_segments=has_segments, nbuf=nbuf)
+  o, y, lse = plgpu.kernel(
+      kernel,
+      out_type=out_shape,
+      scratch_types=scratch,
+      grid=(tp // BLOCK_Q, n, b),
+      grid_names=("q", "n", "b"),
+      num_threads=2,
+      thread_name="wg",
+      interpret=_interpret_params(cfg),
+  )(*inputs)
+  if not save_residuals:
+    return o[:, :t], None, None
+  return o[:, :t], y[:, :t], jnp.transpose(lse, (0, 2, 1))[:, :t]
+
+
+# ----------------------------------------------------------------------------- backward
+
+
 def _dq_kernel(*refs, cfg: common.KernelConfig, block_kv: int, group: int, offset: int,
                kv_len: int, kv_padded: bool, has_segments: bool, nbuf: int):
   refs = iter(refs)
-  q_g, dy_g, lse_g, delta_g, k_g, kt_g, vt_g = (next(refs) for _ in range(7))
+  q_g, dy_g, lse_g, delta_g, k_g, v_g = (next(refs) for _ in range(6))
   q_seg_g, kv_seg_g = (next(refs), next(refs)) if has_segments else (None, None)
   dq_g = next(refs)
-  q_s, dy_s, lse_s, delta_s, k_s, kt_s, vt_s, ds_s, dq_s = (next(refs) for _ in range(9))
+  q_s, dy_s, lse_s, delta_s, k_s, v_s, ds_s = (next(refs) for _ in range(7))
   q_seg_s, kv_seg_s = (next(refs), next(refs)) if has_segments else (None, None)
   once, full, free = next(refs), next(refs), next(refs)
 
@@ -353,8 +309,7 @@ def _dq_kernel(*refs, cfg: common.KernelConfig, block_kv: int, group: int, offse
     def load(ki, slot):
       kv_rows = pl.ds(ki * block_kv, block_kv)
       plgpu.copy_gmem_to_smem(k_g.at[bi, kv_rows, kvh, :], k_s.at[slot], full.at[slot])
-      plgpu.copy_gmem_to_smem(kt_g.at[bi, kvh, :, kv_rows], kt_s.at[slot], full.at[slot])
-      plgpu.copy_gmem_to_smem(vt_g.at[bi, kvh, :, kv_rows], vt_s.at[slot], full.at[slot])
+      plgpu.copy_gmem_to_smem(v_g.at[bi, kv_rows, kvh, :], v_s.at[slot], full.at[slot])
       if has_segments:
         plgpu.copy_gmem_to_smem(kv_seg_g.at[bi, kv_rows], kv_seg_s.at[slot], full.at[slot])
 
@@ -367,7 +322,7 @@ def _dq_kernel(*refs, cfg: common.KernelConfig, block_kv: int, group: int, offse
     q_seg = q_seg_s[...][:, None] if has_segments else None
 
     def compute(ki, slot, dq):
-      s = _matmul(q_s, kt_s.at[slot], BLOCK_Q, block_kv) * cfg.scale
+      s = _matmul(q_s, _t(k_s.at[slot]), BLOCK_Q, block_kv) * cfg.scale
       p = jnp.exp(s - lse)  # lse = +inf on rows that see nothing -> p = 0
       mask = common.tile_mask(
           qi * BLOCK_Q, ki * block_kv, BLOCK_Q, block_kv, causal=cfg.causal, offset=offset,
@@ -375,26 +330,25 @@ def _dq_kernel(*refs, cfg: common.KernelConfig, block_kv: int, group: int, offse
           kv_seg=kv_seg_s.at[slot][...][None, :] if has_segments else None)
       if mask is not None:
         p = jnp.where(mask, p, 0.0)
-      dp = _matmul(dy_s, vt_s.at[slot], BLOCK_Q, block_kv)
+      dp = _matmul(dy_s, _t(v_s.at[slot]), BLOCK_Q, block_kv)
       ds_s[...] = (p * (dp - delta)).astype(ds_s.dtype)
       plgpu.commit_smem()
       return dq + _matmul(ds_s, k_s.at[slot], BLOCK_Q, h)
 
     dq = _consume(n_live, nbuf, full, free, compute, jnp.zeros((BLOCK_Q, h), jnp.float32))
-    dq_s[...] = (dq * cfg.scale).astype(dq_s.dtype)
+    q_s[...] = (dq * cfg.scale).astype(q_s.dtype)  # q's tile is free now: stage dq there
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(dq_s, dq_g.at[bi, q_rows, ni, :])
+    plgpu.copy_smem_to_gmem(q_s, dq_g.at[bi, q_rows, ni, :])
     plgpu.wait_smem_to_gmem(0)
 
 
 def _dkv_kernel(*refs, cfg: common.KernelConfig, block_kv: int, group: int, offset: int,
                 kv_len: int, kv_padded: bool, has_segments: bool, nbuf: int):
   refs = iter(refs)
-  k_g, v_g, q_g, qt_g, dy_g, dyt_g, lse_g, delta_g = (next(refs) for _ in range(8))
+  k_g, v_g, q_g, dy_g, lse_g, delta_g = (next(refs) for _ in range(6))
   q_seg_g, kv_seg_g = (next(refs), next(refs)) if has_segments else (None, None)
   dk_g, dv_g = next(refs), next(refs)
-  (k_s, v_s, q_s, qt_s, dy_s, dyt_s, lse_s, delta_s, pt_s, dst_s, dk_s,
-   dv_s) = (next(refs) for _ in range(12))
+  k_s, v_s, q_s, dy_s, lse_s, delta_s, pt_s, dst_s = (next(refs) for _ in range(8))
   q_seg_s, kv_seg_s = (next(refs), next(refs)) if has_segments else (None, None)
   once, full, free = next(refs), next(refs), next(refs)
 
@@ -424,9 +378,7 @@ def _dkv_kernel(*refs, cfg: common.KernelConfig, block_kv: int, group: int, offs
       q_rows = pl.ds(qi * BLOCK_Q, BLOCK_Q)
       bar = full.at[slot]
       plgpu.copy_gmem_to_smem(q_g.at[bi, q_rows, ni, :], q_s.at[slot], bar)
-      plgpu.copy_gmem_to_smem(qt_g.at[bi, ni, :, q_rows], qt_s.at[slot], bar)
       plgpu.copy_gmem_to_smem(dy_g.at[bi, q_rows, ni, :], dy_s.at[slot], bar)
-      plgpu.copy_gmem_to_smem(dyt_g.at[bi, ni, :, q_rows], dyt_s.at[slot], bar)
       plgpu.copy_gmem_to_smem(lse_g.at[bi, ni, q_rows], lse_s.at[slot], bar)
       plgpu.copy_gmem_to_smem(delta_g.at[bi, ni, q_rows], delta_s.at[slot], bar)
       if has_segments:
@@ -442,7 +394,7 @@ def _dkv_kernel(*refs, cfg: common.KernelConfig, block_kv: int, group: int, offs
     def compute(j, slot, carry):
       dk, dv = carry
       _, qi = head_and_tile(j)
-      st = _matmul(k_s, qt_s.at[slot], block_kv, BLOCK_Q) * cfg.scale  # sᵀ (bkv, bq)
+      st = _matmul(k_s, _t(q_s.at[slot]), block_kv, BLOCK_Q) * cfg.scale  # sᵀ (bkv, bq)
       pt = jnp.exp(st - lse_s.at[slot][...][None, :])
       mask = common.tile_mask(
           qi * BLOCK_Q, ki * block_kv, BLOCK_Q, block_kv, causal=cfg.causal, offset=offset,
@@ -450,7 +402,7 @@ def _dkv_kernel(*refs, cfg: common.KernelConfig, block_kv: int, group: int, offs
           q_seg=q_seg_s.at[slot][...][None, :] if has_segments else None, kv_seg=kv_seg)
       if mask is not None:
         pt = jnp.where(mask, pt, 0.0)
-      dpt = _matmul(v_s, dyt_s.at[slot], block_kv, BLOCK_Q)
+      dpt = _matmul(v_s, _t(dy_s.at[slot]), block_kv, BLOCK_Q)
       pt_s[...] = pt.astype(pt_s.dtype)
       dst_s[...] = (pt * (dpt - delta_s.at[slot][...][None, :])).astype(dst_s.dtype)
       plgpu.commit_smem()
@@ -460,28 +412,26 @@ def _dkv_kernel(*refs, cfg: common.KernelConfig, block_kv: int, group: int, offs
 
     init = (jnp.zeros((block_kv, h), jnp.float32), jnp.zeros((block_kv, h), jnp.float32))
     dk, dv = _consume(n_steps, nbuf, full, free, compute, init)
-    dk_s[...] = (dk * cfg.scale).astype(dk_s.dtype)
-    dv_s[...] = dv.astype(dv_s.dtype)
+    # k's and v's tiles are free now (every wgmma reading them has finished): stage dk, dv there.
+    k_s[...] = (dk * cfg.scale).astype(k_s.dtype)
+    v_s[...] = dv.astype(v_s.dtype)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(dk_s, dk_g.at[bi, kv_rows, hi, :])
-    plgpu.copy_smem_to_gmem(dv_s, dv_g.at[bi, kv_rows, hi, :])
+    plgpu.copy_smem_to_gmem(k_s, dk_g.at[bi, kv_rows, hi, :])
+    plgpu.copy_smem_to_gmem(v_s, dv_g.at[bi, kv_rows, hi, :])
     plgpu.wait_smem_to_gmem(0)
 
 
-def backward(q, k, v, q_seg, kv_seg, lse, dy, delta, cfg: common.KernelConfig, *,
-             max_concurrent_steps: int = 2):
+def backward(q, k, v, q_seg, kv_seg, lse, dy, delta, cfg: common.KernelConfig):
   """Flash backward (Mosaic GPU) for the ungated attention given dy = dO ⊙ act(gate).
 
   Same contract as ``flash_gpu.backward``: q, dy: (B, T, N, H); k, v: (B, S, K, H);
   lse, delta: (B, T, N) float32, delta = Σ_H dy ⊙ y; q_seg: (B, T), kv_seg: (B, S) or None.
   Returns dq (B, T, N, H) in q.dtype, dk, dv (B, S, K, H) in k.dtype / v.dtype.
-  ``max_concurrent_steps``: SMEM slots of the streamed tiles (kv tiles for dq, q tiles for
-  dk/dv).
   """
   b, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
   group = n // kh
-  block_kv = max(MIN_BLOCK_KV, cfg.block_sizes.backward(t, s)[1])
+  block_kv = _block_kv(cfg, t, s, h, backward=True)
   tp, sp = common.round_up(t, BLOCK_Q), common.round_up(s, block_kv)
   has_segments = q_seg is not None
   static = dict(cfg=cfg, block_kv=block_kv, group=group, offset=s - t, kv_len=s,
@@ -493,65 +443,56 @@ def backward(q, k, v, q_seg, kv_seg, lse, dy, delta, cfg: common.KernelConfig, *
   k_p, v_p = common.pad_axis(k, 1, sp), common.pad_axis(v, 1, sp)
   segments = ([common.pad_axis(q_seg.astype(jnp.int32), 1, tp),
                common.pad_axis(kv_seg.astype(jnp.int32), 1, sp)] if has_segments else [])
-  interpret = _interpret_params(cfg)
-  ws = dict(num_threads=2, thread_name="wg", interpret=interpret)
+  ws = dict(num_threads=2, thread_name="wg", interpret=_interpret_params(cfg))
 
   # dq: one CTA per (q tile, query head, batch), streaming kv tiles up to the diagonal.
-  nbuf = max(1, min(max_concurrent_steps, sp // block_kv))
+  nbuf = max(1, min(tiles.MGPU_SLOTS, sp // block_kv))
   dq = plgpu.kernel(
       functools.partial(_dq_kernel, nbuf=nbuf, **static),
       out_type=jax.ShapeDtypeStruct((b, tp, n, h), q.dtype),
       scratch_types=[
-          _swizzled((BLOCK_Q, h), q.dtype),  # q
+          _swizzled((BLOCK_Q, h), q.dtype),  # q, then dq
           _swizzled((BLOCK_Q, h), q.dtype),  # dy
           plgpu.SMEM((BLOCK_Q,), jnp.float32),  # lse
           plgpu.SMEM((BLOCK_Q,), jnp.float32),  # delta
           _swizzled((nbuf, block_kv, h), k.dtype),  # k slots
-          _swizzled((nbuf, h, block_kv), k.dtype),  # kᵀ slots
-          _swizzled((nbuf, h, block_kv), v.dtype),  # vᵀ slots
+          _swizzled((nbuf, block_kv, h), v.dtype),  # v slots
           _swizzled((BLOCK_Q, block_kv), k.dtype),  # ds
-          plgpu.SMEM((BLOCK_Q, h), q.dtype),  # dq
           *([plgpu.SMEM((BLOCK_Q,), jnp.int32), plgpu.SMEM((nbuf, block_kv), jnp.int32)]
             if has_segments else []),
           plgpu.Barrier(num_arrivals=4 + has_segments, num_barriers=1),  # once (q side)
-          plgpu.Barrier(num_arrivals=3 + has_segments, num_barriers=nbuf),  # full (TMA)
+          plgpu.Barrier(num_arrivals=2 + has_segments, num_barriers=nbuf),  # full (TMA)
           plgpu.Barrier(num_arrivals=1, num_barriers=nbuf),  # free (consumer)
       ],
       grid=(tp // BLOCK_Q, n, b),
       grid_names=("q", "n", "b"),
       **ws,
-  )(q_p, dy_p, lse_t, delta_t, k_p,
-    jnp.transpose(k_p, (0, 2, 3, 1)), jnp.transpose(v_p, (0, 2, 3, 1)), *segments)
+  )(q_p, dy_p, lse_t, delta_t, k_p, v_p, *segments)
 
   # dk, dv: one CTA per (kv tile, kv head, batch), streaming (query head of the group, live
   # q tile) pairs.
-  nbuf = max(1, min(max_concurrent_steps, group * (tp // BLOCK_Q)))
+  nbuf = max(1, min(tiles.MGPU_SLOTS, group * (tp // BLOCK_Q)))
   dk, dv = plgpu.kernel(
       functools.partial(_dkv_kernel, nbuf=nbuf, **static),
       out_type=[jax.ShapeDtypeStruct((b, sp, kh, h), k.dtype),
                 jax.ShapeDtypeStruct((b, sp, kh, h), v.dtype)],
       scratch_types=[
-          _swizzled((block_kv, h), k.dtype),  # k
-          _swizzled((block_kv, h), v.dtype),  # v
+          _swizzled((block_kv, h), k.dtype),  # k, then dk
+          _swizzled((block_kv, h), v.dtype),  # v, then dv
           _swizzled((nbuf, BLOCK_Q, h), q.dtype),  # q slots
-          _swizzled((nbuf, h, BLOCK_Q), q.dtype),  # qᵀ slots
           _swizzled((nbuf, BLOCK_Q, h), q.dtype),  # dy slots
-          _swizzled((nbuf, h, BLOCK_Q), q.dtype),  # dyᵀ slots
           plgpu.SMEM((nbuf, BLOCK_Q), jnp.float32),  # lse slots
           plgpu.SMEM((nbuf, BLOCK_Q), jnp.float32),  # delta slots
           _swizzled((block_kv, BLOCK_Q), q.dtype),  # pᵀ
           _swizzled((block_kv, BLOCK_Q), q.dtype),  # dsᵀ
-          plgpu.SMEM((block_kv, h), k.dtype),  # dk
-          plgpu.SMEM((block_kv, h), v.dtype),  # dv
           *([plgpu.SMEM((nbuf, BLOCK_Q), jnp.int32), plgpu.SMEM((block_kv,), jnp.int32)]
             if has_segments else []),
           plgpu.Barrier(num_arrivals=2 + has_segments, num_barriers=1),  # once (kv side)
-          plgpu.Barrier(num_arrivals=6 + has_segments, num_barriers=nbuf),  # full (TMA)
+          plgpu.Barrier(num_arrivals=4 + has_segments, num_barriers=nbuf),  # full (TMA)
           plgpu.Barrier(num_arrivals=1, num_barriers=nbuf),  # free (consumer)
       ],
       grid=(sp // block_kv, kh, b),
       grid_names=("kv", "h", "b"),
       **ws,
-  )(k_p, v_p, q_p, jnp.transpose(q_p, (0, 2, 3, 1)), dy_p, jnp.transpose(dy_p, (0, 2, 3, 1)),
-    lse_t, delta_t, *segments)
+  )(k_p, v_p, q_p, dy_p, lse_t, delta_t, *segments)
   return dq[:, :t], dk[:, :s], dv[:, :s]
