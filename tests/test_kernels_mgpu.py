@@ -27,7 +27,13 @@ dv and dgate (observed <= 7.9e-3 · max|ref|, i.e. about one bf16 ulp of the lar
 backward kernels reuse slots in the 3-kv-tile case (dq) and in the G = 2 cases (dk/dv streams
 G × q tiles).
 
-Runtime: about 90 s for the whole file on 2 CPU cores (cold compilation cache).
+The interpreter cases use 64-row kv tiles at H = 64; ``test_default_tiles_h128`` runs the
+kernels with their default tiles (``tiles.mgpu_block_kv``: 128-row kv tiles at H = 128), forward
+and backward. Mosaic GPU needs jax >= 0.11 (``tiles.MGPU_MIN_JAX``): under an older jax the API
+refuses the impl (``test_refused_before_jax_0_11``) and the interpreter tests skip; CI runs
+them under the newest jax (tests/test_newest_jax.py).
+
+Runtime: about 110 s for the whole file on 2 CPU cores (cold compilation cache).
 """
 
 from __future__ import annotations
@@ -39,9 +45,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gated_attention_jax.kernels import api, common, flash_mgpu, reference
+from gated_attention_jax import aot
+from gated_attention_jax.kernels import api, common, flash_mgpu, reference, tiles
 
-pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
+_OLD_JAX = tiles.jax_version() < tiles.MGPU_MIN_JAX
+needs_mgpu_jax = pytest.mark.skipif(
+    _OLD_JAX, reason=f"Mosaic GPU needs jax >= {tiles.MGPU_MIN_JAX}; the API refuses it here "
+    "(test_refused_before_jax_0_11); CI runs these under the newest jax (test_newest_jax.py)")
 
 
 def _cfg(causal, activation="sigmoid", block_kv=64, h=64):
@@ -90,6 +100,7 @@ def _inputs(name):
   return q, k, v, gate, q_seg, kv_seg, do
 
 
+@needs_mgpu_jax
 @pytest.mark.parametrize("name", list(CASES))
 def test_forward_matches_reference(name):
   b, t, s, n, kh, causal, gate_kind, segments, activation = CASES[name]
@@ -113,17 +124,34 @@ def test_forward_matches_reference(name):
 
 
 
+@needs_mgpu_jax
 @pytest.mark.parametrize("name", list(CASES))
 def test_backward_matches_reference(name):
   b, t, s, n, kh, causal, gate_kind, segments, activation = CASES[name]
-  q, k, v, gate, q_seg, kv_seg, do = _inputs(name)
+  _check_vjp(*_inputs(name), causal=causal, activation=activation,
+             blocks=common.BlockSizes(block_q=64, block_kv=64), label=name)
+
+
+@needs_mgpu_jax
+def test_default_tiles_h128():
+  """Default tiles (kv tiles of 128 rows at H = 128): values and all four gradients."""
+  b, t, s, n, kh, h = 1, 192, 256, 2, 1, 128
+  assert tiles.mgpu_block_kv(h) == 128
+  keys = jax.random.split(jax.random.key(7), 5)
+  q, gate, do = (jax.random.normal(keys[i], (b, t, n, h), jnp.bfloat16) for i in (0, 3, 4))
+  k, v = (jax.random.normal(keys[i], (b, s, kh, h), jnp.bfloat16) for i in (1, 2))
+  _check_vjp(q, k, v, gate, None, None, do, causal=True, activation="sigmoid", blocks=None,
+             label="default_tiles_h128")
+
+
+def _check_vjp(q, k, v, gate, q_seg, kv_seg, do, *, causal, activation, blocks, label):
   h = q.shape[-1]
   seg = None if q_seg is None else (q_seg, kv_seg)
 
   def kernel(q, k, v, gate):
     return api.gated_flash_attention(q, k, v, gate, causal=causal, segment_ids=seg,
                                      gate_activation=activation, impl="pallas_mgpu",
-                                     block_sizes=common.BlockSizes(block_q=64, block_kv=64))
+                                     block_sizes=blocks)
 
   def ref(q, k, v, gate):
     f32 = lambda x: None if x is None else x.astype(jnp.float32)
@@ -131,20 +159,59 @@ def test_backward_matches_reference(name):
                                      scale=1.0 / math.sqrt(h), gate_activation=activation,
                                      q_segment_ids=q_seg, kv_segment_ids=kv_seg)
 
-  _, vjp = jax.vjp(kernel, q, k, v, gate)
+  o, vjp = jax.vjp(kernel, q, k, v, gate)
   got = vjp(do)
-  _, vjp_ref = jax.vjp(ref, q, k, v, gate)
+  o_ref, vjp_ref = jax.vjp(ref, q, k, v, gate)
   want = vjp_ref(do.astype(jnp.float32))
-  for label, g, w, x in zip(("dq", "dk", "dv", "dgate"), got, want, (q, k, v, gate)):
+  for name, g, w, x in zip(("o", "dq", "dk", "dv", "dgate"), (o, *got), (o_ref, *want),
+                           (q, q, k, v, gate)):
     if x is None:
       continue
-    assert g.shape == x.shape and g.dtype == x.dtype, (name, label)
+    assert g.shape == x.shape and g.dtype == x.dtype, (label, name)
     g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
-    assert np.all(np.isfinite(g)), (name, label)
+    assert np.all(np.isfinite(g)), (label, name)
     err = np.max(np.abs(g - w))
-    assert err <= 2e-2 * np.max(np.abs(w)), (name, label, err / np.max(np.abs(w)))
+    assert err <= 2e-2 * np.max(np.abs(w)), (label, name, err / np.max(np.abs(w)))
 
 
-def test_mgpu_impl_is_explicit_only():
-  assert "pallas_mgpu" in api.IMPLS and api._KERNELS["pallas_mgpu"] is flash_mgpu
-  assert api._NATIVE_BACKEND["pallas_mgpu"] == "gpu" and "pallas_mgpu" not in api._AUTO.values()
+def _hopper(kind="NVIDIA H100 80GB HBM3"):
+  """Traces inside see a GPU of ``kind`` (no GPU needed: only the platform and kind are read)."""
+  mesh = jax.sharding.AbstractMesh(
+      (1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,),
+      abstract_device=jax.sharding.AbstractDevice(device_kind=kind, num_cores=None,
+                                                  platform="cuda"))
+  return jax.sharding.use_abstract_mesh(mesh)
+
+
+def test_auto_picks_by_target_and_inputs():
+  bf16 = jnp.zeros((1, 64, 2, 64), jnp.bfloat16)
+  with _hopper():
+    assert aot.target_platform() == "gpu"
+    assert api.resolve_impl("auto", bf16) == ("pallas_gpu" if _OLD_JAX else "pallas_mgpu")
+    assert api.resolve_impl("auto", bf16.astype(jnp.float32)) == "pallas_gpu"  # no tf32
+    assert api.resolve_impl("auto", jnp.zeros((1, 64, 2, 96), jnp.bfloat16)) == "xla"
+  with _hopper("NVIDIA A100-SXM4-80GB"):
+    assert api.resolve_impl("auto", bf16) == "pallas_gpu"  # Mosaic GPU kernels are Hopper-only
+  assert api.resolve_impl("auto", bf16) == {"tpu": "pallas_tpu"}.get(jax.default_backend(),
+                                                                      "xla")
+
+
+def test_refusals_name_the_reason():
+  with pytest.raises(ValueError, match="power of two"):
+    api.resolve_impl("pallas_gpu", jnp.zeros((1, 64, 2, 96), jnp.bfloat16))
+  if not _OLD_JAX:  # (older: every pallas_mgpu call is refused for the jax version)
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+      api.resolve_impl("pallas_mgpu", jnp.zeros((1, 64, 2, 64), jnp.float32))
+    with pytest.raises(ValueError, match="multiple of 64"):
+      api.resolve_impl("pallas_mgpu", jnp.zeros((1, 64, 2, 96), jnp.bfloat16))
+    # block_kv 256 at H = 256: four 128 KB k/v slots cannot fit
+    with pytest.raises(ValueError, match="shared memory"):
+      api.resolve_impl("pallas_mgpu", jnp.zeros((1, 64, 2, 256), jnp.bfloat16),
+                       block_sizes=common.BlockSizes(block_kv=256))
+
+
+@pytest.mark.skipif(not _OLD_JAX, reason="this jax serves Mosaic GPU")
+def test_refused_before_jax_0_11():
+  q = jnp.zeros((1, 64, 2, 64), jnp.bfloat16)
+  with pytest.raises(ValueError, match=r"needs jax >= 0\.11"):
+    api.gated_flash_attention(q, q, q, None, impl="pallas_mgpu")

@@ -72,13 +72,7 @@ def gated_flash_attention(
   """
   q_seg, kv_seg = _check_args(q, k, v, gate, segment_ids, gate_activation, impl)
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-  platform = aot.target_platform()
-  gate_kind = None if gate is None else ("elementwise" if gate.ndim == 4 else "headwise")
-  if impl == "auto":
-    impl = _auto_impl(platform, q, gate_kind, q_seg is not None, block_sizes)
-  reason = _unsupported(impl, q, gate_kind, q_seg is not None, block_sizes)
-  if reason:
-    raise ValueError(reason)
+  impl = resolve_impl(impl, q, gate, q_seg, block_sizes)
   if impl == "xla":
     return reference.gated_attention(q, k, v, gate, causal=causal, scale=scale,
                                      gate_activation=gate_activation,
@@ -86,8 +80,26 @@ def gated_flash_attention(
   cfg = common.KernelConfig(
       impl=impl, causal=bool(causal), scale=scale, gate_activation=gate_activation,
       block_sizes=block_sizes or common.BlockSizes(),
-      interpret=platform != _NATIVE_BACKEND[impl] if interpret is None else bool(interpret))
+      interpret=(aot.target_platform() != _NATIVE_BACKEND[impl] if interpret is None
+                 else bool(interpret)))
   return _flash(cfg, q, k, v, gate, q_seg, kv_seg)
+
+
+def resolve_impl(impl: str, q: jax.Array, gate: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None,
+                 block_sizes: common.BlockSizes | None = None) -> str:
+  """The impl ``gated_flash_attention`` runs for these inputs on the platform being lowered for
+  (``"auto"`` resolved); raises ValueError with the reason when ``impl`` cannot serve them."""
+  if impl not in IMPLS:
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}.")
+  gate_kind = None if gate is None else ("elementwise" if gate.ndim == 4 else "headwise")
+  has_segments = segment_ids is not None
+  if impl == "auto":
+    impl = _auto_impl(aot.target_platform(), q, gate_kind, has_segments, block_sizes)
+  reason = _unsupported(impl, q, gate_kind, has_segments, block_sizes)
+  if reason:
+    raise ValueError(reason)
+  return impl
 
 
 def _unsupported(impl: str, q, gate_kind, has_segments: bool,
