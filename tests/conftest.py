@@ -8,12 +8,34 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests import toolchains
+
 # Many tests compile the same small programs (train steps of tiny models): a
 # persistent compilation cache for the session saves minutes on 2 CPU cores.
 jax.config.update("jax_compilation_cache_dir",
                   os.environ.get("GAJ_TEST_COMPILATION_CACHE",
                                  os.path.join(tempfile.gettempdir(), "gaj_jax_cache")))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+# The compile checks (tests/test_compile_targets.py) and the newest-jax run
+# (tests/test_newest_jax.py) are subprocesses in other Python environments: start them as soon
+# as they are collected so they overlap with the rest of the suite, and run their tests last.
+_BACKGROUND = ("test_compile_targets.py", "test_newest_jax.py")
+
+
+def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
+  files = {item.path.name for item in items}
+  if "test_compile_targets.py" in files:
+    for version in toolchains.VERSIONS:
+      toolchains.compile_job(version)
+  if "test_newest_jax.py" in files:
+    toolchains.newest_jax_job()
+  items.sort(key=lambda item: item.path.name in _BACKGROUND)
+
+
+def pytest_sessionfinish(session, exitstatus):  # pylint: disable=unused-argument
+  toolchains.stop_all()
 
 
 @pytest.fixture

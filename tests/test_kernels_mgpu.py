@@ -27,9 +27,9 @@ dv and dgate (observed <= 7.9e-3 · max|ref|, i.e. about one bf16 ulp of the lar
 backward kernels reuse slots in the 3-kv-tile case (dq) and in the G = 2 cases (dk/dv streams
 G × q tiles).
 
-The interpreter cases use 64-row kv tiles at H = 64; ``test_default_tiles_h128`` runs the
-kernels with their default tiles (``tiles.mgpu_block_kv``: 128-row kv tiles at H = 128), forward
-and backward. Mosaic GPU needs jax >= 0.11 (``tiles.MGPU_MIN_JAX``): under an older jax the API
+The interpreter cases use 64-row kv tiles at H = 64; ``test_default_tiles`` runs the kernels
+with their default tiles (``tiles.mgpu_block_kv``: a 128-row kv tile in the forward at H = 64),
+forward and backward. Mosaic GPU needs jax >= 0.11 (``tiles.MGPU_MIN_JAX``): under an older jax the API
 refuses the impl (``test_refused_before_jax_0_11``) and the interpreter tests skip; CI runs
 them under the newest jax (tests/test_newest_jax.py).
 
@@ -133,15 +133,15 @@ def test_backward_matches_reference(name):
 
 
 @needs_mgpu_jax
-def test_default_tiles_h128():
-  """Default tiles (kv tiles of 128 rows at H = 128): values and all four gradients."""
-  b, t, s, n, kh, h = 1, 192, 256, 2, 1, 128
-  assert tiles.mgpu_block_kv(h) == 128
+def test_default_tiles():
+  """Default tiles (a 128-row kv tile in the forward at H = 64): values and all gradients."""
+  b, t, s, n, kh, h = 1, 192, 256, 2, 1, 64
+  assert tiles.mgpu_block_kv(h) == 128 and tiles.mgpu_block_kv(h, backward=True) == 64
   keys = jax.random.split(jax.random.key(7), 5)
   q, gate, do = (jax.random.normal(keys[i], (b, t, n, h), jnp.bfloat16) for i in (0, 3, 4))
   k, v = (jax.random.normal(keys[i], (b, s, kh, h), jnp.bfloat16) for i in (1, 2))
   _check_vjp(q, k, v, gate, None, None, do, causal=True, activation="sigmoid", blocks=None,
-             label="default_tiles_h128")
+             label="default_tiles")
 
 
 def _check_vjp(q, k, v, gate, q_seg, kv_seg, do, *, causal, activation, blocks, label):

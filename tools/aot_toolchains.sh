@@ -12,8 +12,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The lent GPU machine's jax, and the newest on the registry (what Colab and Cloud TPU VMs install).
-AOT_JAX_VERSIONS=(${AOT_JAX_VERSIONS:-0.11.2 0.12.0.1})
+# The default Python's jax (3.11 gets 0.10.2), the lent GPU machine's (0.11.2) and the newest on the
+# registry (what Colab and Cloud TPU VMs install); tests/toolchains.py lists the same.
+AOT_JAX_VERSIONS=(${AOT_JAX_VERSIONS:-0.10.2 0.11.2 0.12.0.1})
 [ $# -gt 0 ] && AOT_JAX_VERSIONS=("$@")
 
 python312=${AOT_PYTHON:-$( (pyenv root 2>/dev/null || echo "$HOME/.pyenv") )/versions/3.12.1/bin/python3.12}

@@ -24,8 +24,8 @@ transposed SMEM views of the tiles already loaded. dk/dv works in the transposed
 (sᵀ = k·qᵀ, dpᵀ = v·dyᵀ) so dv += pᵀ·dy and dk += dsᵀ·q. dq is staged out through the q tile's
 SMEM and dk/dv through the k/v tiles', which the loop no longer needs.
 
-Tiles and what is accepted come from ``tiles``: 64 query rows, kv tiles of 128 rows up to
-head_dim 128 and 64 above, bf16/f16 inputs, head_dim a multiple of 64 up to 256, jax >= 0.11
+Tiles and what is accepted come from ``tiles``: 64 query rows, kv tiles of 64 rows (128 in
+the forward at head_dim 64), bf16/f16 inputs, head_dim a multiple of 64 up to 256, jax >= 0.11
 (0.10's Mosaic GPU cannot infer the softmax's layouts); ``tiles.mgpu_smem_bytes`` is the exact
 scratch each kernel allocates and is checked against Hopper's 232,448 bytes before compiling.
 
@@ -76,7 +76,7 @@ def _t(ref):
 
 def _block_kv(cfg: common.KernelConfig, t: int, s: int, h: int, backward: bool) -> int:
   pick = cfg.block_sizes.backward if backward else cfg.block_sizes.forward
-  return max(64, pick(t, s, (BLOCK_Q, tiles.mgpu_block_kv(h)))[1])
+  return max(64, pick(t, s, (BLOCK_Q, tiles.mgpu_block_kv(h, backward)))[1])
 
 
 def _matmul(a_s, b_s, m: int, n: int):

@@ -6,7 +6,7 @@ VMEM at every head_dim the API accepts):
 * ``pallas_mgpu`` (Mosaic GPU, Hopper): every SMEM buffer is allocated explicitly, so
   ``mgpu_smem_bytes`` is the kernel's exact scratch size; a shape whose tiles exceed Hopper's
   232,448 bytes per block is refused before compiling. 64-row q tiles (one consumer warpgroup,
-  wgmma M = 64); kv tiles of 128 rows up to head_dim 128 and 64 rows above, two pipeline slots.
+  wgmma M = 64); kv tiles from ``mgpu_block_kv``, two pipeline slots.
 * ``pallas_gpu`` (Triton-style Pallas): Triton decides its shared memory itself; the tiles here
   keep the float32 accumulators at <= 64 registers per thread (block_q · H / (32 · num_warps))
   and the score tile at <= 32, so the 255-register budget is not spilled, and the operand tiles
@@ -37,9 +37,15 @@ def jax_version() -> tuple[int, int]:
 # ----------------------------------------------------------------------------- Mosaic GPU
 
 
-def mgpu_block_kv(head_dim: int) -> int:
-  """Default kv tile of the Mosaic GPU kernels: 128 rows up to head_dim 128, 64 above."""
-  return 128 if head_dim <= 128 else 64
+def mgpu_block_kv(head_dim: int, backward: bool = False) -> int:
+  """Default kv tile of the Mosaic GPU kernels: 128 rows in the forward at head_dim 64, else 64.
+
+  The consumer warpgroup's 128 threads hold the float32 accumulator (64 · H / 128 registers
+  each) and the score tile (64 · block_kv / 128) within ptxas's 255: at H = 128 a 128-row kv
+  tile spilled (kernel_report), a 64-row one does not. The dk/dv kernel holds two (block_kv, H)
+  accumulators, so its kv tile is wgmma's minimum M, 64.
+  """
+  return 128 if head_dim <= 64 and not backward else 64
 
 
 def mgpu_smem_bytes(kernel: str, head_dim: int, block_kv: int, itemsize: int, *,
@@ -76,8 +82,9 @@ def mgpu_unsupported(head_dim: int, dtype, block_kv: int | None, *, gate: str | 
     return (f"impl='pallas_mgpu' needs head_dim a multiple of 64 up to {GPU_MAX_HEAD_DIM} "
             f"(128-byte swizzled wgmma tiles; larger ones exceed shared memory), got "
             f"{head_dim}; use impl='pallas_gpu' or 'xla'.")
-  bk = mgpu_block_kv(head_dim) if block_kv is None else max(64, block_kv)
   for kernel in ("fwd", "dq", "dkv"):
+    bk = (mgpu_block_kv(head_dim, backward=kernel != "fwd") if block_kv is None
+          else max(64, block_kv))
     need = mgpu_smem_bytes(kernel, head_dim, bk, jnp.dtype(dtype).itemsize, gate=gate,
                            segments=segments)
     if need > HOPPER_SMEM_BYTES:
