@@ -29,10 +29,10 @@ from gated_attention_jax.kernels import common, tiles
 from gated_attention_jax.kernels.reference import activation_and_grad
 
 
-def _tiles(cfg: common.KernelConfig, kernel: str, t: int, s: int, h: int, dtype):
+def _tiles(cfg: common.KernelConfig, kernel: str, t: int, s: int, h: int):
   """(block_q, block_kv, compiler params) of ``kernel``: ``cfg.block_sizes`` where given, else
   ``tiles.triton_tiles``'s budget-derived defaults."""
-  default = tiles.triton_tiles(h, jnp.dtype(dtype).itemsize, kernel)
+  default = tiles.triton_tiles(h, kernel)
   pick = cfg.block_sizes.forward if kernel == "fwd" else cfg.block_sizes.backward
   block_q, block_kv = pick(t, s, (default.block_q, default.block_kv))
   if cfg.interpret:
@@ -113,7 +113,7 @@ def forward(q, k, v, gate, q_seg, kv_seg, cfg: common.KernelConfig, *, save_resi
   b, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
   group = n // kh
-  block_q, block_kv, params = _tiles(cfg, "fwd", t, s, h, q.dtype)
+  block_q, block_kv, params = _tiles(cfg, "fwd", t, s, h)
   tp, sp = common.round_up(t, block_q), common.round_up(s, block_kv)
 
   q_spec = pl.BlockSpec((None, block_q, None, h), lambda bi, ni, qi: (bi, qi, ni, 0))
@@ -239,7 +239,7 @@ def backward(q, k, v, q_seg, kv_seg, lse, dy, delta, cfg: common.KernelConfig):
   b, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
   group = n // kh
-  block_q, block_kv, params = _tiles(cfg, "bwd", t, s, h, q.dtype)
+  block_q, block_kv, params = _tiles(cfg, "bwd", t, s, h)
   tp, sp = common.round_up(t, block_q), common.round_up(s, block_kv)
   static = dict(cfg=cfg, offset=s - t, kv_len=s, kv_padded=sp != s,
                 has_segments=q_seg is not None)

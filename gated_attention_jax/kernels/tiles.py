@@ -107,16 +107,16 @@ class TritonTiles:
   num_stages: int
 
 
-def triton_tiles(head_dim: int, itemsize: int, kernel: str) -> TritonTiles:
-  """Default tiles of ``flash_gpu``'s forward ("fwd") or backward ("bwd": dq and dk/dv) kernels.
+def triton_tiles(head_dim: int, kernel: str) -> TritonTiles:
+  """Default tiles of ``flash_gpu``'s forward ("fwd") or backward ("bwd": dq and dk/dv) kernels
+  (the same for bf16 and float32 inputs: the accumulators are float32 either way).
 
   Registers per thread of the float32 accumulators: block_q · H / (32 · num_warps) in the
   forward and dq, 2 · block_kv · H / (32 · num_warps) (dk and dv) in dk/dv: at most 64 here.
   """
   warps = 8 if head_dim >= 128 else 4
-  if kernel == "fwd":
-    block_kv = 128 if head_dim <= 64 and itemsize <= 2 else 64
-    return TritonTiles(128 if head_dim <= 128 else 64, block_kv, warps, 2)
+  if kernel == "fwd":  # a 128 x 128 score tile on 4 warps alone is 128 registers: it spilled
+    return TritonTiles(128 if head_dim <= 128 else 64, 64, warps, 2)
   if kernel == "bwd":
     block = 64 if head_dim <= 128 else 32
     return TritonTiles(block, block, warps, 2)
