@@ -36,6 +36,8 @@ STATUSES = ("pass", "fail", "error", "unsupported")
 
 @dataclasses.dataclass(frozen=True)
 class Case:
+  """One check: q (B=b, T=t, N=n, H=h), k/v (b, S=s, K=k, h), causal or not, gate, segments."""
+
   name: str
   b: int
   t: int
@@ -86,26 +88,15 @@ def _value_and_grads(attend, q, k, v, gate, do):
   return jax.jit(run)(q, k, v, gate, do)
 
 
-def errors(impl: str, case: Case) -> dict[str, float]:
-  """{output: normalised max error} of one impl on one case (inf where not finite)."""
-  q, k, v, gate, do, seg = _inputs(case)
-  kernel = lambda q, k, v, g: gated_flash_attention(q, k, v, g, causal=case.causal,
-                                                    segment_ids=seg, impl=impl)
-  ref = lambda q, k, v, g: reference.gated_attention(
-      q, k, v, g, causal=case.causal, scale=case.h ** -0.5, gate_activation="sigmoid",
-      q_segment_ids=seg, kv_segment_ids=seg)
-  f32 = lambda x: None if x is None else x.astype(jnp.float32)
-  got = _value_and_grads(kernel, q, k, v, gate, do)
-  with jax.default_matmul_precision("highest"):
-    want = _value_and_grads(ref, f32(q), f32(k), f32(v), f32(gate), f32(do))
+def _errors(got, want) -> dict[str, float]:
+  """{output: max|got - want| / max|want|} over (o, (dq, dk, dv, dgate)); inf if not finite."""
+  leaves = lambda tree: jax.tree.leaves(tree, is_leaf=lambda x: x is None)
   errors = {}
-  for name, g, w in zip(OUTPUTS, jax.tree.leaves(got, is_leaf=lambda x: x is None),
-                        jax.tree.leaves(want, is_leaf=lambda x: x is None)):
-    if g is None:
-      continue
-    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
-    finite = np.all(np.isfinite(g))
-    errors[name] = float(np.max(np.abs(g - w)) / np.max(np.abs(w))) if finite else float("inf")
+  for name, g, w in zip(OUTPUTS, leaves(got), leaves(want)):
+    if g is not None:
+      g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+      errors[name] = (float(np.max(np.abs(g - w)) / np.max(np.abs(w))) if np.all(np.isfinite(g))
+                      else float("inf"))
   return errors
 
 
@@ -128,24 +119,37 @@ def report(rows: list[dict], device: str) -> dict:
           "markdown": "\n".join(lines), "summary": [summary]}
 
 
-def check(impl: str, case: Case) -> dict:
-  """One row: the case, its status ("pass", "fail", "error" or "unsupported": refused by the
-  API for these inputs, e.g. Mosaic GPU under jax < 0.11), errors and seconds."""
-  start = time.perf_counter()
-  row = {"impl": impl, "case": case.name, "shape": [case.b, case.t, case.s, case.n, case.k, case.h],
-         "causal": case.causal, "gate": case.gate, "segments": case.segments, "errors": {},
-         "error": None}
-  q, _, _, gate, _, seg = _inputs(case)
-  try:
-    resolve_impl(impl, q, gate, seg)
-  except ValueError as e:
-    return row | {"status": "unsupported", "error": str(e), "seconds": 0.0}
-  try:
-    row["errors"] = errors(impl, case)
-    row["status"] = "pass" if max(row["errors"].values()) <= TOLERANCE else "fail"
-  except Exception as e:  # pylint: disable=broad-except
-    row |= {"status": "error", "error": f"{type(e).__name__}: {e}"[:500]}
-  return row | {"seconds": time.perf_counter() - start}
+def check(case: Case, impls: list[str]) -> list[dict]:
+  """One row per impl: the case, its status ("pass", "fail", "error", or "unsupported": refused
+  by the API for these inputs, e.g. Mosaic GPU under jax < 0.11), errors and seconds."""
+  q, k, v, gate, do, seg = _inputs(case)
+  f32 = lambda x: None if x is None else x.astype(jnp.float32)
+  want = None  # the reference, computed once per case when an impl needs it
+  rows = []
+  for impl in impls:
+    start = time.perf_counter()
+    row = {"impl": impl, "case": case.name,
+           "shape": [case.b, case.t, case.s, case.n, case.k, case.h], "causal": case.causal,
+           "gate": case.gate, "segments": case.segments, "errors": {}, "error": None}
+    try:
+      resolve_impl(impl, q, gate, seg)
+    except ValueError as e:
+      rows.append(row | {"status": "unsupported", "error": str(e), "seconds": 0.0})
+      continue
+    try:
+      if want is None:
+        with jax.default_matmul_precision("highest"):
+          want = _value_and_grads(lambda q, k, v, g: reference.gated_attention(
+              q, k, v, g, causal=case.causal, scale=case.h ** -0.5, gate_activation="sigmoid",
+              q_segment_ids=seg, kv_segment_ids=seg), f32(q), f32(k), f32(v), f32(gate), f32(do))
+      got = _value_and_grads(lambda q, k, v, g: gated_flash_attention(
+          q, k, v, g, causal=case.causal, segment_ids=seg, impl=impl), q, k, v, gate, do)
+      row["errors"] = _errors(got, want)
+      row["status"] = "pass" if max(row["errors"].values()) <= TOLERANCE else "fail"
+    except Exception as e:  # pylint: disable=broad-except
+      row |= {"status": "error", "error": f"{type(e).__name__}: {e}"[:500]}
+    rows.append(row | {"seconds": time.perf_counter() - start})
+  return rows
 
 
 def main():
@@ -157,13 +161,13 @@ def main():
   args = parser.parse_args()
   device = f"{jax.devices()[0].device_kind} ({jax.default_backend()})"
   rows = []
-  for impl in args.impls.split(","):
-    for case in SMALL_CASES if args.small else CASES:
-      rows.append(check(impl, case))
-      print(f"{impl} {case.name}: {rows[-1]['status']} {rows[-1]['errors']} "
-            f"{rows[-1]['error'] or ''} ({rows[-1]['seconds']:.1f} s)", flush=True)
-      if args.json:
-        args.json.write_text(json.dumps(report(rows, device), indent=1))
+  for case in SMALL_CASES if args.small else CASES:
+    for row in check(case, args.impls.split(",")):
+      rows.append(row)
+      print(f"{row['impl']} {case.name}: {row['status']} {row['errors']} {row['error'] or ''} "
+            f"({row['seconds']:.1f} s)", flush=True)
+    if args.json:
+      args.json.write_text(json.dumps(report(rows, device), indent=1))
   print(report(rows, device)["markdown"])
   raise SystemExit(int(any(r["status"] in ("fail", "error") for r in rows)))
 
