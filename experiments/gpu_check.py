@@ -6,8 +6,8 @@ README "Running the GPU check" gives the device call):
     experiments/gpu_check.sh                  # writes to $OUT
     python experiments/gpu_check.py --dry-run --out=/tmp/gpu_check   # CPU: tiny shapes
 
-Stages, each a subprocess with a time limit (time a stage leaves unused passes to the next; all
-three within LIMIT_S, 7.5 minutes):
+Stages, each a subprocess with a time limit (90, 210 and 150 s; time a stage leaves unused passes
+to the next, so all three end within 7.5 minutes):
 
   kernels     experiments/kernel_check.py: pallas_mgpu and pallas_gpu compiled, values and
               dq/dk/dv/dgate against a float32 reference (head_dim 64/128/256, GQA, headwise,
@@ -42,7 +42,6 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-LIMIT_S = 450
 PACKAGES = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda13-pjrt", "jax-cuda12-plugin",
             "jax-cuda12-pjrt", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "protobuf")
 
@@ -66,7 +65,6 @@ STAGES = (
            "--matmul_size=256", "--config.train.batch_size=2", "--config.data.seq_len=64",
            "--config.model.num_layers=1"), 150),
 )
-assert sum(s.limit_s for s in STAGES) == LIMIT_S
 
 
 def environment() -> dict:
