@@ -57,7 +57,7 @@ class Stage:
 
 STAGES = (
     Stage("kernels", "experiments/kernel_check.py", (), ("--small",), 90),
-    Stage("attention", "experiments/benchmarks/attention.py", ("--impl=pallas_mgpu,pallas_gpu",),
+    Stage("attention", "experiments/benchmarks/attention.py", ("--impl=pallas_gpu,pallas_mgpu",),
           ("--impl=pallas_gpu", "--small"), 210),
     Stage("throughput", "experiments/benchmarks/train_throughput.py",
           ("--config=configs/gpt_125m.py", "--impls=cudnn,pallas,xla"),

@@ -1,6 +1,6 @@
 """Values and gradients of the GPU kernels against a float32 reference, compiled on the GPU.
 
-    python experiments/kernel_check.py [--impls=pallas_mgpu,pallas_gpu] [--json=PATH]
+    python experiments/kernel_check.py [--impls=pallas_gpu,pallas_mgpu] [--json=PATH]
     python experiments/kernel_check.py --small     # CPU: tiny shapes, kernels in their interpreters
 
 For every impl × case: o = gated_flash_attention(q, k, v, gate, impl=impl) on bf16 inputs and its
@@ -119,55 +119,53 @@ def report(rows: list[dict], device: str) -> dict:
           "markdown": "\n".join(lines), "summary": [summary]}
 
 
-def check(case: Case, impls: list[str]) -> list[dict]:
-  """One row per impl: the case, its status ("pass", "fail", "error", or "unsupported": refused
-  by the API for these inputs, e.g. Mosaic GPU under jax < 0.11), errors and seconds."""
+def check(impl: str, case: Case, references: dict) -> dict:
+  """One row: the case, its status ("pass", "fail", "error", or "unsupported": refused by the API
+  for these inputs, e.g. Mosaic GPU under jax < 0.11), errors and seconds. references caches
+  each case's float32 reference outputs (as numpy) across impls."""
+  start = time.perf_counter()
+  row = {"impl": impl, "case": case.name, "shape": [case.b, case.t, case.s, case.n, case.k, case.h],
+         "causal": case.causal, "gate": case.gate, "segments": case.segments, "errors": {},
+         "error": None}
   q, k, v, gate, do, seg = _inputs(case)
+  try:
+    resolve_impl(impl, q, gate, seg)
+  except ValueError as e:
+    return row | {"status": "unsupported", "error": str(e), "seconds": 0.0}
   f32 = lambda x: None if x is None else x.astype(jnp.float32)
-  want = None  # the reference, computed once per case when an impl needs it
-  rows = []
-  for impl in impls:
-    start = time.perf_counter()
-    row = {"impl": impl, "case": case.name,
-           "shape": [case.b, case.t, case.s, case.n, case.k, case.h], "causal": case.causal,
-           "gate": case.gate, "segments": case.segments, "errors": {}, "error": None}
-    try:
-      resolve_impl(impl, q, gate, seg)
-    except ValueError as e:
-      rows.append(row | {"status": "unsupported", "error": str(e), "seconds": 0.0})
-      continue
-    try:
-      if want is None:
-        with jax.default_matmul_precision("highest"):
-          want = _value_and_grads(lambda q, k, v, g: reference.gated_attention(
-              q, k, v, g, causal=case.causal, scale=case.h ** -0.5, gate_activation="sigmoid",
-              q_segment_ids=seg, kv_segment_ids=seg), f32(q), f32(k), f32(v), f32(gate), f32(do))
-      got = _value_and_grads(lambda q, k, v, g: gated_flash_attention(
-          q, k, v, g, causal=case.causal, segment_ids=seg, impl=impl), q, k, v, gate, do)
-      row["errors"] = _errors(got, want)
-      row["status"] = "pass" if max(row["errors"].values()) <= TOLERANCE else "fail"
-    except Exception as e:  # pylint: disable=broad-except
-      row |= {"status": "error", "error": f"{type(e).__name__}: {e}"[:500]}
-    rows.append(row | {"seconds": time.perf_counter() - start})
-  return rows
+  try:
+    if case.name not in references:
+      with jax.default_matmul_precision("highest"):
+        references[case.name] = jax.device_get(_value_and_grads(
+            lambda q, k, v, g: reference.gated_attention(
+                q, k, v, g, causal=case.causal, scale=case.h ** -0.5, gate_activation="sigmoid",
+                q_segment_ids=seg, kv_segment_ids=seg),
+            f32(q), f32(k), f32(v), f32(gate), f32(do)))
+    got = _value_and_grads(lambda q, k, v, g: gated_flash_attention(
+        q, k, v, g, causal=case.causal, segment_ids=seg, impl=impl), q, k, v, gate, do)
+    row["errors"] = _errors(got, references[case.name])
+    row["status"] = "pass" if max(row["errors"].values()) <= TOLERANCE else "fail"
+  except Exception as e:  # pylint: disable=broad-except
+    row |= {"status": "error", "error": f"{type(e).__name__}: {e}"[:500]}
+  return row | {"seconds": time.perf_counter() - start}
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--impls", default="pallas_mgpu,pallas_gpu",
+  parser.add_argument("--impls", default="pallas_gpu,pallas_mgpu",
                       help="comma-separated kernel impls to check")
   parser.add_argument("--small", action="store_true", help="tiny shapes (CPU dry run)")
   parser.add_argument("--json", type=pathlib.Path, help="write the results here")
   args = parser.parse_args()
   device = f"{jax.devices()[0].device_kind} ({jax.default_backend()})"
-  rows = []
-  for case in SMALL_CASES if args.small else CASES:
-    for row in check(case, args.impls.split(",")):
-      rows.append(row)
-      print(f"{row['impl']} {case.name}: {row['status']} {row['errors']} {row['error'] or ''} "
+  rows, references = [], {}
+  for impl in args.impls.split(","):  # impl by impl: a crash in one leaves the rows before it
+    for case in SMALL_CASES if args.small else CASES:
+      rows.append(row := check(impl, case, references))
+      print(f"{impl} {case.name}: {row['status']} {row['errors']} {row['error'] or ''} "
             f"({row['seconds']:.1f} s)", flush=True)
-    if args.json:
-      args.json.write_text(json.dumps(report(rows, device), indent=1))
+      if args.json:
+        args.json.write_text(json.dumps(report(rows, device), indent=1))
   print(report(rows, device)["markdown"])
   raise SystemExit(int(any(r["status"] in ("fail", "error") for r in rows)))
 

@@ -2,7 +2,7 @@
 
 Usage:
   python experiments/benchmarks/attention.py [--impl auto] [--write]   # paper shapes (GPU/TPU)
-  python experiments/benchmarks/attention.py --impl pallas_mgpu,pallas_gpu --json out.json
+  python experiments/benchmarks/attention.py --impl pallas_gpu,pallas_mgpu --json out.json
   python experiments/benchmarks/attention.py --small --impl pallas_gpu   # CPU smoke test
 
 All inputs bf16, causal, sigmoid gate. Rows: (B, T, N, K, H) shape × gate kind (elementwise
@@ -13,7 +13,7 @@ work is not counted. All methods of a table are timed in the same run, so the ra
 like with like (run-to-run noise on one machine is ~5%). Speed-ups are relative to the baseline:
 cuDNN + XLA gate on a GPU, the XLA reference elsewhere (cuDNN needs a GPU). A method that fails at
 a shape (compile error, out of memory) is reported with its error and the others still run;
-``--json`` writes the rows, the markdown table and a summary (rewritten after every shape).
+``--json`` writes the rows, the markdown table and a summary (rewritten after every row).
 """
 
 from __future__ import annotations
@@ -99,25 +99,26 @@ def _row(shape, gate: str, method: str, times: tuple[float, float] | str,
 
 
 def run(shapes, impls: list[str], repeats: int,
-        on_shape: Callable[[list[dict]], object] = lambda rows: None) -> list[dict]:
-  """Benchmarks every shape × gate × method and returns the rows, calling on_shape(rows) after
-  each shape × gate. A method that fails somewhere (compile error, out of memory) gets an error
-  row there; the others still run."""
-  methods = {f"ours ({impl})": _ours(impl) for impl in impls} | {"xla reference": _ours("xla")}
+        on_row: Callable[[list[dict]], object] = lambda rows: None) -> list[dict]:
+  """Benchmarks every shape × gate × method, the baseline first, and returns the rows, calling
+  on_row(rows) after each. A method that fails somewhere (compile error, out of memory) gets an
+  error row there; the others still run."""
+  methods = {"xla reference": _ours("xla")} | {f"ours ({impl})": _ours(impl) for impl in impls}
   if jax.default_backend() == "gpu":
-    methods["cudnn + xla gate"] = _cudnn_then_gate
+    methods = {"cudnn + xla gate": _cudnn_then_gate} | methods
   rows = []
   for shape in shapes:
     for gate in GATES:
       args = _inputs(shape, gate)
-      times = {}
+      base = None  # the baseline's (first method's) times, or its error
       for name, fn in methods.items():
         try:
-          times[name] = _bench(fn, args, repeats)
+          times = _bench(fn, args, repeats)
         except Exception as e:  # pylint: disable=broad-except
-          times[name] = f"{type(e).__name__}: {e}"[:300]
-      rows += [_row(shape, gate, name, t, times[_baseline()]) for name, t in times.items()]
-      on_shape(rows)
+          times = f"{type(e).__name__}: {e}"[:300]
+        base = times if base is None else base
+        rows.append(_row(shape, gate, name, times, base))
+        on_row(rows)
   return rows
 
 
@@ -163,7 +164,7 @@ def main():
   parser.add_argument("--write", action="store_true",
                       help="also write experiments/results/attention_<device>.md")
   parser.add_argument("--json", type=pathlib.Path,
-                      help="write rows, table and summary here (rewritten after every shape)")
+                      help="write rows, table and summary here (rewritten after every row)")
   args = parser.parse_args()
   impls = args.impl.split(",")
   for impl in impls:
