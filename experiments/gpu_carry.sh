@@ -20,7 +20,9 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp "${PLATFORMS[@]/#/--platform=}" -d .whl "${WHEELS[@]}"
 if [ ! -f .gpu_data/gpt2/manifest.json ]; then
   python3 -m gated_attention_jax.data.prepare --tokenizer gpt2 --cache_dir .gpu_data
-  rm -rf .gpu_data/_archives  # the PyPI archives the corpus was read from: not needed there
 fi
+# Only the GPT-2 corpus and its ranks file travel: not the PyPI archives it was read from, nor
+# corpora a local `gpu_check.sh --dry-run` prepared here.
+find .gpu_data -mindepth 1 -maxdepth 1 ! -name gpt2 ! -name _assets -exec rm -rf {} +
 ls .whl
 du -sh .whl .gpu_data
