@@ -39,6 +39,7 @@ _TESTBED: dict[str, dict[str, Any]] = {
 # setting -> changes to _TESTBED, section by section
 SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     "testbed": {},
+    "qk_norm": {"model": dict(qk_norm=True)},
 }
 
 

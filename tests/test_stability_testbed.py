@@ -110,8 +110,12 @@ def test_summarizer_counts_divergence_and_gaps(tmp_path: pathlib.Path):
   assert unstable["final_max_activation"] == pytest.approx((200.0 + 70.0) / 2)
 
   md = (tmp_path / "out" / "stability.md").read_text()
-  assert "| testbed | 0.01 | sdpa_elementwise | 2 | 1.75 |" in md  # 0.03: the baseline diverged
-  assert "| -0.35 | yes |" in md  # 0.35 > 0.141 + 0.0707
+  gated = cells[("sdpa_elementwise", 0.01)]
+  assert gated["delta_vs_baseline"] == pytest.approx(-0.35)
+  assert gated["beyond_spread"] == "yes"  # 0.35 > 0.141 + 0.0707
+  assert cells[("sdpa_elementwise", 0.03)]["delta_vs_baseline"] is None  # no baseline left
+  assert base["delta_vs_baseline"] is None
+  assert "| testbed | sdpa_elementwise | 0.01 | 0/2 | 2 | 1.75 |" in md
   assert f"| 48L, 400B tokens | baseline | 0.008 | 9.195 |" in md
   assert len(paper_results.TABLE2) == 6
   assert (tmp_path / "out" / "stability_testbed.png").stat().st_size > 10_000

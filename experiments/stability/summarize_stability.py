@@ -10,9 +10,9 @@ Reads RUNS/SETTING/VARIANT_lrLR/seedS/{summary.json, metrics.jsonl, config.json}
                                diverge, loss spikes (the trainer's count, mean over seeds),
                                the peak over steps of the max |activation| and the max
                                attention logit over layers (mean over seeds), the final max
-                               |activation|, training minutes; then, per setting, the gap
-                               to the baseline at the largest lr where no seed of any
-                               variant diverged, and the paper's Table 2
+                               |activation|, training minutes; the difference to the
+                               baseline's validation loss at the same setting and lr, and
+                               whether it exceeds the seed spread; then the paper's Table 2
   stability_SETTING.png        training loss, max |activation| and max attention logit
                                against step, a column per lr, a line per run
 A run diverged when it stopped before its last step (the trainer stops on a non-finite
@@ -42,10 +42,8 @@ from experiments import paper_results, summarize  # pylint: disable=g-import-not
 DIVERGE_MARGIN = 1.0  # nats: a final loss this far above the run's best did not recover
 SMOOTH = 10  # steps averaged for the best and the final training loss
 COLUMNS = ("setting", "variant", "lr", "diverged", "seeds", "eval_loss", "eval_loss_std",
-           "loss_spikes", "peak_max_activation", "final_max_activation",
-           "peak_attention_logit", "run_minutes")
-GAP_COLUMNS = ("setting", "lr", "variant", "seeds", "eval_loss", "eval_loss_std",
-               "delta_vs_baseline", "beyond_spread")
+           "delta_vs_baseline", "beyond_spread", "loss_spikes", "peak_max_activation",
+           "final_max_activation", "peak_attention_logit", "run_minutes")
 PAPER_COLUMNS = ("setting", "variant", "lr", "ppl", "note")
 
 
@@ -100,32 +98,18 @@ def rows(grid: dict[str, dict[str, list[dict[str, Any]]]]) -> list[dict[str, Any
   return out
 
 
-def gap_rows(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
-  """Per setting, at the largest lr where every variant has runs and none diverged: each
-  variant's final validation loss, its difference to the baseline's, and whether that
-  difference exceeds the two std's together (the seed spread)."""
-  out = []
-  for setting in dict.fromkeys(r["setting"] for r in table):
-    by_lr: dict[float, list[dict[str, Any]]] = {}
-    for r in table:
-      if r["setting"] == setting:
-        by_lr.setdefault(r["lr"], []).append(r)
-    variants = {r["variant"] for r in table if r["setting"] == setting}
-    stable = [lr for lr, cells in by_lr.items() if {c["variant"] for c in cells} == variants
-              and all(c["diverged"].startswith("0/") for c in cells)]
-    if not stable or "baseline" not in variants:
-      continue
-    lr = max(stable)
-    base = next(c for c in by_lr[lr] if c["variant"] == "baseline")
-    for cell in by_lr[lr]:
-      delta = cell["eval_loss"] - base["eval_loss"]
-      spread = (cell["eval_loss_std"] or 0.0) + (base["eval_loss_std"] or 0.0)
-      out.append(dict(setting=setting, lr=lr, variant=cell["variant"], seeds=cell["seeds"],
-                      eval_loss=cell["eval_loss"], eval_loss_std=cell["eval_loss_std"],
-                      delta_vs_baseline=delta,
-                      beyond_spread=(None if cell["variant"] == "baseline" or spread == 0
-                                     else "yes" if abs(delta) > spread else "no")))
-  return out
+def add_deltas(table: list[dict[str, Any]]) -> None:
+  """Each row's final validation loss minus the baseline's at the same setting and lr, and
+  whether that exceeds the seed spread (the two std's added; blank below two seeds each)."""
+  base = {(r["setting"], r["lr"]): r for r in table if r["variant"] == "baseline"}
+  for row in table:
+    ref = base.get((row["setting"], row["lr"]))
+    have = ref is not None and row is not ref and None not in (row["eval_loss"],
+                                                                ref["eval_loss"])
+    row["delta_vs_baseline"] = row["eval_loss"] - ref["eval_loss"] if have else None
+    spread = have and None not in (row["eval_loss_std"], ref["eval_loss_std"])
+    row["beyond_spread"] = (("yes" if abs(row["delta_vs_baseline"]) > row["eval_loss_std"]
+                             + ref["eval_loss_std"] else "no") if spread else None)
 
 
 def plot_setting(cells: dict[str, list[dict[str, Any]]], title: str,
@@ -157,7 +141,8 @@ def plot_setting(cells: dict[str, list[dict[str, Any]]], title: str,
     axes[row, 0].set_ylabel(label + (" (x: stopped)" if row == 0 else ""), fontsize=8)
     if reduce:
       axes[row, 0].set_yscale("log")
-  axes[0, 0].legend(fontsize=7)
+  if axes[0, 0].get_legend_handles_labels()[0]:
+    axes[0, 0].legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
@@ -168,7 +153,7 @@ def summarize_grid(root: pathlib.Path, out: pathlib.Path,
   """Writes stability.md, stability.csv (and the plots) to `out`; returns the rows."""
   grid = summarize.read_grid(root)
   table = rows(grid)
-  gaps = gap_rows(table)
+  add_deltas(table)
   paper = [dict(setting=p.setting, variant=p.variant, lr=p.lr, ppl=p.ppl, note=p.note)
            for p in paper_results.TABLE2]
   out.mkdir(parents=True, exist_ok=True)
@@ -179,11 +164,10 @@ def summarize_grid(root: pathlib.Path, out: pathlib.Path,
       " eval_loss: final validation loss, mean (± std) over the other seeds; loss_spikes:"
       " the trainer's count (loss > 2x its 50-step median), mean over seeds; activations"
       " and logits: max over layers, peak over steps (or at the last step), mean over"
-      " seeds; run_minutes: training only, from the logged tokens/s.\n\n"
+      " seeds; run_minutes: training only, from the logged tokens/s;"
+      " delta_vs_baseline: eval_loss minus the baseline's at the same setting and lr;"
+      " beyond_spread: |delta| > the two std's added.\n\n"
       + summarize.to_markdown(table, COLUMNS)
-      + "\n## The gain at the largest learning rate where nothing diverged\n\n"
-      "beyond_spread: |delta| > the two std's added.\n\n"
-      + summarize.to_markdown(gaps, GAP_COLUMNS)
       + f"\n## The paper ({paper_results.TABLE2_SOURCE})\n\n"
       + summarize.to_markdown(paper, PAPER_COLUMNS))
   (out / "stability.csv").write_text(summarize.to_csv(table, COLUMNS))
