@@ -1,18 +1,29 @@
 """The stability testbed: peak learning rate x gate variant on a deep, narrow model.
 
-    python -m gated_attention_jax.main --config=configs/stability.py:baseline,testbed,0.01 \
-        --workdir=runs/stability/testbed/baseline_lr0.01/seed0
+    python -m gated_attention_jax.main --config=configs/stability.py:baseline,testbed,0.1 \
+        --workdir=runs/stability/testbed/baseline_lr0.1/seed0
     python experiments/run_grid.py --grid=stability --scale=testbed --seeds=0,1,2
     python experiments/stability/summarize_stability.py --runs=runs/stability \
         --out=experiments/results/stability
 
-Argument "VARIANT,SETTING,LR": VARIANT one of `VARIANTS` (any name of
-configs/ablation.py works), LR the peak learning rate, SETTING one of `SETTINGS` (the
-testbed and its one-factor-at-a-time search) or of ablation.SCALES (the ablation's
+Argument "VARIANT,SETTING,LR": VARIANT a name of configs/ablation.py (`VARIANTS` are the
+grid's default: the baseline and the paper's G1 elementwise and headwise gates), LR the
+peak learning rate, SETTING one of `SETTINGS` or of ablation.SCALES (the ablation's
 model, warmup and cosine; at paper scale sweep `paper_1p7b_48l` over 2e-3, 4e-3, 8e-3,
-the paper's Table 2). Testbed runs log every step with train.track_activations (max
-|block output| and max attention logit per layer). A run that hits a non-finite loss
-stops (train.py); its metrics.jsonl keeps the curve up to there.
+the paper's Table 2).
+
+The testbed is the paper's stack (RMSNorm, SwiGLU, RoPE, QK-norm, GQA, tied embeddings)
+made deep and narrow: 16 layers of D 64 (4 q / 2 kv heads x 16), 0.8M parameters, on
+the bundled corpus as bytes (windows of 64 that start with BOS), batch 16, 300 steps
+(0.3M tokens), AdamW (β 0.9/0.95, weight decay 0.1), 30 warmup steps then cosine to
+0.1x, no gradient clipping: ~2 minutes a run on 2 shared CPU cores. Every step is
+logged with train.track_activations (max |block output| and max attention logit per
+layer) and the trainer's spike count. A run that hits a non-finite loss stops
+(train.py); its metrics.jsonl keeps the curve up to there.
+
+SETTING, one factor changed from `testbed` at a time:
+  testbed     the setting above
+  no_qk_norm  without QK-norm (attention logits are then free to grow)
 """
 
 from __future__ import annotations
@@ -25,11 +36,11 @@ from configs import ablation
 from gated_attention_jax import experiment
 
 VARIANTS = ("baseline", "sdpa_elementwise", "sdpa_headwise")
-LEARNING_RATES = (3e-3, 1e-2, 3e-2)
+LEARNING_RATES = (1e-2, 3e-2, 1e-1, 3e-1)
 
 _TESTBED: dict[str, dict[str, Any]] = {
     "model": dict(d_model=64, num_layers=16, num_heads=4, num_kv_heads=2, head_dim=16,
-                  mlp_dim=192, qk_norm=False),
+                  mlp_dim=192, qk_norm=True),
     "data": dict(seq_len=64, packing="windows"),
     "train": dict(num_steps=300, batch_size=16, warmup_steps=30, grad_clip=0.0,
                   log_every=1, eval_every=100, eval_batches=4, checkpoint_every=300,
@@ -39,7 +50,7 @@ _TESTBED: dict[str, dict[str, Any]] = {
 # setting -> changes to _TESTBED, section by section
 SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     "testbed": {},
-    "qk_norm": {"model": dict(qk_norm=True)},
+    "no_qk_norm": {"model": dict(qk_norm=False)},
 }
 
 
