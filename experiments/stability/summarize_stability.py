@@ -141,8 +141,12 @@ def plot_setting(cells: dict[str, list[dict[str, Any]]], title: str,
     axes[row, 0].set_ylabel(label + (" (x: stopped)" if row == 0 else ""), fontsize=8)
     if reduce:
       axes[row, 0].set_yscale("log")
-  if axes[0, 0].get_legend_handles_labels()[0]:
-    axes[0, 0].legend(fontsize=7)
+  handles: dict[str, Any] = {}
+  for ax in axes[0]:
+    for handle, label in zip(*ax.get_legend_handles_labels()):
+      handles.setdefault(label, handle)
+  if handles:
+    axes[0, 0].legend(handles.values(), handles.keys(), fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
