@@ -24,6 +24,7 @@ layer) and the trainer's spike count. A run that hits a non-finite loss stops
 SETTING, one factor changed from `testbed` at a time:
   testbed     the setting above
   no_qk_norm  without QK-norm (attention logits are then free to grow)
+  layers_32   32 layers instead of 16 (Table 2's instability is a 48-layer one)
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ _TESTBED: dict[str, dict[str, Any]] = {
 SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     "testbed": {},
     "no_qk_norm": {"model": dict(qk_norm=False)},
+    "layers_32": {"model": dict(num_layers=32)},
 }
 
 
