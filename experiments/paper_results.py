@@ -50,3 +50,26 @@ ROWS: dict[str, PaperRow] = {
 # The attention geometry of Table 1's MoE (for checking the added-parameter formulas).
 TABLE1_ATTENTION = {"d_model": 2048, "num_layers": 24, "num_heads": 32, "num_kv_heads": 4,
                     "head_dim": 128}
+
+TABLE2_SOURCE = ("Qiu et al. 2025, Table 2: dense 1.7B (28 or 48 layers, hidden 2048, 16 q /"
+                 " 8 kv heads, QK-norm), avg PPL at the max learning rate")
+
+
+@dataclasses.dataclass(frozen=True)
+class StabilityRow:
+  setting: str
+  variant: str  # a name of configs/ablation.py
+  lr: float
+  ppl: Optional[float]  # None: diverged
+  note: str = ""
+
+
+# Table 2 (the MMLU column is left out: nothing here measures it).
+TABLE2: tuple[StabilityRow, ...] = (
+    StabilityRow("28L, 400B tokens", "baseline", 4e-3, 7.499),
+    StabilityRow("28L, 400B tokens", "sdpa_elementwise", 4e-3, 7.404),
+    StabilityRow("48L, 400B tokens", "baseline", 8e-3, 9.195, "unstable (loss spikes)"),
+    StabilityRow("48L, 400B tokens", "sdpa_elementwise", 8e-3, 7.325),
+    StabilityRow("48L, 1T tokens, batch 4096", "baseline", 8e-3, None, "diverged"),
+    StabilityRow("48L, 1T tokens, batch 4096", "sdpa_elementwise", 8e-3, 7.078),
+)

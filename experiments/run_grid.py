@@ -2,14 +2,14 @@
 
     python experiments/run_grid.py --scale=smoke                       # all 19 variants, seed 0
     python experiments/run_grid.py --scale=small --seeds=0,1,2 --print_only   # for a cluster
-    python experiments/run_grid.py --grid=stability --scale=smoke      # baseline vs G1 over LRs
+    python experiments/run_grid.py --grid=stability --scale=testbed --seeds=0,1,2  # lr x gate
     python experiments/run_grid.py --scale=small --config.data.tokenizer=gpt2  # overrides
     python experiments/run_grid.py --scale=smoke --analyze   # + analysis.json for each run
     python experiments/run_grid.py --grid=sinks --scale=testbed --seeds=0,1,2   # sink testbed
 
 Run folders: ROOT/ablation/SCALE/VARIANT/seedS, ROOT/stability/SCALE/VARIANT_lrLR/seedS and
-ROOT/sinks/SETTING/VARIANT/seedS (for --grid=sinks, --scale names a setting of
-configs/sinks.py).
+ROOT/sinks/SETTING/VARIANT/seedS (for --grid=sinks and --grid=stability, --scale names a
+setting of configs/sinks.py or configs/stability.py; stability also takes ablation scales).
 A run whose summary.json says finished is skipped; an unfinished one resumes from
 its checkpoint (train.py does that). Each run is a separate process; `--config.*`
 flags are passed on to every run.
@@ -69,8 +69,9 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--grid", choices=("ablation", "stability", "sinks"), default="ablation")
   parser.add_argument("--scale", required=True,
-                      help=f"ablation/stability: one of {sorted(ablation.SCALES)}; sinks: a"
-                      f" setting, one of {list(sinks.SETTINGS)}")
+                      help=f"ablation: one of {sorted(ablation.SCALES)}; sinks: a setting,"
+                      f" one of {list(sinks.SETTINGS)}; stability: a setting, one of"
+                      f" {list(stability.SETTINGS)}, or an ablation scale")
   parser.add_argument("--variants", default="",
                       help="comma-separated; default: every variant of the grid")
   parser.add_argument("--seeds", default="0")
@@ -86,7 +87,8 @@ def main() -> None:
   bad = [o for o in overrides if not o.startswith("--config.")]
   if bad:
     parser.error(f"unrecognized arguments (only --config.* overrides pass through): {bad}")
-  scales = sinks.SETTINGS if args.grid == "sinks" else ablation.SCALES
+  scales = {"ablation": ablation.SCALES, "sinks": sinks.SETTINGS,
+            "stability": {**stability.SETTINGS, **ablation.SCALES}}[args.grid]
   if args.scale not in scales:
     parser.error(f"--scale for --grid={args.grid} must be one of {list(scales)},"
                  f" got {args.scale!r}")

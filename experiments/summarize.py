@@ -75,6 +75,43 @@ def read_runs(root: pathlib.Path) -> dict[str, list[dict[str, Any]]]:
   return out
 
 
+def read_grid(root: pathlib.Path,
+              first: str = "testbed") -> dict[str, dict[str, list[dict[str, Any]]]]:
+  """{setting: read_runs(ROOT/SETTING)} for every folder of ROOT, `first` first."""
+  folders = sorted((p for p in root.iterdir() if p.is_dir()),
+                   key=lambda p: (p.name != first, p.name))
+  return {s.name: read_runs(s) for s in folders}
+
+
+def tokens_per_step(run: dict[str, Any]) -> int:
+  config = run["config"]
+  return config["train"]["batch_size"] * config["data"]["seq_len"]
+
+
+def train_minutes(run: dict[str, Any], until_step: Optional[int] = None) -> float:
+  """Training time up to `until_step` (default: the end), from the logged tokens/s.
+
+  Each logged row covers the steps since the previous one at its tokens_per_sec;
+  compilation and evaluation are not included.
+  """
+  seconds, previous = 0.0, 0
+  for r in run["metrics"]:
+    if until_step is not None and r["step"] > until_step:
+      break
+    if r.get("tokens_per_sec"):
+      seconds += (r["step"] - previous) * tokens_per_step(run) / r["tokens_per_sec"]
+    previous = r["step"]
+  return seconds / 60
+
+
+def mean_std(values: list[Optional[float]]) -> tuple[Optional[float], Optional[float]]:
+  """Mean and sample std of the values that are not None (std None below two)."""
+  values = [v for v in values if v is not None]
+  if not values:
+    return None, None
+  return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
 def is_finished(run: dict[str, Any]) -> bool:
   return bool(run["summary"] and run["summary"].get("finished")
               and "eval_perplexity" in run["summary"])
@@ -161,7 +198,7 @@ def ablation_spearman(rows: list[dict[str, Any]]) -> Optional[float]:
   return spearman([r["ppl"] for r in both], [r["paper_ppl"] for r in both])
 
 
-def _lr_of(name: str) -> tuple[str, float]:
+def lr_of(name: str) -> tuple[str, float]:
   match = re.fullmatch(r"(.+)_lr([0-9.e+-]+)", name)
   if not match:
     raise ValueError(f"stability run folder {name!r} is not VARIANT_lrLR")
@@ -172,7 +209,7 @@ def stability_rows(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]
   """One row per (variant, lr, seed), sorted by variant then lr."""
   rows = []
   for name, seeds in runs.items():
-    variant, lr = _lr_of(name)
+    variant, lr = lr_of(name)
     for run in seeds:
       last = run["metrics"][-1] if run["metrics"] else {}
       summary = run["summary"] or {}
@@ -233,7 +270,7 @@ def plot_stability(runs: dict[str, list[dict[str, Any]]], path: pathlib.Path) ->
   """Training loss against step: one panel per peak LR, baseline dashed vs gated solid."""
   by_lr: dict[float, list[tuple[str, dict[str, Any]]]] = {}
   for name, seeds in runs.items():
-    variant, lr = _lr_of(name)
+    variant, lr = lr_of(name)
     by_lr.setdefault(lr, []).extend((variant, run) for run in seeds)
   lrs = sorted(by_lr)
   fig, axes = plt.subplots(1, max(len(lrs), 1), figsize=(4 * max(len(lrs), 1), 4),

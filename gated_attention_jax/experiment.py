@@ -44,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
       # at each eval, first-token attention, sink rate and max activation on the
       # first eval batch (metrics.jsonl keys first_token_attention, sink_rate, ...)
       "track_sinks": False,
+      "track_activations": False,  # per logged step: max |activation|, attention logit per layer
       "checkpoint_every": 200, "keep_checkpoints": 3,
       "spike_factor": 2.0, "spike_window": 50,
       "peak_tflops_per_device": 0.0,  # 0: look the device up (MFU left out if unknown)
@@ -68,8 +69,9 @@ def validate_train(train: ml_collections.ConfigDict) -> None:
   for name in _NON_NEGATIVE:
     if not isinstance(train[name], (int, float)) or train[name] < 0:
       raise ValueError(f"train.{name} must be a number >= 0, got {train[name]!r}")
-  if not isinstance(train.get("track_sinks", False), bool):
-    raise ValueError(f"train.track_sinks must be a bool, got {train.track_sinks!r}")
+  for name in ("track_sinks", "track_activations"):
+    if not isinstance(train.get(name, False), bool):
+      raise ValueError(f"train.{name} must be a bool, got {train[name]!r}")
   for name in ("b1", "b2"):
     if not 0 <= train[name] < 1:
       raise ValueError(f"train.{name} must be in [0, 1), got {train[name]!r}")

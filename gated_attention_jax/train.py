@@ -23,6 +23,7 @@ import optax
 from absl import logging
 from flax import nnx
 
+from gated_attention_jax import attention_ops
 from gated_attention_jax import checkpointing
 from gated_attention_jax import experiment
 from gated_attention_jax import metrics_writer
@@ -38,6 +39,10 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "TPU v6": 918.0,
                "TPU v5p": 459.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v4": 275.0}
 
 Batch = dict[str, jax.Array]
+# Per-layer training-batch metrics a step may return: the gate's mean, and with
+# train.track_activations the max |block output| and max attention logit.
+PER_LAYER_METRICS = ("gate_score_mean_per_layer", "activation_max_per_layer",
+                     "attention_logit_max_per_layer")
 
 
 def flops_per_token(cfg: TransformerConfig, seq_len: int, num_params: int) -> float:
@@ -63,16 +68,37 @@ def peak_flops_per_device(train_cfg: ml_collections.ConfigDict) -> Optional[floa
 
 
 def token_losses(model: Transformer, batch: Batch, use_segments: bool,
-                 want_gates: bool) -> tuple[jax.Array, jax.Array, list[jax.Array]]:
-  """Per-token cross entropy and log-partition `(B, T)`, and per-layer mean gate score."""
+                 want_intermediates: bool) -> tuple[jax.Array, jax.Array, dict[str, list]]:
+  """Per-token cross entropy and log-partition `(B, T)`, and the model's intermediates.
+
+  The intermediates (per-layer lists, see Transformer) are empty unless requested.
+  """
   segment_ids = batch["segment_ids"] if use_segments else None
   out = model(batch["inputs"], batch["positions"], segment_ids,
-              return_intermediates=want_gates)
-  logits, inter = out if want_gates else (out, {})
+              return_intermediates=want_intermediates)
+  logits, inter = out if want_intermediates else (out, {})
   log_z = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-  gate_means = [jnp.mean(g.astype(jnp.float32)) for g in inter.get("gate_scores", [])]
-  return log_z - target_logit, log_z, gate_means
+  return log_z - target_logit, log_z, inter
+
+
+def activation_stats(inter: dict[str, list[jax.Array]],
+                     mask: jax.Array) -> dict[str, jax.Array]:
+  """Per-layer max |block output| and max attention logit q·k/√H, each `(L,)`.
+
+  inter: the model's intermediates; mask `(B, 1, T, S)`: the pairs attention may use.
+  """
+  def logit_max(q: jax.Array, k: jax.Array) -> jax.Array:
+    b, t, n, h = q.shape
+    groups = q.reshape(b, t, k.shape[2], n // k.shape[2], h)
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", groups, k,
+                        preferred_element_type=jnp.float32) * h ** -0.5
+    return jnp.max(jnp.where(mask[:, :, None], logits, -jnp.inf))
+
+  return {"activation_max_per_layer": jnp.stack(
+              [jnp.max(jnp.abs(h.astype(jnp.float32))) for h in inter["hidden_states"]]),
+          "attention_logit_max_per_layer": jnp.stack(
+              [logit_max(q, k) for q, k in zip(inter["queries"], inter["keys"])])}
 
 
 class Trainer:
@@ -86,6 +112,7 @@ class Trainer:
     self.tx = optim.make_optimizer(config.train)
     self.use_segments = config.data.packing == "segments"
     self.want_gates = model_cfg.gate.enabled
+    self.track_activations = config.train.get("track_activations", False)
 
     abstract_model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
     self.graphdef, abstract_params = nnx.split(abstract_model)
@@ -130,20 +157,27 @@ class Trainer:
 
     def loss_fn(params):
       model = nnx.merge(self.graphdef, params)
-      nll, log_z, gates = token_losses(model, batch, self.use_segments, self.want_gates)
+      nll, log_z, inter = token_losses(model, batch, self.use_segments,
+                                       self.want_gates or self.track_activations)
       mask = batch["loss_mask"]
       count = jnp.maximum(mask.sum(), 1.0)
       ce = (nll * mask).sum() / count
       total = ce + z_loss * (log_z ** 2 * mask).sum() / count
-      return total, (ce, gates)
+      return total, (ce, inter)
 
-    (_, (ce, gates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    (_, (ce, inter)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": ce, "grad_norm": optax.tree.norm(grads),
                "learning_rate": optim.learning_rate_schedule(self.config.train)(state["step"])}
-    if gates:
-      metrics["gate_score_mean_per_layer"] = jnp.stack(gates)
+    if inter.get("gate_scores"):
+      metrics["gate_score_mean_per_layer"] = jnp.stack(
+          [jnp.mean(g.astype(jnp.float32)) for g in inter["gate_scores"]])
+    if self.track_activations:
+      segment_ids = batch["segment_ids"] if self.use_segments else None
+      b, t = batch["inputs"].shape
+      metrics.update(activation_stats(inter, attention_ops.make_mask(
+          b, t, t, causal=True, q_segment_ids=segment_ids, kv_segment_ids=segment_ids)))
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
   def _eval_step(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
@@ -310,9 +344,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                "loss_spikes": spikes.count}
         if peak is not None:
           row["mfu"] = tokens_per_sec * flops / (peak * jax.device_count())
-        if "gate_score_mean_per_layer" in values:
-          row["gate_score_mean_per_layer"] = [float(v) for v in
-                                              values["gate_score_mean_per_layer"]]
+        for key in PER_LAYER_METRICS:
+          if key in values:
+            row[key] = [float(v) for v in values[key]]
         if do_eval:
           eval_metrics = trainer.evaluate(state["params"], eval_batches)
           if trainer.track_sinks:

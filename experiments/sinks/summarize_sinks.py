@@ -42,18 +42,6 @@ COLUMNS = ("setting", "variant", "seeds", *[f"{k}{s}" for k in TRACKED for s in 
            "paper_max_activation", "paper_gate_score_mean")
 
 
-def read_grid(root: pathlib.Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
-  """{setting: {variant: [runs]}} from ROOT/SETTING/VARIANT/seedS, `testbed` first."""
-  folders = sorted((p for p in root.iterdir() if p.is_dir()),
-                   key=lambda p: (p.name != "testbed", p.name))
-  return {s.name: summarize.read_runs(s) for s in folders}
-
-
-def tokens_per_step(run: dict[str, Any]) -> int:
-  config = run["config"]
-  return config["train"]["batch_size"] * config["data"]["seq_len"]
-
-
 def sink_curve(run: dict[str, Any]) -> list[dict[str, Any]]:
   """The eval rows of a run that carry sink metrics, in step order."""
   return [r for r in run["metrics"] if "first_token_attention" in r]
@@ -63,22 +51,6 @@ def onset_step(run: dict[str, Any], threshold: float = ONSET) -> Optional[int]:
   """First eval step with first-token attention >= threshold (None: never)."""
   return next((r["step"] for r in sink_curve(run) if r["first_token_attention"] >= threshold),
               None)
-
-
-def train_minutes(run: dict[str, Any], until_step: Optional[int] = None) -> float:
-  """Training time up to `until_step` (default: the end), from the logged tokens/s.
-
-  Each logged row covers the steps since the previous one at its tokens_per_sec;
-  compilation and evaluation are not included.
-  """
-  seconds, previous = 0.0, 0
-  for r in run["metrics"]:
-    if until_step is not None and r["step"] > until_step:
-      break
-    if r.get("tokens_per_sec"):
-      seconds += (r["step"] - previous) * tokens_per_step(run) / r["tokens_per_sec"]
-    previous = r["step"]
-  return seconds / 60
 
 
 def _last(run: dict[str, Any], key: str) -> Optional[float]:
@@ -91,13 +63,6 @@ def _last(run: dict[str, Any], key: str) -> Optional[float]:
   return rows[-1].get(key)
 
 
-def _stats(values: list[Optional[float]]) -> tuple[Optional[float], Optional[float]]:
-  values = [v for v in values if v is not None]
-  if not values:
-    return None, None
-  return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
 def rows(grid: dict[str, dict[str, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
   out = []
   for setting, variants in grid.items():
@@ -108,15 +73,15 @@ def rows(grid: dict[str, dict[str, list[dict[str, Any]]]]) -> list[dict[str, Any
       row: dict[str, Any] = dict.fromkeys(COLUMNS)
       row.update(setting=setting, variant=variant, seeds=len(done))
       for key in TRACKED:
-        row[key], row[f"{key}_std"] = _stats([_last(r, key) for r in done])
+        row[key], row[f"{key}_std"] = summarize.mean_std([_last(r, key) for r in done])
       onsets = [onset_step(r) for r in done]
       if all(o is not None for o in onsets):
         row["onset_step"] = statistics.fmean(onsets)
         row["onset_tokens_m"] = statistics.fmean(
-            o * tokens_per_step(r) / 1e6 for o, r in zip(onsets, done))
+            o * summarize.tokens_per_step(r) / 1e6 for o, r in zip(onsets, done))
         row["onset_minutes"] = statistics.fmean(
-            train_minutes(r, o) for o, r in zip(onsets, done))
-      row["run_minutes"] = statistics.fmean(train_minutes(r) for r in done)
+            summarize.train_minutes(r, o) for o, r in zip(onsets, done))
+      row["run_minutes"] = statistics.fmean(summarize.train_minutes(r) for r in done)
       paper = paper_results.ROWS.get(variant)
       if paper is not None:
         row["paper_first_token_attention"] = paper.first_token_attention
@@ -137,7 +102,7 @@ def plot_onset(grid: dict[str, dict[str, list[dict[str, Any]]]], path: pathlib.P
         curve = sink_curve(run)
         if not curve or not run["summary"]:
           continue
-        tokens = [r["step"] * tokens_per_step(run) / 1e6 for r in curve]
+        tokens = [r["step"] * summarize.tokens_per_step(run) / 1e6 for r in curve]
         style = dict(color=f"C{list(grid[setting]).index(variant)}", alpha=0.8, lw=1.2,
                      label=variant if i == 0 else None)
         axes[0, col].plot(tokens, [r["first_token_attention"] for r in curve], **style)
@@ -156,7 +121,7 @@ def plot_onset(grid: dict[str, dict[str, list[dict[str, Any]]]], path: pathlib.P
 
 def summarize_grid(root: pathlib.Path, out: pathlib.Path) -> list[dict[str, Any]]:
   """Writes sinks.md, sinks.csv and sink_onset.png to `out`; returns the rows."""
-  grid = read_grid(root)
+  grid = summarize.read_grid(root)
   table = rows(grid)
   out.mkdir(parents=True, exist_ok=True)
   header = (f"Sink testbed (configs/sinks.py): last eval of each run, mean (± std over seeds)."
