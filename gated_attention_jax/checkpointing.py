@@ -133,24 +133,31 @@ class Checkpointer:
       raise DamagedCheckpoint("checksum mismatch in the data-iterator state")
     return restored["state"], restored["data"]
 
-  def restore_latest(self, abstract_state: Any, accept_data: Callable[[dict], None] = lambda d: None
+  def restore_latest(self, abstract_state: Any, step: Optional[int] = None,
+                     accept_data: Callable[[dict], None] = lambda d: None
                      ) -> Optional[tuple[int, Any, dict]]:
-    """Newest intact checkpoint as (step, state, data state); None if there is none at all.
+    """Newest intact checkpoint (or `step`'s) as (step, state, data state); None if none.
 
-    A checkpoint that fails to read, to verify, or to `accept_data` (e.g. the
-    data iterator's `set_state`) is quarantined; if every one is, CheckpointError.
+    Without `step`, a checkpoint that fails to read, to verify, or to
+    `accept_data` (e.g. the data iterator's `set_state`) is quarantined and the
+    previous one tried; if every one is, CheckpointError. With `step`, its
+    checkpoint or the error.
     """
+    if step is not None:
+      state, data_state = self.restore(step, abstract_state)
+      accept_data(data_state)
+      return step, state, data_state
     steps = self.steps()
-    for step in reversed(steps):
+    for candidate in reversed(steps):
       try:
-        state, data_state = self.restore(step, abstract_state)
+        state, data_state = self.restore(candidate, abstract_state)
         accept_data(data_state)
         ok = True
       except (ValueError, KeyError, TypeError, IndexError, OSError, RuntimeError) as e:
         reason, ok = f"{type(e).__name__}: {str(e)[:300]}", False
       if _all_processes(ok):
-        return step, state, data_state
-      self.quarantine(step, reason if not ok else "unreadable on another process")
+        return candidate, state, data_state
+      self.quarantine(candidate, reason if not ok else "unreadable on another process")
     if steps:
       raise CheckpointError(
           f"every checkpoint in {self.directory} (steps {steps}) is damaged; they were moved"

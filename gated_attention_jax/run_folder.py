@@ -37,7 +37,14 @@ class RunFolderError(RuntimeError):
 def lock(workdir: pathlib.Path) -> Iterator[None]:
   """Holds `workdir/.lock` for the block; RunFolderError if another process holds it."""
   path = workdir / ".lock"
-  with open(path, "a+") as f:
+  try:
+    f = open(path, "a+")  # pylint: disable=consider-using-with
+  except OSError as e:
+    if disk_error(e) is None:
+      raise
+    raise RunFolderError(f"{describe_disk_error(e, f'writing in {workdir}')}: nothing was"
+                         " changed; use a writable --workdir") from None
+  with f:
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
