@@ -94,12 +94,22 @@ class Checkpointer:
   def save(self, step: int, *, state: Any, data_state: dict, config_json: dict) -> None:
     """Writes a checkpoint for `step` with its checksums and waits until it is on disk."""
     checksums = {"state": state_checksums(state), "data": json_checksum(data_state)}
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_state),
-        config=ocp.args.JsonSave(config_json),
-        checksums=ocp.args.JsonSave(checksums)), force=True)
-    self.manager.wait_until_finished()
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=ocp.args.JsonSave(data_state),
+          config=ocp.args.JsonSave(config_json),
+          checksums=ocp.args.JsonSave(checksums)), force=True)
+      self.manager.wait_until_finished()
+    except BaseException:
+      self._discard_unfinished(step)
+      raise
+
+  def _discard_unfinished(self, step: int) -> None:
+    """Removes the temporary folder of `step`'s failed save (frees what it took)."""
+    if jax.process_index() == 0:
+      for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())

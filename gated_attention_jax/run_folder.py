@@ -17,6 +17,7 @@ import fcntl
 import json
 import os
 import pathlib
+import re
 import shutil
 from typing import Iterator, Optional
 
@@ -114,12 +115,19 @@ def check_free_space(directory: pathlib.Path, needed: int) -> None:
 
 
 def disk_error(e: BaseException) -> Optional[OSError]:
-  """The disk-full / read-only OSError behind `e` (its causes included), if any."""
+  """The disk-full / read-only OSError behind `e` (its causes included), if any.
+
+  tensorstore (orbax's array writer) reports it as a ValueError ending in
+  `[os_error_code='28']`.
+  """
   seen = set()
   while e is not None and id(e) not in seen:
     seen.add(id(e))
     if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
       return e
+    code = re.search(r"os_error_code='(\d+)'", str(e))
+    if code and int(code.group(1)) in DISK_ERRNOS:
+      return OSError(int(code.group(1)), os.strerror(int(code.group(1))))
     e = e.__cause__ or e.__context__
   return None
 

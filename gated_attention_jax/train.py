@@ -279,7 +279,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   is_chief = jax.process_index() == 0
   workdir.mkdir(parents=True, exist_ok=True)
   with (run_folder.lock(workdir) if is_chief else contextlib.nullcontext()), \
-      _Preemption() as preemption:
+      _Preemption() as preemption, contextlib.ExitStack() as closers:
     if overwrite and is_chief:
       run_folder.clear(workdir)
     _sync("run folder cleared")
@@ -287,7 +287,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     _sync("run folder checked")
     if is_chief:
       (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    return _train(config, model_cfg, workdir, eval_batches, preemption, stop_at_step)
+    return _train(config, model_cfg, workdir, eval_batches, preemption, closers, stop_at_step)
 
 
 def _sync(name: str) -> None:
@@ -297,15 +297,20 @@ def _sync(name: str) -> None:
 
 def _train(config: ml_collections.ConfigDict, model_cfg: TransformerConfig,
            workdir: pathlib.Path, eval_batches: list, preemption: _Preemption,
-           stop_at_step: Optional[int]) -> dict[str, Any]:
-  """The training loop of `train_and_evaluate`, in a locked and checked folder."""
+           closers: contextlib.ExitStack, stop_at_step: Optional[int]) -> dict[str, Any]:
+  """The training loop of `train_and_evaluate`, in a locked and checked folder.
+
+  The checkpointer and metrics writer are closed by `closers`, whatever happens.
+  """
   mesh = sharding.make_mesh(config.mesh)
   is_chief = jax.process_index() == 0
   say = print if is_chief else lambda *a, **k: None
   trainer = Trainer(config, model_cfg, mesh)
   train_cfg = config.train
-  ckpt = checkpointing.Checkpointer(workdir, keep=train_cfg.keep_checkpoints)
-  writer = metrics_writer.MetricsWriter(workdir, enabled=is_chief)
+  ckpt = closers.enter_context(contextlib.closing(
+      checkpointing.Checkpointer(workdir, keep=train_cfg.keep_checkpoints)))
+  writer = closers.enter_context(contextlib.closing(
+      metrics_writer.MetricsWriter(workdir, enabled=is_chief)))
 
   data_iter = pipeline.make_train_iterator(
       config.data, batch_size=train_cfg.batch_size // jax.process_count(),
@@ -398,8 +403,6 @@ def _train(config: ml_collections.ConfigDict, model_cfg: TransformerConfig,
     _check_finite(step, float(pending["loss"]), last_saved)
   if last_saved != step:
     save(step)
-  ckpt.close()
-  writer.close()
   summary = {"step": step, "num_steps": train_cfg.num_steps, "preempted": preempted,
              "finished": step >= train_cfg.num_steps, "num_params": trainer.num_params,
              "gate_params": trainer.gate_params, "gate": model_cfg.gate.describe(),
