@@ -3,14 +3,16 @@
 Overrides: `--config.train.num_steps=1000`, `--config.gate.position=none`, ...
 (the config is locked: a misspelt field is an error). Rerunning in the same
 `--workdir` resumes (only `experiment.RESUMABLE` fields may differ);
-`--overwrite` deletes that run and starts over. Library INFO logs are off
-unless `--verbosity=0` (or higher) is given. Multi-host: set `--distributed`
+`--overwrite` deletes that run and starts over. INFO logs and the libraries'
+logs (orbax, ...) are off unless `--verbosity=0` (or higher) is given. Multi-host: set `--distributed`
 (Cloud TPU / SLURM auto-detection) or pass `--coordinator_address`,
 `--num_processes`, `--process_id`.
 """
 
 from __future__ import annotations
 
+import logging as py_logging
+import os
 import sys
 from typing import Any
 
@@ -46,11 +48,21 @@ def format_summary(summary: dict[str, Any], workdir: str) -> str:
   return "\n".join(lines)
 
 
+def quiet_libraries() -> None:
+  """Shows this package's warnings and errors only: no INFO, and no library's own logs
+  (orbax logs every save, and each failed write once per array, before the error says why).
+  """
+  logging.set_verbosity(logging.WARNING)
+  package = os.path.dirname(os.path.abspath(__file__))
+  logging.get_absl_handler().addFilter(
+      lambda record: record.pathname.startswith(package) or record.levelno >= py_logging.CRITICAL)
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+    quiet_libraries()
   distributed.initialize_from_flags()
   logging.info("JAX %s, %d processes, %d devices (%s)", jax.__version__, jax.process_count(),
                jax.device_count(), jax.devices()[0].device_kind)
