@@ -175,8 +175,10 @@ def _load(data_cfg: ml_collections.ConfigDict, split: str, seq_len: int,
   source = PackedWindows(shards.load_split(directory, split), seq_len, data_cfg.packing,
                          manifest["bos_id"], tok.pad_id, include_partial)
   if not len(source):
-    raise ValueError(f"The {split} split of {directory} is empty or shorter than "
-                     f"one window of seq_len={seq_len} tokens")
+    where = (f"data.path={data_cfg.path!r} (a text_dir needs 2 or more .txt files: whole"
+             f" files go to validation)" if data_cfg.corpus == "text_dir" else str(directory))
+    raise ValueError(f"The {split} split of {where} is empty or shorter than one window of"
+                     f" data.seq_len={seq_len} tokens")
   return source
 
 
