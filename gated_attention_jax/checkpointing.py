@@ -77,7 +77,8 @@ def json_checksum(value: Any) -> str:
 
 
 def directory_bytes(path: pathlib.Path) -> int:
-  return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+  """Disk space the files under `path` take (allocated blocks, as `du` counts)."""
+  return sum(f.stat().st_blocks * 512 for f in path.rglob("*") if f.is_file())
 
 
 class Checkpointer:
