@@ -217,12 +217,16 @@ def identity_differences(saved: Mapping[str, Any],
                          config: ml_collections.ConfigDict) -> list[str]:
   """`field: saved -> now` for every field outside RESUMABLE that differs from `saved`.
 
-  saved: a run's `config.json` (the config as JSON).
+  saved: a run's `config.json` (the config as JSON). A field the saved config
+  lacks (added to the code since) counts as its default; one the current config
+  lacks (removed since) is ignored.
   """
   old, new = _flatten(saved), _flatten(json.loads(config.to_json_best_effort()))
+  defaults = _flatten(json.loads(base_config().to_json_best_effort()))
   resumable = lambda k: any(k == r or k.startswith(r + ".") for r in RESUMABLE)
-  missing = object()
-  return [f"{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}".replace(
-              repr(missing), "(absent)")
-          for k in sorted(set(old) | set(new))
-          if not resumable(k) and old.get(k, missing) != new.get(k, missing)]
+  differences = []
+  for key in sorted(new):
+    before = old.get(key, defaults.get(key))
+    if not resumable(key) and before != new[key]:
+      differences.append(f"{key}: {before!r} -> {new[key]!r}")
+  return differences

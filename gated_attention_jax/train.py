@@ -247,6 +247,10 @@ def _check_finite(step: int, loss: float, last_saved: Optional[int]) -> None:
     raise FloatingPointError(f"training loss is {loss} at step {step}: stopping; {kept}")
 
 
+SUMMARY_KEYS = ("step", "num_steps", "preempted", "finished", "num_params", "gate_params",
+                "gate")
+
+
 def _summary_eval(workdir: pathlib.Path, step: int) -> dict[str, Any]:
   """Evaluation results of an earlier `summary.json` at `step` (a re-run that trains nothing)."""
   path = workdir / "summary.json"
@@ -254,10 +258,6 @@ def _summary_eval(workdir: pathlib.Path, step: int) -> dict[str, Any]:
   if old.get("step") != step:
     return {}
   return {k: v for k, v in old.items() if k not in SUMMARY_KEYS}
-
-
-SUMMARY_KEYS = ("step", "num_steps", "preempted", "finished", "num_params", "gate_params",
-                "gate")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
