@@ -238,8 +238,7 @@ def small_disk(tmp_path):
 
 def test_a_full_disk_stops_with_one_line_and_keeps_the_checkpoints(trained, small_disk,
                                                                    monkeypatch):
-  size = sum(f.stat().st_size for f in trained.rglob("*") if f.is_file())
-  disk = small_disk(size + 256 * 1024)  # less than another checkpoint needs
+  disk = small_disk(checkpointing.directory_bytes(trained) + 256 * 1024)  # < a checkpoint
   run = pathlib.Path(shutil.copytree(trained, disk / "run"))
   before = snapshot(run / "checkpoints")
   with pytest.raises(run_folder.RunFolderError, match=r"MiB free in .*earlier checkpoints"):
