@@ -333,7 +333,7 @@ def _train(config: ml_collections.ConfigDict, model_cfg: TransformerConfig,
   progress = metrics_writer.Progress(train_cfg.num_steps, start)
   last_saved = start if restored is not None else None
   end = train_cfg.num_steps if stop_at_step is None else min(stop_at_step, train_cfg.num_steps)
-  eval_metrics: dict[str, float] = _summary_eval(workdir, start) if is_chief else {}
+  eval_metrics: dict[str, float] = {}
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(trainer.abstract_state))
 
   def save(step: int) -> None:
@@ -403,6 +403,8 @@ def _train(config: ml_collections.ConfigDict, model_cfg: TransformerConfig,
     _check_finite(step, float(pending["loss"]), last_saved)
   if last_saved != step:
     save(step)
+  if step == start and is_chief:  # nothing trained: keep the evaluation already recorded
+    eval_metrics = _summary_eval(workdir, step)
   summary = {"step": step, "num_steps": train_cfg.num_steps, "preempted": preempted,
              "finished": step >= train_cfg.num_steps, "num_params": trainer.num_params,
              "gate_params": trainer.gate_params, "gate": model_cfg.gate.describe(),
