@@ -8,8 +8,9 @@ memory at save and compared with what is read back at restore.
 
 `restore_latest` treats a checkpoint that cannot be read, or whose checksums do
 not match, as damaged: it moves it to `DIR/checkpoints/quarantine/<step>` with
-one warning and tries the previous one. Nothing is ever deleted here except by
-orbax's `max_to_keep`, i.e. checkpoints older than the newest `keep` of the run.
+one warning and tries the previous one. Nothing is deleted here but the
+temporary folder of a save that failed, and, by orbax's `max_to_keep`,
+checkpoints older than the newest `keep` this run has saved.
 
 There is no separate RNG state to save: training has no stochastic layers
 (no dropout), parameters are initialised from `train.seed`, and the data order
@@ -19,6 +20,7 @@ resumed run reproduces the uninterrupted one bit for bit.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import pathlib
@@ -60,14 +62,18 @@ def _array_checksum(x: jax.Array) -> jax.Array:
   return jnp.stack([words.sum(dtype=jnp.uint32), (words * weights).sum(dtype=jnp.uint32)])
 
 
+@functools.lru_cache(maxsize=8)
+def _checksums_fn(out_sharding: Optional[jax.sharding.Sharding]) -> Callable:
+  return jax.jit(lambda xs: [_array_checksum(x) for x in xs], out_shardings=out_sharding)
+
+
 def state_checksums(state: Any) -> dict[str, str]:
   """{tree path: hex checksum} of every array in `state` (any sharding, any process count)."""
   leaves = jax.tree_util.tree_leaves_with_path(state)
   sharding = leaves[0][1].sharding
   replicated = (jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
                 if isinstance(sharding, jax.sharding.NamedSharding) else None)
-  sums = jax.jit(lambda xs: [_array_checksum(x) for x in xs],
-                 out_shardings=replicated)([x for _, x in leaves])
+  sums = _checksums_fn(replicated)([x for _, x in leaves])
   return {jax.tree_util.keystr(path): "".join(f"{int(w):08x}" for w in np.asarray(s))
           for (path, _), s in zip(leaves, sums)}
 
