@@ -116,13 +116,17 @@ def _flip_bytes(path, count=8):
   path.write_bytes(bytes(data))
 
 
-def test_a_damaged_checkpoint_is_quarantined_and_the_run_goes_on(run, trained, caplog):
-  state_files = [f for f in (run / "checkpoints" / "8" / "state" / "d").iterdir()]
-  _flip_bytes(max(state_files, key=lambda f: f.stat().st_size))
+def test_a_flipped_bit_is_caught_quarantined_and_the_run_goes_on(run, trained, caplog):
+  # The array data (OCDBT): orbax reads a flipped bit there without complaint.
+  data = max((f for f in (run / "checkpoints" / "8" / "state").rglob("*") if f.is_file()),
+             key=lambda f: f.stat().st_size)
+  flipped = bytearray(data.read_bytes())
+  flipped[len(flipped) // 2] ^= 1
+  data.write_bytes(bytes(flipped))
   quarantined = snapshot(run / "checkpoints" / "8")
   summary = train.train_and_evaluate(config(), run)
   assert summary["finished"] and summary["step"] == 8
-  assert "checkpoint at step 8 is damaged" in caplog.text
+  assert "checkpoint at step 8 is damaged (DamagedCheckpoint: checksum mismatch" in caplog.text
   assert snapshot(run / "checkpoints" / "quarantine" / "8") == quarantined  # moved, not lost
   # Saved again at step 8 where the damaged one was: no "already exists" dead end.
   assert checkpointing.Checkpointer(run, keep=5).steps() == [4, 8]
@@ -132,23 +136,6 @@ def test_a_damaged_checkpoint_is_quarantined_and_the_run_goes_on(run, trained, c
   again = train.train_and_evaluate(config(), run)
   assert again["eval_loss"] == summary["eval_loss"]
   assert json.loads((run / "summary.json").read_text())["eval_loss"] == summary["eval_loss"]
-
-
-def test_a_checksum_mismatch_counts_as_damage(run):
-  """A changed checksum stands for a changed array (e.g. an Adam moment) read back."""
-  path = run / "checkpoints" / "8" / "checksums" / "metadata"
-  saved = json.loads(path.read_text())
-  key = next(k for k in saved["state"] if "opt_state" in k)
-  saved["state"][key] = "0" * 16
-  path.write_text(json.dumps(saved))
-  trainer = train.Trainer(config(), train.experiment.model_config(config()),
-                          train.sharding.make_mesh(config().mesh))
-  with pytest.raises(checkpointing.DamagedCheckpoint, match="checksum mismatch"):
-    checkpointing.Checkpointer(run, keep=5).restore(8, trainer.abstract_state)
-  data_iter = pipeline.make_train_iterator(config().data, batch_size=4, seed=0)
-  step, _, _ = checkpointing.Checkpointer(run, keep=5).restore_latest(
-      trainer.abstract_state, accept_data=data_iter.set_state)
-  assert step == 4 and (run / "checkpoints" / "quarantine" / "8").is_dir()
 
 
 def test_a_bad_data_iterator_state_counts_as_damage(run):
@@ -163,6 +150,8 @@ def test_a_bad_data_iterator_state_counts_as_damage(run):
   assert step == 4 and (run / "checkpoints" / "quarantine" / "8").is_dir()
 
 
+# orbax's reader leaves a closed event loop behind when a read fails: not this test's concern.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_when_every_checkpoint_is_damaged_the_run_stops(run):
   for f in (run / "checkpoints").glob("*/state/d/*"):
     _flip_bytes(f, count=64)
