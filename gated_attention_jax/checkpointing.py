@@ -182,21 +182,20 @@ class Checkpointer:
           " over with --overwrite")
     return None
 
-  def quarantine(self, step: int, reason: str) -> pathlib.Path:
+  def quarantine(self, step: int, reason: str) -> None:
     """Moves `step`'s checkpoint to `checkpoints/quarantine/<step>[.n]` (process 0 moves)."""
-    base = self.directory / QUARANTINE / str(step)
-    target, n = base, 0
-    while target.exists():
-      n += 1
-      target = base.with_name(f"{step}.{n}")
     if jax.process_index() == 0:
+      base = self.directory / QUARANTINE / str(step)
+      target, n = base, 0
+      while target.exists():
+        n += 1
+        target = base.with_name(f"{step}.{n}")
       target.parent.mkdir(parents=True, exist_ok=True)
       shutil.move(str(self.directory / str(step)), target)
       logging.warning("checkpoint at step %d is damaged (%s): moved to %s", step, reason, target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"quarantine {step}")
     self.manager.reload()
-    return target
 
   def close(self) -> None:
     self.manager.close()
