@@ -141,11 +141,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> Transformer
                      f" the data x fsdp mesh size ({batch_shards})")
   model = model_config(config)
   _validate_model_numbers(model)
-  data_vocab = pipeline.vocab_size(config.data)
-  if model.vocab_size < data_vocab:
-    raise ValueError(f"model.vocab_size ({model.vocab_size}) is smaller than the data's"
-                     f" {data_vocab} token ids (BOS/PAD included); set it to 0 to use the"
-                     " data's")
   if model.attention_impl == "pallas":  # the kernel runs per shard: can this mesh serve it?
     b, t = config.train.batch_size, config.data.seq_len
     attention_ops.pallas_shard_plan((b, t, model.num_heads, model.head_dim),
@@ -189,9 +184,15 @@ def device_memory_bytes() -> int:
   return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // jax.local_device_count()
 
 
-def check_memory(config: ml_collections.ConfigDict, model: TransformerConfig,
-                 num_devices: int) -> None:
-  """Refuses a config whose `min_device_bytes` exceed this machine's device memory."""
+def check_fits(config: ml_collections.ConfigDict, model: TransformerConfig,
+               num_devices: int) -> None:
+  """What `validate` cannot see without the data and the machine: the data's token
+  ids fit the model's vocabulary, and `min_device_bytes` fits this machine's devices."""
+  data_vocab = pipeline.vocab_size(config.data)
+  if model.vocab_size < data_vocab:
+    raise ValueError(f"model.vocab_size ({model.vocab_size}) is smaller than the data's"
+                     f" {data_vocab} token ids (BOS/PAD included); set it to 0 to use the"
+                     " data's")
   need = min_device_bytes(config, model, sharding.global_mesh_shape(config.mesh, num_devices))
   have = device_memory_bytes()
   if sum(need.values()) > have:

@@ -266,7 +266,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   """Trains `config` in `workdir` (resuming if it holds checkpoints of the same config).
 
   Everything that can be checked is checked before the folder is touched: the
-  config, the memory it needs, the lock (one run per folder) and, on resume,
+  config, that the data and memory fit it, the lock (one run per folder) and, on resume,
   that the config is the folder's (`run_folder.check_identity`).
   stop_at_step: end (with a checkpoint) after this step, as a preemption would;
   the run resumes from there when called again.
@@ -274,7 +274,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   """
   workdir = pathlib.Path(workdir)
   model_cfg = experiment.validate(config, jax.device_count())
-  experiment.check_memory(config, model_cfg, jax.device_count())
+  experiment.check_fits(config, model_cfg, jax.device_count())
   eval_batches = _eval_batches(config)
   is_chief = jax.process_index() == 0
   workdir.mkdir(parents=True, exist_ok=True)
