@@ -1,8 +1,9 @@
 """Training loop: sharded jit train step, evaluation, metrics, checkpoints, preemption.
 
 `train_and_evaluate(config, workdir)` trains from scratch or resumes from the
-newest readable checkpoint in `workdir/checkpoints`, and returns a summary that
-is also written to `workdir/summary.json`.
+newest intact checkpoint in `workdir/checkpoints` (the folder's config must be
+the same, see `run_folder`), and returns a summary that is also written to
+`workdir/summary.json`.
 """
 
 from __future__ import annotations
