@@ -225,6 +225,7 @@ def small_disk(tmp_path):
   assert not os.path.ismount(mount)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's loop
 def test_a_full_disk_stops_with_one_line_and_keeps_the_checkpoints(trained, small_disk,
                                                                    monkeypatch):
   disk = small_disk(checkpointing.directory_bytes(trained) + 256 * 1024)  # < a checkpoint
