@@ -13,7 +13,12 @@ Sections:
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import os
+from typing import Any, Mapping
 
+import jax
 import ml_collections
 from jax.sharding import AbstractMesh
 
@@ -25,6 +30,14 @@ from gated_attention_jax.gate import GateConfig
 from gated_attention_jax.transformer import TransformerConfig
 
 VOCAB_MULTIPLE = 128
+MAX_STEPS = 10**9
+
+# What may differ when a run resumes: cadence, evaluation, bookkeeping and layout,
+# nothing the trained weights or the data order depend on (a prefix covers a section).
+RESUMABLE = ("train.num_steps", "train.log_every", "train.eval_every", "train.eval_batches",
+             "train.checkpoint_every", "train.keep_checkpoints", "train.track_sinks",
+             "train.spike_factor", "train.spike_window", "train.peak_tflops_per_device",
+             "data.prefetch", "data.cache_dir", "model.attention_impl", "model.remat", "mesh")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -61,22 +74,49 @@ _NON_NEGATIVE = ("learning_rate", "warmup_steps", "min_lr_ratio", "weight_decay"
                  "grad_clip", "z_loss", "peak_tflops_per_device")
 
 
+def _is_number(v: Any) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def validate_train(train: ml_collections.ConfigDict) -> None:
   for name in _POSITIVE_INTS:
     v = train[name]
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
       raise ValueError(f"train.{name} must be a positive int, got {v!r}")
+  if train.num_steps > MAX_STEPS:
+    raise ValueError(f"train.num_steps must be in [1, {MAX_STEPS:.0e}], got {train.num_steps}")
   for name in _NON_NEGATIVE:
-    if not isinstance(train[name], (int, float)) or train[name] < 0:
-      raise ValueError(f"train.{name} must be a number >= 0, got {train[name]!r}")
+    if not _is_number(train[name]) or train[name] < 0:
+      raise ValueError(f"train.{name} must be a finite number >= 0, got {train[name]!r}")
+  if not isinstance(train.warmup_steps, int) or train.warmup_steps > train.num_steps:
+    raise ValueError(f"train.warmup_steps must be an int in [0, train.num_steps ="
+                     f" {train.num_steps}], got {train.warmup_steps!r}")
+  if train.min_lr_ratio > 1:
+    raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {train.min_lr_ratio!r}")
   for name in ("track_sinks", "track_activations"):
     if not isinstance(train.get(name, False), bool):
       raise ValueError(f"train.{name} must be a bool, got {train[name]!r}")
   for name in ("b1", "b2"):
-    if not 0 <= train[name] < 1:
+    if not (_is_number(train[name]) and 0 <= train[name] < 1):
       raise ValueError(f"train.{name} must be in [0, 1), got {train[name]!r}")
-  if train.spike_factor <= 1:
-    raise ValueError(f"train.spike_factor must be > 1, got {train.spike_factor!r}")
+  if not (_is_number(train.spike_factor) and train.spike_factor > 1):
+    raise ValueError(f"train.spike_factor must be a finite number > 1, got"
+                     f" {train.spike_factor!r}")
+
+
+def _validate_model_numbers(model: TransformerConfig) -> None:
+  """Ranges TransformerConfig leaves open that would only show as NaN after compiling."""
+  if not (_is_number(model.norm_eps) and model.norm_eps >= 0):
+    raise ValueError(f"model.norm_eps must be a finite number >= 0, got {model.norm_eps!r}")
+  if model.position_embedding == "rope":
+    if not (_is_number(model.rope_theta) and model.rope_theta > 0):
+      raise ValueError(f"model.rope_theta must be a finite number > 0, got"
+                       f" {model.rope_theta!r}")
+    rotated = int(model.head_dim * model.partial_rotary_factor)
+    if rotated % 2:
+      raise ValueError(f"model.head_dim ({model.head_dim}) x model.partial_rotary_factor"
+                       f" ({model.partial_rotary_factor}) must be even with RoPE (channels"
+                       f" rotate in pairs), got {rotated} rotated channels")
 
 
 def model_config(config: ml_collections.ConfigDict) -> TransformerConfig:
@@ -102,6 +142,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> Transformer
     raise ValueError(f"train.batch_size ({config.train.batch_size}) must be a multiple of"
                      f" the data x fsdp mesh size ({batch_shards})")
   model = model_config(config)
+  _validate_model_numbers(model)
   if model.attention_impl == "pallas":  # the kernel runs per shard: can this mesh serve it?
     b, t = config.train.batch_size, config.data.seq_len
     attention_ops.pallas_shard_plan((b, t, model.num_heads, model.head_dim),
@@ -111,3 +152,84 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> Transformer
     raise ValueError(f"data.seq_len ({config.data.seq_len}) exceeds model.max_positions"
                      f" ({model.max_positions}) of the learned position embedding")
   return model
+
+
+def min_device_bytes(config: ml_collections.ConfigDict, model: TransformerConfig,
+                     mesh_shape: tuple[int, ...]) -> dict[str, int]:
+  """A lower bound of one device's memory for a train step, by what needs it.
+
+  Only what cannot be avoided: float32 parameters with gradients and two Adam
+  moments, the float32 logits and their gradient, and (the "xla" attention) the
+  saved attention probabilities. `python -m gated_attention_jax.plan` measures.
+  """
+  data, fsdp, tensor = mesh_shape[:3]
+  rows = max(config.train.batch_size // (data * fsdp), 1)
+  t = config.data.seq_len
+  params = (model.vocab_size * model.d_model * (1 if model.tie_embeddings else 2)
+            + model.num_layers * model.d_model * (
+                (model.num_heads * 2 + model.num_kv_heads * 2) * model.head_dim
+                + 3 * model.mlp_dim))
+  need = {"parameters and optimizer state": 16 * params // (fsdp * tensor),
+          "logits": 2 * 4 * rows * t * model.vocab_size // tensor}
+  if model.attention_impl == "xla":
+    need["attention probabilities"] = (4 * rows * model.num_heads * t * t * model.num_layers
+                                       // tensor)
+  return need
+
+
+def device_memory_bytes() -> int:
+  """Memory of one local device (host memory shared by the local devices on CPU)."""
+  device = jax.local_devices()[0]
+  stats = device.memory_stats() if device.platform != "cpu" else None
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"])
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // jax.local_device_count()
+
+
+def check_fits(config: ml_collections.ConfigDict, model: TransformerConfig,
+               num_devices: int) -> None:
+  """What `validate` cannot see without the data and the machine: the data's token
+  ids fit the model's vocabulary, and `min_device_bytes` fits this machine's devices."""
+  data_vocab = pipeline.vocab_size(config.data)
+  if model.vocab_size < data_vocab:
+    raise ValueError(f"model.vocab_size ({model.vocab_size}) is smaller than the data's"
+                     f" {data_vocab} token ids (BOS/PAD included); set it to 0 to use the"
+                     " data's")
+  need = min_device_bytes(config, model, sharding.global_mesh_shape(config.mesh, num_devices))
+  have = device_memory_bytes()
+  if sum(need.values()) > have:
+    parts = ", ".join(f"{k} {v / 2**30:.1f} GiB" for k, v in need.items())
+    raise ValueError(f"this config needs at least {sum(need.values()) / 2**30:.1f} GiB per"
+                     f" device ({parts}) and a device has {have / 2**30:.1f} GiB: lower"
+                     f" data.seq_len ({config.data.seq_len}), train.batch_size"
+                     f" ({config.train.batch_size}) or model.vocab_size"
+                     f" ({model.vocab_size}), or shard over more devices (mesh)")
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def identity_differences(saved: Mapping[str, Any],
+                         config: ml_collections.ConfigDict) -> list[str]:
+  """`field: saved -> now` for every field outside RESUMABLE that differs from `saved`.
+
+  saved: a run's `config.json` (the config as JSON). A field the saved config
+  lacks (added to the code since) counts as its default; one the current config
+  lacks (removed since) is ignored.
+  """
+  old, new = _flatten(saved), _flatten(json.loads(config.to_json_best_effort()))
+  defaults = _flatten(json.loads(base_config().to_json_best_effort()))
+  resumable = lambda k: any(k == r or k.startswith(r + ".") for r in RESUMABLE)
+  differences = []
+  for key in sorted(new):
+    before = old.get(key, defaults.get(key))
+    if not resumable(key) and before != new[key]:
+      differences.append(f"{key}: {before!r} -> {new[key]!r}")
+  return differences

@@ -1,20 +1,28 @@
 """Runs an experiment: `python -m gated_attention_jax.main --config=configs/default.py --workdir=DIR`.
 
 Overrides: `--config.train.num_steps=1000`, `--config.gate.position=none`, ...
-(the config is locked: a misspelt field is an error). Multi-host: set
-`--distributed` (Cloud TPU / SLURM auto-detection) or pass
-`--coordinator_address`, `--num_processes`, `--process_id`.
+(the config is locked: a misspelt field is an error). Rerunning in the same
+`--workdir` resumes (only `experiment.RESUMABLE` fields may differ);
+`--overwrite` deletes that run and starts over. INFO logs and the libraries'
+logs (orbax, ...) are off unless `--verbosity=0` (or higher) is given. Multi-host: set `--distributed`
+(Cloud TPU / SLURM auto-detection) or pass `--coordinator_address`,
+`--num_processes`, `--process_id`.
 """
 
 from __future__ import annotations
 
+import logging as py_logging
+import os
 import sys
+from typing import Any
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from gated_attention_jax import checkpointing
 from gated_attention_jax import distributed
+from gated_attention_jax import run_folder
 from gated_attention_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -22,22 +30,61 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (checkpoints, metrics).")
 _STOP_AT = flags.DEFINE_integer("stop_at_step", None,
                                 "End after this step with a checkpoint (resume later).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False,
+                               "Delete the run already in --workdir and start over.")
+
+
+def format_summary(summary: dict[str, Any], workdir: str) -> str:
+  """The end-of-run block: state, step, evaluation, parameters, where the files are."""
+  state = ("finished" if summary["finished"] else
+           "preempted (rerun to resume)" if summary["preempted"] else "stopped (rerun to resume)")
+  lines = [f"run {state} at step {summary['step']}/{summary['num_steps']}"]
+  if "eval_loss" in summary:
+    lines.append(f"  eval loss {summary['eval_loss']:.4f}  perplexity"
+                 f" {summary['eval_perplexity']:.2f}")
+  lines.append(f"  parameters {summary['num_params']:,} ({summary['gate_params']:,} in gates,"
+               f" {summary['gate']})")
+  lines.append(f"  files in {workdir}: metrics.jsonl, summary.json, checkpoints/")
+  return "\n".join(lines)
+
+
+def quiet_libraries() -> None:
+  """Shows this package's warnings and errors only: no INFO, and no library's own logs
+  (orbax logs every save, and each failed write once per array, before the error says why).
+  """
+  logging.set_verbosity(logging.WARNING)
+  package = os.path.dirname(os.path.abspath(__file__))
+  logging.get_absl_handler().addFilter(
+      lambda record: record.pathname.startswith(package) or record.levelno >= py_logging.CRITICAL)
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    quiet_libraries()
   distributed.initialize_from_flags()
   logging.info("JAX %s, %d processes, %d devices (%s)", jax.__version__, jax.process_count(),
                jax.device_count(), jax.devices()[0].device_kind)
   try:
     summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
-                                       stop_at_step=_STOP_AT.value)
-  except (ValueError, FloatingPointError) as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-  print({k: v for k, v in summary.items()})
+                                       stop_at_step=_STOP_AT.value, overwrite=_OVERWRITE.value)
+  except (ValueError, FloatingPointError, run_folder.RunFolderError,
+          checkpointing.CheckpointError) as e:
+    _fail(str(e))
+  except OSError as e:
+    disk = run_folder.disk_error(e)
+    if disk is None:
+      raise
+    _fail(f"{run_folder.describe_disk_error(disk, 'writing the run folder')}; rerun to"
+          " resume from the last checkpoint")
+  if jax.process_index() == 0:
+    print(format_summary(summary, _WORKDIR.value))
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(1)
 
 
 if __name__ == "__main__":

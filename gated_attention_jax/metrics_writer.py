@@ -18,7 +18,8 @@ class MetricsWriter:
   """Appends one JSON object per line (`{"step": ..., "loss": ...}`) and TensorBoard scalars.
 
   On resume, `truncate_after(step)` drops lines past the restored checkpoint so a
-  resumed run's file reads as one uninterrupted run.
+  resumed run's file reads as one uninterrupted run, and a torn last line (a
+  write cut short by a kill) with a warning.
   """
 
   def __init__(self, workdir: str | pathlib.Path, *, enabled: bool = True):
@@ -32,8 +33,20 @@ class MetricsWriter:
   def truncate_after(self, step: int) -> None:
     if not self.enabled or not self.path.exists():
       return
-    lines = [l for l in self.path.read_text().splitlines()
-             if l.strip() and json.loads(l)["step"] <= step]
+    lines = self.path.read_text().splitlines()
+    kept = []
+    for i, line in enumerate(lines):
+      try:
+        row = json.loads(line) if line.strip() else None
+      except ValueError:
+        if i < len(lines) - 1:
+          raise ValueError(f"{self.path} line {i + 1} is not JSON ({line[:80]!r}); fix or"
+                           " delete that line, or start over with --overwrite") from None
+        logging.warning("dropping the torn last line of %s (%r)", self.path, line[:80])
+        continue
+      if row is not None and row["step"] <= step:
+        kept.append(line)
+    lines = kept
     tmp = self.path.with_suffix(".tmp")
     tmp.write_text("".join(l + "\n" for l in lines))
     os.replace(tmp, self.path)
@@ -91,11 +104,12 @@ class Progress:
     done = max(step - self.start_step, 1)
     eta = elapsed / done * (self.total - step)
     parts = [f"step {step}/{self.total}"]
-    for key, fmt in (("loss", ".4f"), ("perplexity", ".2f"), ("learning_rate", ".2e"),
+    for key, fmt in (("loss", ".4f"), ("perplexity", ".2f"), ("eval_loss", ".4f"),
+                     ("eval_perplexity", ".2f"), ("learning_rate", ".2e"),
                      ("grad_norm", ".3f"), ("tokens_per_sec", ",.0f")):
       if key in metrics and math.isfinite(metrics[key]):
         parts.append(f"{key.replace('_per_sec', '/s')} {metrics[key]:{fmt}}")
     parts.append(f"ETA {format_duration(eta)}")
     text = "  ".join(parts)
-    logging.info(text)
+    print(text, flush=True)
     return text

@@ -1,17 +1,20 @@
 """Training loop: sharded jit train step, evaluation, metrics, checkpoints, preemption.
 
 `train_and_evaluate(config, workdir)` trains from scratch or resumes from the
-newest readable checkpoint in `workdir/checkpoints`, and returns a summary that
-is also written to `workdir/summary.json`.
+newest intact checkpoint in `workdir/checkpoints` (the folder's config must be
+the same, see `run_folder`), and returns a summary that is also written to
+`workdir/summary.json`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import pathlib
 import signal
+import sys
 import time
 from typing import Any, Optional
 
@@ -20,8 +23,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from gated_attention_jax import attention_ops
 from gated_attention_jax import checkpointing
@@ -29,6 +32,7 @@ from gated_attention_jax import experiment
 from gated_attention_jax import metrics_writer
 from gated_attention_jax import optim
 from gated_attention_jax import params as params_lib
+from gated_attention_jax import run_folder
 from gated_attention_jax import sharding
 from gated_attention_jax.analysis import metrics as sink_metrics_lib
 from gated_attention_jax.data import pipeline
@@ -226,36 +230,49 @@ class Trainer:
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks after each step."""
+  """Turns SIGTERM and SIGINT (Ctrl-C) into a flag the loop checks after each step.
+
+  A second signal stops at once (KeyboardInterrupt); the last checkpoint stays.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self._previous: dict[int, Any] = {}
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: no handler, nothing to restore
-      self._previous = None
+    for sig in self.SIGNALS:
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: no handler, nothing to restore
+        pass
     return self
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    logging.warning("SIGTERM received: saving a checkpoint and exiting")
+    if self.requested:
+      raise KeyboardInterrupt
+    print(f"{signal.Signals(signum).name} received: saving a checkpoint after this step and"
+          " exiting (again to stop without saving)", file=sys.stderr, flush=True)
     self.requested = True
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
 
 
 def _eval_batches(config: ml_collections.ConfigDict) -> list:
   """This process's rows of the global eval batches (the same rows at any process count)."""
   per_process = config.train.batch_size // jax.process_count()
   rows = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
-  return [{k: v[rows] for k, v in batch.items()}
-          for batch in pipeline.make_eval_batches(config.data,
-                                                  batch_size=config.train.batch_size,
-                                                  num_batches=config.train.eval_batches)]
+  try:
+    batches = pipeline.make_eval_batches(config.data, batch_size=config.train.batch_size,
+                                         num_batches=config.train.eval_batches)
+  except pipeline.TooManyBatches as e:
+    raise ValueError(f"train.eval_batches must be in [1, {e.available}] (validation batches"
+                     f" of train.batch_size x data.seq_len), got {config.train.eval_batches}"
+                     ) from None
+  return [{k: v[rows] for k, v in batch.items()} for batch in batches]
 
 
 def _check_finite(step: int, loss: float, last_saved: Optional[int]) -> None:
@@ -265,41 +282,85 @@ def _check_finite(step: int, loss: float, last_saved: Optional[int]) -> None:
     raise FloatingPointError(f"training loss is {loss} at step {step}: stopping; {kept}")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
-                       stop_at_step: Optional[int] = None) -> dict[str, Any]:
-  """Trains `config` in `workdir` (resuming if it holds checkpoints).
+SUMMARY_KEYS = ("step", "num_steps", "preempted", "finished", "num_params", "gate_params",
+                "gate")
 
+
+def _summary_eval(workdir: pathlib.Path, step: int) -> dict[str, Any]:
+  """Evaluation results of an earlier `summary.json` at `step` (a re-run that trains nothing)."""
+  path = workdir / "summary.json"
+  old = json.loads(path.read_text()) if path.exists() else {}
+  if old.get("step") != step:
+    return {}
+  return {k: v for k, v in old.items() if k not in SUMMARY_KEYS}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+                       stop_at_step: Optional[int] = None,
+                       overwrite: bool = False) -> dict[str, Any]:
+  """Trains `config` in `workdir` (resuming if it holds checkpoints of the same config).
+
+  Everything that can be checked is checked before the folder is touched: the
+  config, that the data and memory fit it, the lock (one run per folder) and, on resume,
+  that the config is the folder's (`run_folder.check_identity`).
   stop_at_step: end (with a checkpoint) after this step, as a preemption would;
   the run resumes from there when called again.
+  overwrite: delete the folder's previous run and start over.
   """
   workdir = pathlib.Path(workdir)
   model_cfg = experiment.validate(config, jax.device_count())
-  mesh = sharding.make_mesh(config.mesh)
+  experiment.check_fits(config, model_cfg, jax.device_count())
+  eval_batches = _eval_batches(config)
   is_chief = jax.process_index() == 0
   workdir.mkdir(parents=True, exist_ok=True)
+  with (run_folder.lock(workdir) if is_chief else contextlib.nullcontext()), \
+      _Preemption() as preemption, contextlib.ExitStack() as closers:
+    if overwrite and is_chief:
+      run_folder.clear(workdir)
+    _sync("run folder cleared")
+    run_folder.check_identity(workdir, config)
+    _sync("run folder checked")
+    if is_chief:
+      (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    return _train(config, model_cfg, workdir, eval_batches, preemption, closers, stop_at_step)
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def _train(config: ml_collections.ConfigDict, model_cfg: TransformerConfig,
+           workdir: pathlib.Path, eval_batches: list, preemption: _Preemption,
+           closers: contextlib.ExitStack, stop_at_step: Optional[int]) -> dict[str, Any]:
+  """The training loop of `train_and_evaluate`, in a locked and checked folder.
+
+  The checkpointer and metrics writer are closed by `closers`, whatever happens.
+  """
+  mesh = sharding.make_mesh(config.mesh)
+  is_chief = jax.process_index() == 0
+  say = print if is_chief else lambda *a, **k: None
   trainer = Trainer(config, model_cfg, mesh)
   train_cfg = config.train
-  ckpt = checkpointing.Checkpointer(workdir, keep=train_cfg.keep_checkpoints)
-  writer = metrics_writer.MetricsWriter(workdir, enabled=is_chief)
+  ckpt = closers.enter_context(contextlib.closing(
+      checkpointing.Checkpointer(workdir, keep=train_cfg.keep_checkpoints)))
+  writer = closers.enter_context(contextlib.closing(
+      metrics_writer.MetricsWriter(workdir, enabled=is_chief)))
 
   data_iter = pipeline.make_train_iterator(
       config.data, batch_size=train_cfg.batch_size // jax.process_count(),
       seed=train_cfg.seed, process_index=jax.process_index(),
       process_count=jax.process_count())
-  restored = ckpt.restore_latest(trainer.abstract_state)
+  restored = ckpt.restore_latest(trainer.abstract_state, accept_data=data_iter.set_state)
   if restored is None:
     state, start = trainer.init_state(), 0
-    logging.info("starting from scratch: %s parameters (%s in gates)",
-                 f"{trainer.num_params:,}", f"{trainer.gate_params:,}")
+    say(f"starting from scratch: {trainer.num_params:,} parameters"
+        f" ({trainer.gate_params:,} in gates)", flush=True)
   else:
-    start, state, data_state = restored
-    data_iter.set_state(data_state)
-    writer.truncate_after(start)
-    logging.info("resumed from step %d", start)
-  if is_chief:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    start, state, _ = restored
+    say(f"resumed from step {start}", flush=True)
+  writer.truncate_after(start)
 
-  eval_batches = _eval_batches(config)
   tokens_per_step = train_cfg.batch_size * config.data.seq_len
   flops = flops_per_token(model_cfg, config.data.seq_len, trainer.num_params)
   peak = peak_flops_per_device(train_cfg)
@@ -308,66 +369,77 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   last_saved = start if restored is not None else None
   end = train_cfg.num_steps if stop_at_step is None else min(stop_at_step, train_cfg.num_steps)
   eval_metrics: dict[str, float] = {}
+  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(trainer.abstract_state))
 
   def save(step: int) -> None:
     nonlocal last_saved
-    ckpt.save(step, state=state, data_state=data_iter.get_state(),
-              config_json=json.loads(config.to_json_best_effort()))
+    needed = max(state_bytes, ckpt.size(last_saved) if last_saved is not None else 0)
+    run_folder.check_free_space(ckpt.directory, needed)
+    try:
+      ckpt.save(step, state=state, data_state=data_iter.get_state(),
+                config_json=json.loads(config.to_json_best_effort()))
+    except Exception as e:  # pylint: disable=broad-except
+      disk = run_folder.disk_error(e)
+      if disk is None:
+        raise
+      raise run_folder.RunFolderError(
+          f"{run_folder.describe_disk_error(disk, f'saving the checkpoint of step {step}')};"
+          f" the earlier checkpoints {ckpt.steps()} are intact: free space (or make"
+          f" {workdir} writable) and rerun to resume") from e
     last_saved = step
 
   step, pending, preempted = start, None, False
   window_step, window_start = start, time.time()
-  with _Preemption() as preemption:
-    while step < end:
-      state, metrics = trainer.train_step(state, trainer.global_batch(next(data_iter)))
-      step += 1
-      if pending is not None:  # check the previous step while this one runs
-        _check_finite(step - 1, float(pending["loss"]), last_saved)
-      pending = metrics
-      stop_now = preemption.requested or step == end
-      log = step % train_cfg.log_every == 0 or stop_now
-      do_eval = step % train_cfg.eval_every == 0 or step == train_cfg.num_steps
-      do_save = step % train_cfg.checkpoint_every == 0 or stop_now
-      if log or do_eval or do_save:
-        values = jax.device_get(metrics)
-        pending = None
-        loss = float(values["loss"])
-        _check_finite(step, loss, last_saved)
-        spikes.update(loss)
-      if log or do_eval:
-        tokens_per_sec = tokens_per_step * (step - window_step) / (time.time() - window_start)
-        row = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
-               "grad_norm": float(values["grad_norm"]),
-               "learning_rate": float(values["learning_rate"]),
-               "tokens_per_sec": tokens_per_sec,
-               "model_tflops_per_sec": tokens_per_sec * flops / 1e12,
-               "loss_spikes": spikes.count}
-        if peak is not None:
-          row["mfu"] = tokens_per_sec * flops / (peak * jax.device_count())
-        for key in PER_LAYER_METRICS:
-          if key in values:
-            row[key] = [float(v) for v in values[key]]
-        if do_eval:
-          eval_metrics = trainer.evaluate(state["params"], eval_batches)
-          if trainer.track_sinks:
-            eval_metrics.update(trainer.sink_metrics(state["params"], eval_batches[0]))
-          row.update(eval_metrics)
-        writer.write(step, row)
-        if is_chief:
-          progress.line(step, row)
-        window_step, window_start = step, time.time()
-      if do_save:
-        save(step)
-      if preemption.requested:
-        preempted = True
-        break
+  while step < end:
+    state, metrics = trainer.train_step(state, trainer.global_batch(next(data_iter)))
+    step += 1
+    if pending is not None:  # check the previous step while this one runs
+      _check_finite(step - 1, float(pending["loss"]), last_saved)
+    pending = metrics
+    stop_now = preemption.requested or step == end
+    log = step % train_cfg.log_every == 0 or stop_now
+    do_eval = step % train_cfg.eval_every == 0 or step == train_cfg.num_steps
+    do_save = step % train_cfg.checkpoint_every == 0 or stop_now
+    if log or do_eval or do_save:
+      values = jax.device_get(metrics)
+      pending = None
+      loss = float(values["loss"])
+      _check_finite(step, loss, last_saved)
+      spikes.update(loss)
+    if log or do_eval:
+      tokens_per_sec = tokens_per_step * (step - window_step) / (time.time() - window_start)
+      row = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+             "grad_norm": float(values["grad_norm"]),
+             "learning_rate": float(values["learning_rate"]),
+             "tokens_per_sec": tokens_per_sec,
+             "model_tflops_per_sec": tokens_per_sec * flops / 1e12,
+             "loss_spikes": spikes.count}
+      if peak is not None:
+        row["mfu"] = tokens_per_sec * flops / (peak * jax.device_count())
+      for key in PER_LAYER_METRICS:
+        if key in values:
+          row[key] = [float(v) for v in values[key]]
+      if do_eval:
+        eval_metrics = trainer.evaluate(state["params"], eval_batches)
+        if trainer.track_sinks:
+          eval_metrics.update(trainer.sink_metrics(state["params"], eval_batches[0]))
+        row.update(eval_metrics)
+      writer.write(step, row)
+      if is_chief:
+        progress.line(step, row)
+      window_step, window_start = step, time.time()
+    if do_save:
+      save(step)
+    if preemption.requested:
+      preempted = True
+      break
 
   if pending is not None:
     _check_finite(step, float(pending["loss"]), last_saved)
   if last_saved != step:
     save(step)
-  ckpt.close()
-  writer.close()
+  if step == start and is_chief:  # nothing trained: keep the evaluation already recorded
+    eval_metrics = _summary_eval(workdir, step)
   summary = {"step": step, "num_steps": train_cfg.num_steps, "preempted": preempted,
              "finished": step >= train_cfg.num_steps, "num_params": trainer.num_params,
              "gate_params": trainer.gate_params, "gate": model_cfg.gate.describe(),

@@ -367,6 +367,45 @@ def test_token_shards_corpus_reads_prepared_format(text_dir, tmp_path):
     pipeline.vocab_size(shard_cfg)
 
 
+def test_token_ids_outside_the_manifest_vocab_are_refused(text_dir, tmp_path):
+  corpus = prepare.corpus_dir(_text_cfg(text_dir, tmp_path))
+  manifest = json.loads((corpus / shards.MANIFEST).read_text())
+  manifest["vocab_size"] = 100  # byte tokens go up to 257 (BOS)
+  (corpus / shards.MANIFEST).write_text(json.dumps(manifest))
+  with pytest.raises(ValueError, match=r"bos_id an int in \[0, vocab_size\)"):
+    shards.load_split(corpus, "train")
+  manifest["bos_id"] = 0
+  (corpus / shards.MANIFEST).write_text(json.dumps(manifest))
+  with pytest.raises(shards.DataIntegrityError, match=r"holds token id \d+, outside the"
+                                                      r" manifest's vocab_size 100"):
+    shards.load_split(corpus, "train")
+
+
+def test_a_garbage_manifest_is_named(tmp_path):
+  (tmp_path / shards.MANIFEST).write_text("{not json")
+  with pytest.raises(ValueError, match=re.escape(f"{tmp_path / shards.MANIFEST} is not valid"
+                                                 " JSON")):
+    shards.read_manifest(tmp_path)
+
+
+def test_text_dir_binary_files_are_refused_and_non_utf8_named(text_dir, tmp_path, caplog):
+  (text_dir / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+  prepare.corpus_dir(_text_cfg(text_dir, tmp_path))
+  assert "latin1.txt is not UTF-8" in caplog.text
+  (text_dir / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0")
+  with pytest.raises(ValueError, match=r"image.txt \(in data.path\) looks binary"):
+    prepare.corpus_dir(_text_cfg(text_dir, tmp_path))
+
+
+def test_a_one_file_text_dir_names_the_folder(tmp_path):
+  (tmp_path / "texts").mkdir()
+  (tmp_path / "texts" / "only.txt").write_text("one document " * 20)
+  cfg = _text_cfg(tmp_path / "texts", tmp_path)
+  with pytest.raises(ValueError, match=re.escape(f"split of data.path={str(tmp_path / 'texts')!r}"
+                                                 " (a text_dir needs 2 or more")):
+    pipeline.make_eval_batches(cfg, batch_size=2)
+
+
 # --- config validation -----------------------------------------------------------
 
 

@@ -51,6 +51,14 @@ default_data_config = config_lib.default_data_config
 Batch = dict[str, np.ndarray]
 
 
+class TooManyBatches(ValueError):
+  """More evaluation batches asked for than the validation split holds."""
+
+  def __init__(self, available: int, message: str):
+    super().__init__(message)
+    self.available = available
+
+
 def _best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
   """Packs item indices into bins of `capacity` (every length <= capacity)."""
   bins: list[list[int]] = []
@@ -167,8 +175,10 @@ def _load(data_cfg: ml_collections.ConfigDict, split: str, seq_len: int,
   source = PackedWindows(shards.load_split(directory, split), seq_len, data_cfg.packing,
                          manifest["bos_id"], tok.pad_id, include_partial)
   if not len(source):
-    raise ValueError(f"The {split} split of {directory} is empty or shorter than "
-                     f"one window of seq_len={seq_len} tokens")
+    where = (f"data.path={data_cfg.path!r} (a text_dir needs 2 or more .txt files: whole"
+             f" files go to validation)" if data_cfg.corpus == "text_dir" else str(directory))
+    raise ValueError(f"The {split} split of {where} is empty or shorter than one window of"
+                     f" data.seq_len={seq_len} tokens")
   return source
 
 
@@ -237,7 +247,7 @@ def make_eval_batches(data_cfg: ml_collections.ConfigDict, *, batch_size: int,
   ds = ds.map(functools.partial(_pad_rows, batch_size=batch_size, pad_id=pad_id))
   if num_batches is not None:
     if not 0 < num_batches <= len(ds):
-      raise ValueError(f"num_batches must be in [1, {len(ds)}] (validation batches of "
-                       f"{batch_size}x{t}), got {num_batches}")
+      raise TooManyBatches(len(ds), f"num_batches must be in [1, {len(ds)}] (validation"
+                           f" batches of {batch_size}x{t}), got {num_batches}")
     ds = ds[:num_batches]
   return ds

@@ -22,6 +22,7 @@ import math
 from pathlib import Path
 
 import ml_collections
+from absl import logging
 
 
 from gated_attention_jax.data import shards
@@ -94,6 +95,21 @@ def _text_dir_files(path: Path) -> list[Path]:
   return files
 
 
+def _read_text_file(file: Path) -> bytes:
+  """The bytes of a text_dir file: a binary one (NUL bytes) is refused, one that is
+  not UTF-8 is decoded with U+FFFD replacement characters and a warning."""
+  data = file.read_bytes()
+  if b"\0" in data:
+    raise ValueError(f"{file} (in data.path) looks binary (it has NUL bytes), not text:"
+                     " remove it from the folder or rename it to something not .txt")
+  try:
+    data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    logging.warning("%s is not UTF-8 (first bad byte at offset %d): its undecodable bytes"
+                    " become U+FFFD replacement characters", file, e.start)
+  return data
+
+
 def text_dir_key(path: Path) -> str:
   """sha256 over the folder's absolute path and every .txt file's name + bytes."""
   h = hashlib.sha256(str(path.resolve()).encode())
@@ -108,7 +124,7 @@ def prepare_text_dir(path: str | Path, tokenizer_name: str, out_dir: Path,
                      cache_dir: str | Path | None = None, overwrite: bool = True) -> Path:
   """Prepares a folder of .txt files (one document each, recursive)."""
   path = Path(path)
-  docs = [(f.relative_to(path).as_posix(), sources.clean_text(f.read_bytes()))
+  docs = [(f.relative_to(path).as_posix(), sources.clean_text(_read_text_file(f)))
           for f in _text_dir_files(path)]
   meta = {"corpus": "text_dir", "path": str(path.resolve())}
   return build(docs, ["text_dir"] * len(docs), tokenizer_name, out_dir, meta, cache_dir,

@@ -146,9 +146,17 @@ def read_manifest(corpus_dir: Path) -> dict[str, Any]:
   if not path.exists():
     raise FileNotFoundError(f"No {MANIFEST} in {corpus_dir}: not a prepared token-shard "
                             "directory (see gated_attention_jax.data.shards)")
-  manifest = json.loads(path.read_text())
-  if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+  try:
+    manifest = json.loads(path.read_text())
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is not valid JSON ({e}): not a {FORMAT} manifest") from None
+  if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get(
+      "version") != VERSION:
     raise ValueError(f"{path} is not a {FORMAT} v{VERSION} manifest")
+  vocab, bos = manifest.get("vocab_size"), manifest.get("bos_id")
+  if not (isinstance(vocab, int) and isinstance(bos, int) and 0 <= bos < vocab):
+    raise ValueError(f"{path}: vocab_size must be a positive int and bos_id an int in"
+                     f" [0, vocab_size), got vocab_size={vocab!r}, bos_id={bos!r}")
   return manifest
 
 
@@ -174,14 +182,32 @@ def _file_sha256(path: Path, stat_key: tuple[int, int, int]) -> str:
   return _sha256(path)
 
 
+def _stat_key(path: Path) -> tuple[int, int, int]:
+  stat = path.stat()
+  return stat.st_size, stat.st_mtime_ns, stat.st_ino
+
+
+@functools.lru_cache(maxsize=None)
+def _max_token(path: Path, stat_key: tuple[int, int, int]) -> int:
+  """Largest token id in a shard, cached on (path, size, mtime, inode)."""
+  del stat_key  # cache key only
+  tokens = np.load(path, mmap_mode="r")
+  return int(tokens.max()) if tokens.size else -1
+
+
 def load_split(corpus_dir: Path, split: str) -> Split:
   """Verifies the corpus and memory-maps one split."""
   corpus_dir = Path(corpus_dir).resolve()
   _verify(corpus_dir)
   info = read_manifest(corpus_dir)["splits"][split]
   shards, shard, start, length = [], [], [], []
+  vocab = read_manifest(corpus_dir)["vocab_size"]
   for k, entry in enumerate(info["shards"]):
     shards.append(np.load(corpus_dir / entry["tokens"], mmap_mode="r"))
+    top = _max_token(corpus_dir / entry["tokens"], _stat_key(corpus_dir / entry["tokens"]))
+    if top >= vocab:
+      raise DataIntegrityError(f"{corpus_dir / entry['tokens']} holds token id {top}, outside"
+                               f" the manifest's vocab_size {vocab}: regenerate the shards")
     lengths = np.load(corpus_dir / entry["lengths"]).astype(np.int64)
     if lengths.sum() != len(shards[-1]):
       raise DataIntegrityError(f"{corpus_dir / entry['lengths']} does not sum to the "

