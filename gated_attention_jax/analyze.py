@@ -4,6 +4,9 @@ Writes DIR/analysis.json and PNG plots in DIR/analysis/ (see
 `gated_attention_jax.analysis.run_analysis` for what each key means). The model
 is analysed in float32 with attention_impl "xla", however it was trained.
 
+`--retrieval` adds passkey retrieval (`gated_attention_jax.analysis.retrieval`):
+DIR/retrieval.json.
+
 Gated vs ungated: analyse both runs, then pass `--compare=OTHER_DIR[,...]` to
 overlay their curves in DIR/analysis/compare/.
 """
@@ -15,6 +18,7 @@ import json
 from absl import app, flags
 
 from gated_attention_jax import rope
+from gated_attention_jax.analysis import retrieval
 from gated_attention_jax.analysis import run_analysis
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (config.json, checkpoints/).")
@@ -37,6 +41,13 @@ _COMPARE = flags.DEFINE_list(
 _SELECTIVITY_SEQUENCES = flags.DEFINE_integer(
     "selectivity_sequences", 4, "Sequences for the selectivity and softmax-Jacobian probes.")
 
+_RETRIEVAL = flags.DEFINE_bool(
+    "retrieval", False, "Also run passkey retrieval (greedy accuracy per length x depth x RoPE"
+    " method, at --multiples and --rope_methods); writes DIR/retrieval.json.")
+_RETRIEVAL_KEYS = flags.DEFINE_integer("retrieval_keys", 4, "Passkeys per retrieval cell.")
+_RETRIEVAL_DEPTHS = flags.DEFINE_list("retrieval_depths", [str(d) for d in retrieval.DEPTHS],
+                                      "Needle depths (fractions of the filler before it).")
+
 SCALARS = ("first_token_attention", "sink_rate", "max_activation", "massive_activation_count",
            "gate_score_mean")
 
@@ -57,6 +68,11 @@ def main(argv: list[str]) -> None:
   summary = {k: result[k] for k in SCALARS if k in result}
   if "long_context" in result:
     summary["perplexity"] = result["long_context"]["perplexity"]
+  if _RETRIEVAL.value:
+    summary["retrieval_accuracy"] = retrieval.run_retrieval(
+        _WORKDIR.value, _STEP.value, multiples=[int(k) for k in _MULTIPLES.value],
+        methods=_METHODS.value, depths=[float(d) for d in _RETRIEVAL_DEPTHS.value],
+        num_keys=_RETRIEVAL_KEYS.value)["mean"]
   print(json.dumps(summary, indent=2))
 
 

@@ -4,25 +4,19 @@ import pathlib
 import subprocess
 import sys
 
-import jax
-import numpy as np
 import pytest
 from flax import nnx
 
 import gated_attention_jax as gaj
-from gated_attention_jax import interop, sample, train
-from gated_attention_jax.data import tokenizers
+from gated_attention_jax import interop, sample
 from tests.conftest import randomize_params
-from tests.test_analyze import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("run")
-  train.train_and_evaluate(tiny_config(), workdir)
-  return workdir
+@pytest.fixture
+def workdir(tiny_run):
+  return tiny_run
 
 
 def test_load_run_is_public(workdir):

@@ -1,5 +1,5 @@
 """Analysis instruments: attention sinks, massive activations, gate statistics,
-softmax selectivity (Mudarisov et al.) and the figures drawn from them.
+softmax selectivity (Mudarisov et al.), passkey retrieval and the figures drawn from them.
 
 `analyze_model` / `analyze_run` run them all and write analysis.json and PNGs
 (`python -m gated_attention_jax.analyze --workdir=DIR`)."""
@@ -20,6 +20,11 @@ from gated_attention_jax.analysis.plots import (
     plot_perplexity_vs_length,
     plot_selectivity_distance,
     plot_distinguishability,
+)
+from gated_attention_jax.analysis.retrieval import (
+    passkey_prompt,
+    retrieval_accuracy,
+    run_retrieval,
 )
 from gated_attention_jax.analysis.run_analysis import (
     analyze_model,
@@ -55,6 +60,7 @@ __all__ = [
     "jacobian_norms",
     "load_run",
     "massive_activations",
+    "passkey_prompt",
     "plot_attention_maps",
     "plot_first_token_attention",
     "plot_gate_histogram",
@@ -63,6 +69,8 @@ __all__ = [
     "plot_perplexity_vs_length",
     "plot_selectivity_distance",
     "plot_distinguishability",
+    "retrieval_accuracy",
+    "run_retrieval",
     "sink_rate",
     "softmax_jacobian",
     "softmax_weights",

@@ -1,0 +1,75 @@
+"""Passkey retrieval: the documents, the scoring and the per-run instrument."""
+
+import json
+
+import numpy as np
+import pytest
+from flax import nnx
+
+import gated_attention_jax as gaj
+from gated_attention_jax.analysis import retrieval
+from gated_attention_jax.data.tokenizers import ByteTokenizer
+from gated_attention_jax.sampler import Generation
+
+TOK = ByteTokenizer()
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_passkey_prompt_hides_the_key_at_its_depth(depth):
+  prompt, answer = retrieval.passkey_prompt(TOK, 300, depth, "40917", vocab_size=258)
+  text = TOK.decode(prompt)
+  assert prompt.size == 300 and prompt[0] == TOK.bos_id
+  assert text.endswith(retrieval.QUESTION) and TOK.decode(answer) == " 40917"
+  needle = text.index(retrieval.NEEDLE.format(key="40917"))
+  filler = 300 - 1 - len(retrieval.NEEDLE.format(key="40917")) - len(retrieval.QUESTION)
+  assert needle == round(depth * filler)
+  assert text.count("40917") == 1  # the needle, not the question
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(key=""), "key '' cannot be tokenized"),
+    (dict(key="12é", vocab_size=150), "key .12é. cannot be tokenized .* 150 tokens"),
+    (dict(depth=1.5), r"depth must be in \[0, 1\]"),
+    (dict(length=60), "length 60 is too short"),
+])
+def test_bad_passkey_arguments_name_the_argument(kwargs, message):
+  args = {"length": 300, "depth": 0.5, "key": "123", "vocab_size": 258, **kwargs}
+  with pytest.raises(ValueError, match=message):
+    retrieval.passkey_prompt(TOK, **args)
+
+
+def test_accuracy_scores_exact_answers_per_method_and_length(monkeypatch):
+  """With a generate that reads the key off the needle, every cell is 1; wrong
+  answers score 0; each method and length gets its own RoPE scaling."""
+  seen = []
+
+  def oracle(model, prompts, max_new_tokens):
+    seen.append((model.config.rope_scaling, len(prompts[0])))
+    rows = []
+    for prompt in prompts:
+      text = TOK.decode(prompt)
+      key = text.split("The pass key is ")[1].split(".")[0]
+      row = TOK.encode(" " + key)
+      rows.append(row if key != "00000" else row[::-1])  # one wrong answer
+    return Generation(tokens=np.stack(rows), lengths=np.full(len(rows), max_new_tokens))
+
+  monkeypatch.setattr(retrieval, "generate", oracle)
+  model = gaj.Transformer(gaj.TransformerConfig(vocab_size=258, d_model=16, num_layers=1,
+                                                num_heads=1, num_kv_heads=1, head_dim=16,
+                                                mlp_dim=16), rngs=nnx.Rngs(0))
+  out = retrieval.retrieval_accuracy(model, TOK, train_len=100, multiples=(1, 4),
+                                     depths=(0.2, 0.8), keys=["12345", "00000"])
+  assert out["mean"] == {m: {"1": 0.5, "4": 0.5} for m in ("none", "linear", "ntk", "yarn")}
+  assert out["accuracy"]["yarn"]["4"] == {"0.2": 0.5, "0.8": 0.5}
+  scalings = {(s.method, s.factor, s.original_max_len, n) for s, n in seen}
+  assert ("yarn", 4.0, 100, 400 - 6 + 1) in scalings and ("none", 1.0, 100, 100 - 6 + 1) in scalings
+  assert len(scalings) == 4 + 1  # every method is plain RoPE at 1x
+
+
+def test_run_retrieval_writes_json(tiny_run):
+  out = retrieval.run_retrieval(tiny_run, multiples=(4, 8), methods=("none", "yarn"),
+                                depths=(0.5,), num_keys=2, key_digits=2)
+  saved = json.loads((tiny_run / "retrieval.json").read_text())
+  assert saved["mean"] == out["mean"] and saved["step"] == 6 and saved["train_len"] == 32
+  for by_k in out["accuracy"].values():
+    assert set(by_k) == {"4", "8"} and all(0 <= a <= 1 for d in by_k.values() for a in d.values())
