@@ -8,6 +8,7 @@ from flax import nnx
 
 import gated_attention_jax as gaj
 from gated_attention_jax.analysis import retrieval
+from gated_attention_jax.data import synthetic
 from gated_attention_jax.data.tokenizers import ByteTokenizer
 from gated_attention_jax.sampler import Generation
 
@@ -16,12 +17,12 @@ TOK = ByteTokenizer()
 
 @pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
 def test_passkey_prompt_hides_the_key_at_its_depth(depth):
-  prompt, answer = retrieval.passkey_prompt(TOK, 300, depth, "40917", vocab_size=258)
+  prompt, answer = synthetic.passkey_document(TOK, 300, depth, "40917", vocab_size=258)
   text = TOK.decode(prompt)
   assert prompt.size == 300 and prompt[0] == TOK.bos_id
-  assert text.endswith(retrieval.QUESTION) and TOK.decode(answer) == " 40917"
-  needle = text.index(retrieval.NEEDLE.format(key="40917"))
-  filler = 300 - 1 - len(retrieval.NEEDLE.format(key="40917")) - len(retrieval.QUESTION)
+  assert text.endswith(synthetic.PASSKEY_QUESTION) and TOK.decode(answer) == " 40917"
+  needle = text.index(synthetic.PASSKEY_NEEDLE.format(key="40917"))
+  filler = 300 - 1 - len(synthetic.PASSKEY_NEEDLE.format(key="40917")) - len(synthetic.PASSKEY_QUESTION)
   assert needle == round(depth * filler)
   assert text.count("40917") == 1  # the needle, not the question
 
@@ -35,7 +36,7 @@ def test_passkey_prompt_hides_the_key_at_its_depth(depth):
 def test_bad_passkey_arguments_name_the_argument(kwargs, message):
   args = {"length": 300, "depth": 0.5, "key": "123", "vocab_size": 258, **kwargs}
   with pytest.raises(ValueError, match=message):
-    retrieval.passkey_prompt(TOK, **args)
+    synthetic.passkey_document(TOK, **args)
 
 
 def test_accuracy_scores_exact_answers_per_method_and_length(monkeypatch):
@@ -73,3 +74,20 @@ def test_run_retrieval_writes_json(tiny_run):
   assert saved["mean"] == out["mean"] and saved["step"] == 6 and saved["train_len"] == 32
   for by_k in out["accuracy"].values():
     assert set(by_k) == {"4", "8"} and all(0 <= a <= 1 for d in by_k.values() for a in d.values())
+
+
+def test_passkey_corpus_rows_end_with_the_answer_copied_from_the_needle():
+  from configs import long_context  # pylint: disable=g-import-not-at-top
+  from gated_attention_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  data = long_context.get_config("baseline,testbed").data
+  batch = next(pipeline.make_train_iterator(data, batch_size=4, seed=0))
+  assert batch["inputs"].shape == (4, 128) and (batch["inputs"][:, 0] == TOK.bos_id).all()
+  for inputs, targets in zip(batch["inputs"], batch["targets"]):
+    text = TOK.decode(np.append(inputs, targets[-1]))
+    key = text.split("The pass key is ")[1][:5]
+    assert key.isdigit() and text.endswith(synthetic.PASSKEY_QUESTION + " " + key)
+  again = pipeline.make_eval_batches(data, batch_size=4, num_batches=1)[0]
+  np.testing.assert_array_equal(again["inputs"],
+                                pipeline.make_eval_batches(data, batch_size=4,
+                                                           num_batches=1)[0]["inputs"])

@@ -21,11 +21,7 @@ from gated_attention_jax.analysis.plots import (
     plot_selectivity_distance,
     plot_distinguishability,
 )
-from gated_attention_jax.analysis.retrieval import (
-    passkey_prompt,
-    retrieval_accuracy,
-    run_retrieval,
-)
+from gated_attention_jax.analysis.retrieval import retrieval_accuracy, run_retrieval
 from gated_attention_jax.analysis.run_analysis import (
     analyze_model,
     analyze_run,
@@ -60,7 +56,6 @@ __all__ = [
     "jacobian_norms",
     "load_run",
     "massive_activations",
-    "passkey_prompt",
     "plot_attention_maps",
     "plot_first_token_attention",
     "plot_gate_histogram",

@@ -1,6 +1,6 @@
 """Passkey retrieval (Mohtashami & Jaggi 2023): does the model find a key hidden in filler?
 
-A document is BOS, filler text ("The grass is green. The sky is blue. ..."), at a
+A document (`data.synthetic.passkey_document`) is BOS, filler text ("The grass is green. The sky is blue. ..."), at a
 chosen depth the needle "The pass key is 48213. Remember it.", more filler, and
 the question "What is the pass key? It is" (Mohtashami & Jaggi's text, shortened
 for byte-level models with short contexts);
@@ -20,47 +20,12 @@ from flax import nnx
 
 from gated_attention_jax import rope
 from gated_attention_jax.analysis import run_analysis
+from gated_attention_jax.data import synthetic
 from gated_attention_jax.data.tokenizers import Tokenizer, get_tokenizer
 from gated_attention_jax.sampler import generate
 from gated_attention_jax.transformer import Transformer
 
-FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back"
-          " again. ")
-NEEDLE = " The pass key is {key}. Remember it. "
-QUESTION = " What is the pass key? It is"
-ANSWER = " {key}"
 DEPTHS = (0.1, 0.5, 0.9)
-
-
-def key_tokens(tokenizer: Tokenizer, key: str, vocab_size: int) -> np.ndarray:
-  """The answer's tokens (" KEY"); ValueError naming `key` if it does not round-trip."""
-  answer = ANSWER.format(key=key)
-  ids = tokenizer.encode(answer)
-  if not key or not key.strip() or tokenizer.decode(ids) != answer or (
-      ids.size and ids.max() >= vocab_size):
-    raise ValueError(f"key {key!r} cannot be tokenized by the {tokenizer.name!r} tokenizer"
-                     f" within the model's {vocab_size} tokens")
-  return ids
-
-
-def passkey_prompt(tokenizer: Tokenizer, length: int, depth: float, key: str, *,
-                   vocab_size: int, bos: bool = True) -> tuple[np.ndarray, np.ndarray]:
-  """(prompt `(length,)`, answer `(A,)`) token ids: the needle after `depth` of the filler."""
-  if not 0.0 <= depth <= 1.0:
-    raise ValueError(f"depth must be in [0, 1], got {depth!r}")
-  answer = key_tokens(tokenizer, key, vocab_size)
-  needle = tokenizer.encode(NEEDLE.format(key=key))
-  question = tokenizer.encode(QUESTION)
-  fill = length - int(bos) - needle.size - question.size
-  if fill < 0:
-    raise ValueError(f"length {length} is too short for the needle and question"
-                     f" ({length - fill} tokens)")
-  filler = tokenizer.encode(FILLER)
-  stream = np.tile(filler, fill // max(filler.size, 1) + 1)[:fill]
-  before = int(round(depth * fill))
-  parts = [[tokenizer.bos_id]] if bos else []
-  parts += [stream[:before], needle, stream[before:], question]
-  return np.concatenate(parts).astype(np.int32), answer
 
 
 def retrieval_accuracy(model: Transformer, tokenizer: Tokenizer, *, train_len: int,
@@ -89,7 +54,7 @@ def retrieval_accuracy(model: Transformer, tokenizer: Tokenizer, *, train_len: i
   state = run_analysis.float32_state(model)
   longest = cfg.max_positions if cfg.position_embedding == "learned" else None
   multiples = [k for k in sorted(multiples) if longest is None or k * train_len <= longest]
-  width = max(key_tokens(tokenizer, key, cfg.vocab_size).size for key in keys)
+  width = max(synthetic.passkey_answer(tokenizer, key, cfg.vocab_size).size for key in keys)
   out: dict[str, Any] = {"train_len": train_len, "depths": list(depths),
                          "multiples": multiples, "keys": list(keys), "accuracy": {}, "mean": {}}
   for method in methods:
@@ -99,8 +64,8 @@ def retrieval_accuracy(model: Transformer, tokenizer: Tokenizer, *, train_len: i
       scaled = nnx.merge(run_analysis.graphdef_of(cfg.replace(rope_scaling=scaling)), state)
       by_depth = {}
       for depth in depths:
-        docs = [passkey_prompt(tokenizer, k * train_len - width + 1, depth, key,
-                               vocab_size=cfg.vocab_size, bos=bos) for key in keys]
+        docs = [synthetic.passkey_document(tokenizer, k * train_len - width + 1, depth, key,
+                                           vocab_size=cfg.vocab_size, bos=bos) for key in keys]
         got = generate(scaled, [p for p, _ in docs], width).tokens
         by_depth[str(depth)] = float(np.mean(
             [np.array_equal(row[:a.size], a) for row, (_, a) in zip(got, docs)]))
