@@ -1,6 +1,9 @@
 """Passkey retrieval: the documents, the scoring and the per-run instrument."""
 
 import json
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from gated_attention_jax.data import synthetic
 from gated_attention_jax.data.tokenizers import ByteTokenizer
 from gated_attention_jax.sampler import Generation
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOK = ByteTokenizer()
 
 
@@ -67,11 +71,15 @@ def test_accuracy_scores_exact_answers_per_method_and_length(monkeypatch):
   assert len(scalings) == 4 + 1  # every method is plain RoPE at 1x
 
 
-def test_run_retrieval_writes_json(tiny_run):
-  out = retrieval.run_retrieval(tiny_run, multiples=(4, 8), methods=("none", "yarn"),
-                                depths=(0.5,), num_keys=2, key_digits=2)
-  saved = json.loads((tiny_run / "retrieval.json").read_text())
-  assert saved["mean"] == out["mean"] and saved["step"] == 6 and saved["train_len"] == 32
+def test_analyze_cli_writes_retrieval_json(tiny_run):
+  subprocess.run(
+      [sys.executable, "-m", "gated_attention_jax.analyze", f"--workdir={tiny_run}",
+       "--retrieval_only", "--multiples=4,8", "--rope_methods=none,yarn",
+       "--retrieval_depths=0.5", "--retrieval_keys=2"],
+      check=True, cwd=ROOT, capture_output=True)
+  out = json.loads((tiny_run / "retrieval.json").read_text())
+  assert out["step"] == 6 and out["train_len"] == 32 and len(out["keys"]) == 2
+  assert not (tiny_run / "analysis.json").exists()  # --retrieval_only: nothing else
   for by_k in out["accuracy"].values():
     assert set(by_k) == {"4", "8"} and all(0 <= a <= 1 for d in by_k.values() for a in d.values())
 
