@@ -7,7 +7,7 @@
 
 Training data are passkey documents (`data.corpus="passkey"`, data/synthetic.py):
 [BOS], filler, the needle "The pass key is 48213. Remember it." at a uniformly
-random depth, filler, "What is the pass key? It is 48213", byte tokens, L = 128.
+random depth, filler, "What is the pass key? The pass key is 48213", byte tokens, L = 128.
 The answer's digits are random, so they can only be predicted by copying them
 from the needle. The model is the paper's stack (RMSNorm, SwiGLU, RoPE, QK-norm)
 at 2 layers (copying needs an induction circuit of two), d 64, 4 heads of 16 over
@@ -34,7 +34,8 @@ VARIANTS = ("baseline", "sdpa_elementwise", "sdpa_headwise")
 _TESTBED: dict[str, dict[str, Any]] = {
     "model": dict(vocab_size=0, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
                   head_dim=16, mlp_dim=192, qk_norm=True),
-    "data": dict(corpus="passkey", tokenizer="byte", seq_len=128),
+    "data": dict(corpus="passkey", tokenizer="byte", seq_len=128,
+                 passkey=dict(answer_only=True)),
     "train": dict(num_steps=1000, batch_size=32, learning_rate=3e-3, warmup_steps=50,
                   log_every=50, eval_every=250, eval_batches=1, checkpoint_every=1000,
                   keep_checkpoints=1),

@@ -91,6 +91,8 @@ def test_passkey_corpus_rows_end_with_the_answer_copied_from_the_needle():
   data = long_context.get_config("baseline,testbed").data
   batch = next(pipeline.make_train_iterator(data, batch_size=4, seed=0))
   assert batch["inputs"].shape == (4, 128) and (batch["inputs"][:, 0] == TOK.bos_id).all()
+  np.testing.assert_array_equal(batch["loss_mask"][:, -7:], [[0] + [1] * 6] * 4)
+  assert batch["loss_mask"].sum() == 4 * 6  # answer_only: " " and the 5 digits
   for inputs, targets in zip(batch["inputs"], batch["targets"]):
     text = TOK.decode(np.append(inputs, targets[-1]))
     key = text.split("The pass key is ")[1][:5]

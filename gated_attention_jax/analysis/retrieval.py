@@ -2,7 +2,7 @@
 
 A document (`data.synthetic.passkey_document`) is BOS, filler text ("The grass is green. The sky is blue. ..."), at a
 chosen depth the needle "The pass key is 48213. Remember it.", more filler, and
-the question "What is the pass key? It is" (Mohtashami & Jaggi's text, shortened
+the question "What is the pass key? The pass key is" (Mohtashami & Jaggi's text, shortened
 for byte-level models with short contexts);
 the model answers by greedy decoding, and a row is right when its first tokens
 are exactly " 48213". `retrieval_accuracy` measures this per length (multiples

@@ -32,6 +32,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       # corpus "passkey": passkey-retrieval documents of seq_len + 1 tokens under `tokenizer`
       "passkey": {
           "key_digits": 5,  # digits of each document's random key
+          "answer_only": False,  # only the answer's tokens in the loss
       },
   })
 
@@ -62,9 +63,13 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if cfg.corpus == "bigram_backcopy":
     _validate_bigram_backcopy(cfg.get("bigram_backcopy") or {})
   if cfg.corpus == "passkey":
-    digits = (cfg.get("passkey") or {}).get("key_digits")
-    if not _is_int(digits) or digits < 1:
-      raise ValueError(f"data.passkey.key_digits must be a positive int, got {digits!r}")
+    passkey = cfg.get("passkey") or {}
+    if not _is_int(passkey.get("key_digits")) or passkey.get("key_digits") < 1:
+      raise ValueError(f"data.passkey.key_digits must be a positive int, got"
+                       f" {passkey.get('key_digits')!r}")
+    if not isinstance(passkey.get("answer_only"), bool):
+      raise ValueError(f"data.passkey.answer_only must be a bool, got"
+                       f" {passkey.get('answer_only')!r}")
 
 
 def _validate_bigram_backcopy(bb) -> None:

@@ -153,7 +153,8 @@ def synthetic_source(data_cfg: ml_collections.ConfigDict, split: str, seq_len: i
   if data_cfg.corpus == "passkey":
     return synthetic.PasskeyDocuments(
         tokenizers.get_tokenizer(data_cfg.tokenizer, data_cfg.cache_dir or None),
-        seq_len=seq_len, key_digits=data_cfg.passkey.key_digits, seed=0, stream=stream)
+        seq_len=seq_len, key_digits=data_cfg.passkey.key_digits, seed=0, stream=stream,
+        answer_only=data_cfg.passkey.answer_only)
   bb = data_cfg.bigram_backcopy
   stats = _bigram_statistics(data_cfg.tokenizer, data_cfg.cache_dir, bb.vocab)
   return synthetic.BigramBackcopy(stats, num_triggers=bb.triggers, seq_len=seq_len,

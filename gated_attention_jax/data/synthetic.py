@@ -25,7 +25,7 @@ Task token ids: 0..V-1 ordinary tokens by falling frequency (so triggers are
 
 Passkey retrieval documents (Mohtashami & Jaggi 2023, shortened): [BOS], filler
 text ("The grass is green. ..."), at a random depth the needle "The pass key is
-48213. Remember it.", more filler, the question "What is the pass key? It is" and
+48213. Remember it.", more filler, the question "What is the pass key? The pass key is" and
 the answer " 48213", in the tokens of `data.tokenizer`; `passkey_document` builds
 one (the retrieval instrument, `analysis/retrieval.py`, asks the same question
 without the answer). A model trained on them must learn to copy the key.
@@ -146,18 +146,19 @@ class BigramBackcopy:
     return self.stats.tokens[ids[ids < self.stats.vocab]].tolist()
 
 
-def _row(seq: np.ndarray) -> dict[str, np.ndarray]:
-  """The pipeline's row keys for a `(T + 1,)` one-segment sequence, every target in the loss."""
+def _row(seq: np.ndarray, loss_from: int = 0) -> dict[str, np.ndarray]:
+  """The pipeline's row keys for a `(T + 1,)` one-segment sequence; targets from
+  index `loss_from` on are in the loss."""
   t = seq.size - 1
   return {"inputs": seq[:-1], "targets": seq[1:],
           "segment_ids": np.ones(t, np.int32), "positions": np.arange(t, dtype=np.int32),
-          "loss_mask": np.ones(t, np.float32)}
+          "loss_mask": (np.arange(t) >= loss_from).astype(np.float32)}
 
 
 PASSKEY_FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and"
                   " back again. ")
 PASSKEY_NEEDLE = " The pass key is {key}. Remember it. "
-PASSKEY_QUESTION = " What is the pass key? It is"
+PASSKEY_QUESTION = " What is the pass key? The pass key is"
 PASSKEY_ANSWER = " {key}"
 
 
@@ -196,12 +197,14 @@ class PasskeyDocuments:
   """grain data source: index i -> one passkey document of `seq_len + 1` tokens.
 
   A random `key_digits`-digit key at a uniformly random depth, the answer last
-  (so its tokens are the last targets). Rows as `BigramBackcopy`'s.
+  (so its tokens are the last targets). Rows as `BigramBackcopy`'s; with
+  `answer_only` only the answer's targets are in the loss.
   """
 
   def __init__(self, tokenizer: Tokenizer, *, seq_len: int, key_digits: int, seed: int,
-               stream: int = TRAIN_STREAM):
+               stream: int = TRAIN_STREAM, answer_only: bool = False):
     self.tokenizer, self.seq_len, self.key_digits = tokenizer, seq_len, key_digits
+    self.answer_only = answer_only
     self.seed, self.stream = seed, stream
     self.bos_id, self.pad_id = tokenizer.bos_id, tokenizer.pad_id
     self.vocab_size = tokenizer.vocab_size
@@ -209,14 +212,16 @@ class PasskeyDocuments:
   def __len__(self) -> int:
     return NUM_SEQUENCES
 
-  def sequence(self, index: int) -> np.ndarray:
-    """`(T + 1,)` tokens of document `index`: inputs are [:-1], targets [1:]."""
+  def sequence(self, index: int) -> tuple[np.ndarray, int]:
+    """`(T + 1,)` tokens of document `index` (inputs [:-1], targets [1:]) and the
+    answer's length."""
     rng = np.random.default_rng([self.seed, self.stream, int(index)])
     key = "".join(map(str, rng.integers(0, 10, self.key_digits)))
     answer = passkey_answer(self.tokenizer, key, self.vocab_size)
     prompt, _ = passkey_document(self.tokenizer, self.seq_len + 1 - answer.size, rng.random(),
                                  key, vocab_size=self.vocab_size)
-    return np.concatenate([prompt, answer]).astype(np.int32)
+    return np.concatenate([prompt, answer]).astype(np.int32), answer.size
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    return _row(self.sequence(index))
+    seq, answer = self.sequence(index)
+    return _row(seq, self.seq_len - answer if self.answer_only else 0)
