@@ -9,8 +9,8 @@ retrieval.json} (configs/long_context.py runs, then `analyze --retrieval`, or
   long_context.md, long_context.csv  per (setting, variant, RoPE method, length multiple):
                   passkey accuracy (mean over depths), mean ± std over seeds and the
                   per-seed values, with the final validation loss at the training length
-  retrieval.png   accuracy against length multiple, a panel per RoPE method, a line per
-                  variant (mean over seeds; each seed faint)
+  retrieval.png   accuracy against length multiple, a row per setting, a panel per RoPE
+                  method, a line per variant (mean over seeds; each seed faint)
 --snapshot first copies the small files of every run into OUT/runs/ and reads those, so
 the committed table can be regenerated from what is committed.
 """
@@ -64,24 +64,30 @@ def rows(grid: dict[str, dict[str, list[dict[str, Any]]]]) -> list[dict[str, Any
 
 
 def plot(grid: dict[str, dict[str, list[dict[str, Any]]]], path: pathlib.Path) -> None:
-  """Accuracy vs length multiple: a panel per (setting, method), a line per variant."""
-  panels = [(s, m) for s, variants in grid.items() for m in
-            next(iter(variants.values()))[0]["retrieval"]["mean"]] if grid else []
-  fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(3.4 * max(len(panels), 1), 3.4),
+  """Accuracy vs length multiple: a row per setting, a panel per RoPE method, a line per variant."""
+  settings = [s for s, variants in grid.items() if variants]
+  methods = (list(next(iter(grid[settings[0]].values()))[0]["retrieval"]["mean"])
+             if settings else [])
+  fig, axes = plt.subplots(max(len(settings), 1), max(len(methods), 1),
+                           figsize=(3.2 * max(len(methods), 1), 2.9 * max(len(settings), 1)),
                            squeeze=False, sharey=True)
-  for ax, (setting, method) in zip(axes[0], panels):
-    for i, (variant, runs) in enumerate(grid[setting].items()):
-      ks = sorted(int(k) for k in runs[0]["retrieval"]["mean"][method])
-      per_seed = [[r["retrieval"]["mean"][method][str(k)] for k in ks] for r in runs]
-      for values in per_seed:
-        ax.plot(ks, values, color=f"C{i}", alpha=0.25, lw=1)
-      ax.plot(ks, [statistics.fmean(v) for v in zip(*per_seed)], "o-", color=f"C{i}",
-              label=variant, lw=1.8)
-    ax.set(title=f"{setting}: RoPE {method}", xscale="log", xlabel="length / training length",
-           ylim=(-0.03, 1.03))
-    ax.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
-  axes[0, 0].set_ylabel("passkey accuracy")
-  axes[0, 0].legend(fontsize=7)
+  for row, setting in enumerate(settings):
+    for col, method in enumerate(methods):
+      ax = axes[row, col]
+      for i, (variant, runs) in enumerate(grid[setting].items()):
+        ks = sorted(int(k) for k in runs[0]["retrieval"]["mean"][method])
+        per_seed = [[r["retrieval"]["mean"][method][str(k)] for k in ks] for r in runs]
+        for values in per_seed:
+          ax.plot(ks, values, color=f"C{i}", alpha=0.25, lw=1)
+        ax.plot(ks, [statistics.fmean(v) for v in zip(*per_seed)], "o-", color=f"C{i}",
+                label=f"{variant} ({len(runs)} seeds)", lw=1.8)
+      ax.set(title=f"{setting}: RoPE {method}", xscale="log", ylim=(-0.03, 1.03))
+      ax.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
+      ax.set_xticks([], minor=True)
+    axes[row, 0].set_ylabel("passkey accuracy")
+    axes[row, 0].legend(fontsize=7)
+  for ax in axes[-1]:
+    ax.set_xlabel("length / training length")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
