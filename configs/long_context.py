@@ -9,7 +9,8 @@ Training data are passkey documents (`data.corpus="passkey"`, data/synthetic.py)
 [BOS], filler, the needle "The pass key is 48213. Remember it." at a uniformly
 random depth, filler, "What is the pass key? The pass key is 48213", byte tokens, L = 128.
 The answer's digits are random, so they can only be predicted by copying them
-from the needle. The model is the paper's stack (RMSNorm, SwiGLU, RoPE, QK-norm)
+from the needle; only the answer is in the loss (`data.passkey.answer_only`: with the
+loss on whole documents nothing of the answer was learned in 800 steps). The model is the paper's stack (RMSNorm, SwiGLU, RoPE, QK-norm)
 at 2 layers (copying needs an induction circuit of two), d 64, 4 heads of 16 over
 2 kv heads. Passkey accuracy (greedy, `analysis/retrieval.py`) is then measured at
 1x, 2x, 4x, 8x L with RoPE scaling none / linear / NTK / YaRN: the setting of the
