@@ -40,7 +40,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from experiments import paper_results  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-RUN_FILES = ("summary.json", "metrics.jsonl", "analysis.json", "config.json")
+RUN_FILES = ("summary.json", "metrics.jsonl", "analysis.json", "config.json", "retrieval.json")
 ANALYSIS_KEYS = ("gate_score_mean", "first_token_attention", "max_activation")
 ABLATION_COLUMNS = (
     "variant", "seeds", "added_params", "ppl", "delta_ppl", "rank",
@@ -52,7 +52,7 @@ STABILITY_COLUMNS = ("variant", "lr", "seed", "steps", "num_steps", "final_loss"
 
 
 def read_run(folder: pathlib.Path) -> dict[str, Any]:
-  """{'summary', 'analysis', 'config': dict or None, 'metrics': [rows]} of one run."""
+  """{'summary', 'analysis', 'retrieval', 'config': dict or None, 'metrics': [rows]} of one run."""
   def load(name: str) -> Optional[dict[str, Any]]:
     path = folder / name
     return json.loads(path.read_text()) if path.exists() else None
@@ -60,7 +60,8 @@ def read_run(folder: pathlib.Path) -> dict[str, Any]:
   metrics = ([json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
              if metrics_path.exists() else [])
   return {"summary": load("summary.json"), "metrics": metrics,
-          "analysis": load("analysis.json"), "config": load("config.json")}
+          "analysis": load("analysis.json"), "retrieval": load("retrieval.json"),
+          "config": load("config.json")}
 
 
 def read_runs(root: pathlib.Path) -> dict[str, list[dict[str, Any]]]:

@@ -5,17 +5,28 @@ Public API:
   GatedAttention    the NNX attention layer with that gate
   Transformer       a decoder-only LM built from it, configured by TransformerConfig
   RopeScaling       RoPE scaling (none / linear / NTK / YaRN) for long context
+  generate          batched sampling with the KV cache (ragged prompts, greedy / top-k / top-p)
   count_params, gate_params, gate_params_per_layer   parameter counting
+  load_run          (config, step, model) of a training run's checkpoint (imported on first use:
+                    it brings in the trainer)
 """
 
 from gated_attention_jax.attention import GatedAttention
 from gated_attention_jax.gate import GateConfig
 from gated_attention_jax.params import count_params, gate_params, gate_params_per_layer
 from gated_attention_jax.rope import RopeScaling
+from gated_attention_jax.sampler import Generation, generate
 from gated_attention_jax.transformer import Transformer, TransformerConfig
 
 __all__ = [
-    "GateConfig", "GatedAttention", "RopeScaling", "Transformer", "TransformerConfig",
-    "count_params", "gate_params", "gate_params_per_layer",
+    "GateConfig", "GatedAttention", "Generation", "RopeScaling", "Transformer",
+    "TransformerConfig", "count_params", "generate", "gate_params", "gate_params_per_layer", "load_run",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+  if name == "load_run":
+    from gated_attention_jax.analysis.run_analysis import load_run  # pylint: disable=g-import-not-at-top
+    return load_run
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from gated_attention_jax import attention_ops
@@ -39,6 +40,14 @@ def default_positions(shape: tuple[int, int], segment_ids: Optional[jax.Array],
   if segment_ids is not None:
     return positions_from_segments(segment_ids)
   return jnp.broadcast_to(jnp.arange(shape[1]) + offset, shape)
+
+
+def check_positive_floats(**values: float) -> None:
+  """ValueError naming the first argument that is not a finite number > 0."""
+  for name, value in values.items():
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        0 < value < float("inf")):
+      raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 class GatedAttention(nnx.Module):
@@ -74,6 +83,7 @@ class GatedAttention(nnx.Module):
     if not isinstance(gate, GateConfig):
       raise ValueError(f"gate must be a GateConfig, got {type(gate).__name__}")
     attention_ops.check_impl(attention_impl)
+    check_positive_floats(rope_theta=rope_theta, norm_eps=norm_eps)
     rope.rotary_dim(head_dim, partial_rotary_factor)  # validates the fraction
 
     self.d_model, self.num_heads, self.num_kv_heads, self.head_dim = (
@@ -113,6 +123,7 @@ class GatedAttention(nnx.Module):
     self.cached_key = nnx.data(None)
     self.cached_value = nnx.data(None)
     self.cache_index = nnx.data(None)
+    self.cache_overflow = nnx.data(None)
 
   # --- the gate -------------------------------------------------------------
 
@@ -154,45 +165,108 @@ class GatedAttention(nnx.Module):
   # --- KV cache -------------------------------------------------------------
 
   def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> None:
-    """Allocates an empty KV cache `(B, max_length, K, H)` for decoding."""
+    """Allocates an empty KV cache `(B, max_length, K, H)` for decoding.
+
+    Each row keeps its own position: `cache_index` `(B,)` is the next free slot of
+    every row, and `cache_overflow` `(B,)` records rows that were asked to write
+    past `max_length` (see `__call__`).
+    """
+    for name, value in (("batch_size", batch_size), ("max_length", max_length)):
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
     shape = (batch_size, max_length, self.num_kv_heads, self.head_dim)
     dtype = dtype or self.dtype
     self.cached_key = nnx.Cache(jnp.zeros(shape, dtype))
     self.cached_value = nnx.Cache(jnp.zeros(shape, dtype))
-    self.cache_index = nnx.Cache(jnp.zeros((), jnp.int32))
+    self.cache_index = nnx.Cache(jnp.zeros((batch_size,), jnp.int32))
+    self.cache_overflow = nnx.Cache(jnp.zeros((batch_size,), bool))
 
-  def _append_to_cache(self, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  def _check_cache(self, b: int, t: int) -> None:
+    """Static checks of a decode call of `(b, t)` tokens against the cache."""
     if self.cache_index is None:
       raise ValueError("decode=True needs a cache: call init_cache(batch, max_length) first")
-    start = self.cache_index[...]
-    zero = jnp.zeros((), jnp.int32)
-    keys = jax.lax.dynamic_update_slice(self.cached_key[...], k.astype(self.cached_key.dtype),
-                                        (zero, start, zero, zero))
-    values = jax.lax.dynamic_update_slice(self.cached_value[...],
-                                          v.astype(self.cached_value.dtype),
-                                          (zero, start, zero, zero))
+    cache_b, max_length = self.cached_key.shape[:2]
+    if b != cache_b:
+      raise ValueError(f"x has batch {b} but the KV cache was allocated for batch {cache_b}"
+                       f" (init_cache(batch_size={cache_b}, ...))")
+    if t > max_length:
+      raise ValueError(f"x has {t} tokens, more than the KV cache holds"
+                       f" (max_length={max_length})")
+
+  def _append_to_cache(self, k: jax.Array, v: jax.Array, start: jax.Array
+                       ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Writes k, v `(B, T, K, H)` at slots start..start+T-1 of each row.
+
+    Returns the whole cache (keys, values) and the per-row overflow flags `(B,)`.
+    Slots past max_length are dropped (never wrapped onto earlier ones).
+    """
+    b, t = k.shape[:2]
+    max_length = self.cached_key.shape[1]
+    overflow = start + t > max_length
+    if not isinstance(start, jax.core.Tracer) and bool(overflow.any()):
+      rows = np.flatnonzero(np.asarray(overflow)).tolist()
+      raise ValueError(
+          f"decoding {t} token(s) from cache slot(s) {np.asarray(start)[rows].tolist()} of rows"
+          f" {rows} overflows the KV cache (max_length={max_length}); allocate a longer cache"
+          f" with init_cache")
+    slots = start[:, None] + jnp.arange(t)
+    rows = jnp.arange(b)[:, None]
+    keys = self.cached_key[...].at[rows, slots].set(k.astype(self.cached_key.dtype), mode="drop")
+    values = self.cached_value[...].at[rows, slots].set(v.astype(self.cached_value.dtype),
+                                                        mode="drop")
     self.cached_key[...] = keys
     self.cached_value[...] = values
-    self.cache_index[...] = start + k.shape[1]
-    return keys, values, start
+    self.cache_index[...] = start + t
+    self.cache_overflow[...] = self.cache_overflow[...] | overflow
+    return keys, values, overflow
+
+  def _check_inputs(self, x: jax.Array, positions: Optional[jax.Array],
+                    segment_ids: Optional[jax.Array]) -> None:
+    """ValueErrors naming the argument and both shapes (static shapes and dtypes only)."""
+    if x.ndim != 3 or x.shape[-1] != self.d_model:
+      raise ValueError(f"x must be (batch, seq, {self.d_model}), got shape {x.shape}")
+    if x.shape[1] == 0:
+      raise ValueError(f"x has an empty sequence axis (shape {x.shape}); pass at least one token")
+    for name, value in (("positions", positions), ("segment_ids", segment_ids)):
+      if value is None:
+        continue
+      if tuple(value.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"{name} must have shape (batch, seq) = {tuple(x.shape[:2])} like x,"
+                         f" got {tuple(value.shape)}")
+      if not jnp.issubdtype(value.dtype, jnp.integer):
+        raise ValueError(f"{name} must be integers, got dtype {value.dtype}")
 
   # --- forward --------------------------------------------------------------
 
   def __call__(self, x: jax.Array, positions: Optional[jax.Array] = None,
                segment_ids: Optional[jax.Array] = None, *, decode: bool = False,
                return_intermediates: bool = False):
-    """x `(B, T, D)` → `(B, T, D)` (and intermediates on request)."""
-    if x.ndim != 3 or x.shape[-1] != self.d_model:
-      raise ValueError(f"x must be (batch, seq, {self.d_model}), got shape {x.shape}")
+    """x `(B, T, D)` → `(B, T, D)` (and intermediates on request).
+
+    positions, segment_ids: `(B, T)` integers or None. With `decode=True` the T
+    tokens of row b go to cache slots s..s+T-1, s = `positions[b, 0]` if positions
+    are given (consecutive per row), else the row's `cache_index`; each query
+    attends to the slots up to its own. A call that would write past the cache's
+    max_length raises ValueError when its slots are concrete; under `jit` the
+    rows that overflow return NaN and set `cache_overflow` (sticky, `(B,)` bool),
+    so they never pass for real outputs.
+    """
+    self._check_inputs(x, positions, segment_ids)
     if decode and (segment_ids is not None or not self.causal):
       raise ValueError("decode=True needs a causal layer and no segment_ids")
     b, t, _ = x.shape
+    if decode:
+      self._check_cache(b, t)
     dt = self.dtype
     x = x.astype(dt)
     g = self.gate
-    if positions is None:
-      offset = self.cache_index[...] if decode and self.cache_index is not None else 0
-      positions = default_positions((b, t), segment_ids, offset)
+    if decode:
+      start = (self.cache_index[...] if positions is None
+               else jnp.asarray(positions[:, 0], jnp.int32))
+      if positions is None:
+        positions = start[:, None] + jnp.arange(t)
+    elif positions is None:
+      positions = default_positions((b, t), segment_ids)
 
     logits = self.gate_logits(x) if g.enabled else None
     if logits is not None:  # gate slices split exactly as the heads they gate
@@ -221,9 +295,10 @@ class GatedAttention(nnx.Module):
       q = rope.apply_rope(q, positions, **rope_args)
       k = rope.apply_rope(k, positions, **rope_args)
 
-    q_offset = 0
+    q_offset, overflow = 0, None
     if decode:
-      k, v, q_offset = self._append_to_cache(k, v)
+      k, v, overflow = self._append_to_cache(k, v, start)
+      q_offset = start
 
     fused = logits if self.fuses_gate() else None
     y, probs = attention_ops.attend(
@@ -242,6 +317,8 @@ class GatedAttention(nnx.Module):
     out = jnp.einsum("BTNH,NHD->BTD", y, self.o_proj[...].astype(dt))
     if g.position == "dense":
       out = gate_lib.combine(out, scores, g.combine)
+    if overflow is not None:
+      out = jnp.where(overflow[:, None, None], jnp.nan, out)
     if not return_intermediates:
       return out
     intermediates: Intermediates = {"queries": q, "keys": k, "values": v}

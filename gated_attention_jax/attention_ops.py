@@ -54,13 +54,16 @@ def make_mask(batch: int, q_len: int, kv_len: int, *, causal: bool,
               q_offset: jax.Array | int = 0,
               q_segment_ids: Optional[jax.Array] = None,
               kv_segment_ids: Optional[jax.Array] = None) -> jax.Array:
-  """Boolean mask `(B, 1, T, S)`: True where query t may attend to key s."""
-  q_idx = jnp.arange(q_len)[:, None] + q_offset
-  kv_idx = jnp.arange(kv_len)[None, :]
-  mask = jnp.ones((q_len, kv_len), bool)
+  """Boolean mask `(B, 1, T, S)`: True where query t may attend to key s.
+
+  q_offset: the key index of the first query, a scalar or per row `(B,)`.
+  """
+  q_idx = jnp.arange(q_len)[None, :, None] + jnp.reshape(jnp.asarray(q_offset), (-1, 1, 1))
+  kv_idx = jnp.arange(kv_len)[None, None, :]
+  mask = jnp.ones((1, q_len, kv_len), bool)
   if causal:
     mask = kv_idx <= q_idx
-  mask = jnp.broadcast_to(mask, (batch, 1, q_len, kv_len))
+  mask = jnp.broadcast_to(mask[:, None], (batch, 1, q_len, kv_len))
   if q_segment_ids is not None:
     same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
     mask = mask & same[:, None]
@@ -219,8 +222,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str, scale: float,
 
   Args:
     q: `(B, T, N, H)`; k, v: `(B, S, K, H)`.
-    q_offset: index of the first query among the keys (KV-cache decoding); only
-      the "xla" path supports a non-zero offset.
+    q_offset: index of the first query among the keys (KV-cache decoding), a
+      scalar or per row `(B,)`; only the "xla" path supports a non-zero offset.
     q_segment_ids, kv_segment_ids: `(B, T)`, `(B, S)` or None.
     fused_gate: G1 gate logits `(B, T, N, H)` or `(B, T, N)`; the output is then
       attention ⊙ act(fused_gate). Fused in the kernel for "pallas", applied

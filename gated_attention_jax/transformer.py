@@ -21,7 +21,7 @@ from gated_attention_jax import attention_ops
 from gated_attention_jax import layers
 from gated_attention_jax import rope
 from gated_attention_jax import sharding
-from gated_attention_jax.attention import GatedAttention, default_positions
+from gated_attention_jax.attention import GatedAttention, check_positive_floats, default_positions
 from gated_attention_jax.gate import GateConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
@@ -92,6 +92,8 @@ class TransformerConfig:
       raise ValueError(f"model.attention_impl must be one of"
                        f" {attention_ops.ATTENTION_IMPLS}, got {self.attention_impl!r}")
     rope.rotary_dim(self.head_dim, self.partial_rotary_factor)
+    for name in ("rope_theta", "norm_eps"):
+      check_positive_floats(**{f"model.{name}": getattr(self, name)})
     if not isinstance(self.gate, GateConfig):
       raise ValueError(f"model.gate must be a GateConfig, got {type(self.gate).__name__}")
 
@@ -174,15 +176,19 @@ class Transformer(nnx.Module):
 
   def _positions(self, tokens: jax.Array, positions: Optional[jax.Array],
                  segment_ids: Optional[jax.Array], decode: bool) -> jax.Array:
-    """Rows of the learned position table: given, else per segment, else 0..T-1."""
+    """Rows of the learned position table: given, else the cache's next slots when
+    decoding, else per segment, else 0..T-1."""
     if positions is not None:
       return positions
     if decode:
-      raise ValueError("decoding with learned position embeddings needs explicit positions")
+      cache_index = self.blocks[0].attn.cache_index
+      if cache_index is None:
+        raise ValueError("decode=True needs a cache: call init_cache(batch, max_length) first")
+      return cache_index[...][:, None] + jnp.arange(tokens.shape[1])
     return default_positions(tokens.shape, segment_ids)
 
   def init_cache(self, batch_size: int, max_length: int) -> None:
-    """Allocates every layer's KV cache for decoding."""
+    """Allocates every layer's KV cache for decoding (see `GatedAttention.init_cache`)."""
     for block in self.blocks:
       block.attn.init_cache(batch_size, max_length)
 

@@ -47,6 +47,17 @@ def x64():
   jax.config.update("jax_enable_x64", previous)
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+  """A run folder of a 6-step training run of a tiny byte-level model (seq_len 32)."""
+  from gated_attention_jax import train  # pylint: disable=g-import-not-at-top
+  from tests.test_analyze import tiny_config  # pylint: disable=g-import-not-at-top
+
+  workdir = tmp_path_factory.mktemp("tiny_run")
+  train.train_and_evaluate(tiny_config(), workdir)
+  return workdir
+
+
 def randomize_params(module: nnx.Module, seed: int, scale: float = 0.3) -> None:
   """Replaces every parameter with fresh N(0, scale²) values (norm weights around 1).
 

@@ -142,7 +142,7 @@ def test_decode_matches_full_forward(name, x64):
   steps += [layer(x[:, t:t + 1], decode=True) for t in range(5, 9)]
   np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, axis=1)), np.asarray(full),
                              rtol=1e-10, atol=1e-10)
-  assert int(layer.cache_index[...]) == 9
+  assert layer.cache_index[...].tolist() == [9, 9]
 
 
 def test_intermediates_are_probabilities_and_gate_scores(x64):
@@ -244,3 +244,47 @@ def test_bad_layer_arguments_raise():
     layer(jnp.zeros((2, 3, D + 1)))
   with pytest.raises(ValueError, match="init_cache"):
     layer(jnp.zeros((2, 3, D)), decode=True)
+
+
+def test_decoding_past_the_cache_never_returns_silent_garbage():
+  layer = make_layer(VARIANTS["sdpa_elementwise"], dtype=jnp.float32)
+  x = jnp.asarray(np.random.default_rng(9).normal(size=(2, 5, D)), jnp.float32)
+  layer.init_cache(2, 4)
+  layer(x[:, :3], decode=True)
+  with pytest.raises(ValueError, match=r"slot\(s\) \[3, 3\] .* overflows the KV cache"
+                                       r" \(max_length=4\)"):
+    layer(x[:, 3:5], decode=True)
+  # Under jit the slots are not known while tracing: the row that overflows returns
+  # NaN and sets its sticky cache_overflow flag; the other row is untouched.
+  layer.init_cache(2, 4)
+  step = nnx.jit(lambda layer, x, positions: layer(x, positions, decode=True))
+  first = step(layer, x[:, :3], jnp.asarray([[0, 1, 2], [0, 1, 2]]))
+  out = step(layer, x[:, 3:5], jnp.asarray([[3, 4], [1, 2]]))
+  assert np.isfinite(np.asarray(first)).all()
+  assert np.isnan(np.asarray(out[0])).all() and np.isfinite(np.asarray(out[1])).all()
+  assert layer.cache_overflow[...].tolist() == [True, False]
+  assert layer.cache_index[...].tolist() == [5, 3]
+
+
+def test_bad_call_arguments_name_the_argument_and_shapes():
+  layer = GatedAttention(D, N, K, H, rngs=nnx.Rngs(0))
+  x = jnp.zeros((2, 3, D))
+  with pytest.raises(ValueError, match=r"positions must have shape \(batch, seq\) = \(2, 3\)"
+                                       r" like x, got \(2, 4\)"):
+    layer(x, positions=jnp.zeros((2, 4), jnp.int32))
+  with pytest.raises(ValueError, match=r"segment_ids must have shape .* got \(3,\)"):
+    layer(x, segment_ids=jnp.zeros((3,), jnp.int32))
+  with pytest.raises(ValueError, match="segment_ids must be integers, got dtype float32"):
+    layer(x, segment_ids=jnp.zeros((2, 3), jnp.float32))
+  with pytest.raises(ValueError, match="empty sequence axis"):
+    layer(jnp.zeros((2, 0, D)))
+  layer.init_cache(2, 4)
+  with pytest.raises(ValueError, match=r"x has batch 3 but the KV cache was allocated for"
+                                       r" batch 2"):
+    layer(jnp.zeros((3, 1, D)), decode=True)
+  with pytest.raises(ValueError, match=r"x has 5 tokens, more than the KV cache holds"
+                                       r" \(max_length=4\)"):
+    layer(jnp.zeros((2, 5, D)), decode=True)
+  for name in ("rope_theta", "norm_eps"):
+    with pytest.raises(ValueError, match=f"{name} must be a finite number > 0, got -1.0"):
+      GatedAttention(D, N, K, H, **{name: -1.0}, rngs=nnx.Rngs(0))

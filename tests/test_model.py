@@ -133,6 +133,8 @@ def test_gate_parameter_counter_matches_formula(gate):
     (dict(remat="sometimes"), "model.remat must be one of"),
     (dict(attention_impl="magic"), "model.attention_impl must be one of"),
     (dict(norm_style="layer"), "model.norm_style must be one of"),
+    (dict(rope_theta=-10000.0), "model.rope_theta must be a finite number > 0"),
+    (dict(norm_eps=-1e-6), "model.norm_eps must be a finite number > 0"),
 ])
 def test_bad_model_config_raises(changes, message):
   with pytest.raises(ValueError, match=message):

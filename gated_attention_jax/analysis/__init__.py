@@ -1,5 +1,5 @@
 """Analysis instruments: attention sinks, massive activations, gate statistics,
-softmax selectivity (Mudarisov et al.) and the figures drawn from them.
+softmax selectivity (Mudarisov et al.), passkey retrieval and the figures drawn from them.
 
 `analyze_model` / `analyze_run` run them all and write analysis.json and PNGs
 (`python -m gated_attention_jax.analyze --workdir=DIR`)."""
@@ -21,6 +21,7 @@ from gated_attention_jax.analysis.plots import (
     plot_selectivity_distance,
     plot_distinguishability,
 )
+from gated_attention_jax.analysis.retrieval import retrieval_accuracy, run_retrieval
 from gated_attention_jax.analysis.run_analysis import (
     analyze_model,
     analyze_run,
@@ -63,6 +64,8 @@ __all__ = [
     "plot_perplexity_vs_length",
     "plot_selectivity_distance",
     "plot_distinguishability",
+    "retrieval_accuracy",
+    "run_retrieval",
     "sink_rate",
     "softmax_jacobian",
     "softmax_weights",

@@ -70,11 +70,13 @@ TEMPERATURES = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 BOUND_RTOL = 1e-9
 
 
-def _graphdef(cfg: TransformerConfig) -> nnx.GraphDef:
+def graphdef_of(cfg: TransformerConfig) -> nnx.GraphDef:
+  """The graph of a `Transformer(cfg)` (merge it with a state of the same shapes)."""
   return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))[0]
 
 
-def _float32_state(model: Transformer) -> nnx.State:
+def float32_state(model: Transformer) -> nnx.State:
+  """The model's state with floating-point arrays cast to float32."""
   return jax.tree.map(
       lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
       nnx.state(model))
@@ -151,7 +153,7 @@ def long_context_perplexity(model: Transformer, batches_by_multiple: Mapping[int
   if cfg.position_embedding != "rope":
     methods = [m for m in methods if m == "none"]
   longest = cfg.max_positions if cfg.position_embedding == "learned" else None
-  state = _float32_state(model)
+  state = float32_state(model)
   batches = {k: list(b) for k, b in batches_by_multiple.items()
              if longest is None or k * train_len <= longest}
   losses: dict[tuple[rope.RopeScaling, int], tuple[float, float]] = {}
@@ -162,7 +164,7 @@ def long_context_perplexity(model: Transformer, batches_by_multiple: Mapping[int
     for k in sorted(batches):
       scaling = rope_scaling_for(cfg.rope_scaling, method, k, train_len)
       if (scaling, k) not in losses:
-        graphdef = _graphdef(cfg.replace(rope_scaling=scaling))
+        graphdef = graphdef_of(cfg.replace(rope_scaling=scaling))
         nll, tokens = 0.0, 0.0
         for batch in batches[k]:
           arrays = {name: jnp.asarray(v) for name, v in batch.items()}
@@ -264,7 +266,7 @@ def analyze_model(model: Transformer, batches: Iterable[Batch], *,
     The dict written to JSON.
   """
   cfg = analysis_config(model.config)
-  graphdef, state = _graphdef(cfg), _float32_state(model)
+  graphdef, state = graphdef_of(cfg), float32_state(model)
   label = label or ("gated" if cfg.gate.enabled else "baseline")
   out_dir = pathlib.Path(out_dir)
   json_path = pathlib.Path(json_path) if json_path is not None else out_dir / "analysis.json"

@@ -6,8 +6,8 @@ import ml_collections
 
 from gated_attention_jax.data.tokenizers import TOKENIZERS
 
-CORPORA = ("bundled", "text_dir", "token_shards", "bigram_backcopy")
-SYNTHETIC = ("bigram_backcopy",)  # generated on the fly (see data/synthetic.py)
+CORPORA = ("bundled", "text_dir", "token_shards", "bigram_backcopy", "passkey")
+SYNTHETIC = ("bigram_backcopy", "passkey")  # generated on the fly (see data/synthetic.py)
 PACKINGS = ("segments", "windows")
 
 
@@ -29,6 +29,11 @@ def default_data_config() -> ml_collections.ConfigDict:
           "triggers": 3,  # the most frequent tokens back-copy
           "bos": True,  # sequences start with BOS
       },
+      # corpus "passkey": passkey-retrieval documents of seq_len + 1 tokens under `tokenizer`
+      "passkey": {
+          "key_digits": 5,  # digits of each document's random key
+          "answer_only": False,  # only the answer's tokens in the loss
+      },
   })
 
 
@@ -46,7 +51,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if not isinstance(cfg.get(field), str):
       raise ValueError(f"data.{field} must be a str, got {cfg.get(field)!r}")
   if (cfg.corpus in ("bundled",) + SYNTHETIC) != (cfg.path == ""):
-    raise ValueError(f"data.path must be '' for corpus 'bundled'/'bigram_backcopy' and a"
+    raise ValueError(f"data.path must be '' for corpus 'bundled'/'bigram_backcopy'/'passkey' and a"
                      f" folder for 'text_dir'/'token_shards', got {cfg.path!r} with "
                      f"corpus {cfg.corpus!r}")
   if not _is_int(cfg.get("seq_len")) or cfg.seq_len < 2:
@@ -55,8 +60,16 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(f"data.shuffle must be a bool, got {cfg.get('shuffle')!r}")
   if not _is_int(cfg.get("prefetch")) or cfg.prefetch < 0:
     raise ValueError(f"data.prefetch must be an int >= 0, got {cfg.get('prefetch')!r}")
-  if cfg.corpus in SYNTHETIC:
+  if cfg.corpus == "bigram_backcopy":
     _validate_bigram_backcopy(cfg.get("bigram_backcopy") or {})
+  if cfg.corpus == "passkey":
+    passkey = cfg.get("passkey") or {}
+    if not _is_int(passkey.get("key_digits")) or passkey.get("key_digits") < 1:
+      raise ValueError(f"data.passkey.key_digits must be a positive int, got"
+                       f" {passkey.get('key_digits')!r}")
+    if not isinstance(passkey.get("answer_only"), bool):
+      raise ValueError(f"data.passkey.answer_only must be a bool, got"
+                       f" {passkey.get('answer_only')!r}")
 
 
 def _validate_bigram_backcopy(bb) -> None:

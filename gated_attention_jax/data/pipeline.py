@@ -154,18 +154,24 @@ def _bigram_statistics(tokenizer: str, cache_dir: str, vocab: int) -> synthetic.
   return synthetic.bigram_statistics(shards.load_split(directory, "train"), vocab)
 
 
-def synthetic_source(data_cfg: ml_collections.ConfigDict, split: str,
-                     seq_len: int) -> synthetic.BigramBackcopy:
+def synthetic_source(data_cfg: ml_collections.ConfigDict, split: str, seq_len: int
+                     ) -> synthetic.BigramBackcopy | synthetic.PasskeyDocuments:
   """The synthetic task's source for `split` ("train" or "validation": separate streams)."""
+  stream = synthetic.TRAIN_STREAM if split == "train" else synthetic.VALIDATION_STREAM
+  if data_cfg.corpus == "passkey":
+    return synthetic.PasskeyDocuments(
+        tokenizers.get_tokenizer(data_cfg.tokenizer, data_cfg.cache_dir or None),
+        seq_len=seq_len, key_digits=data_cfg.passkey.key_digits, seed=0, stream=stream,
+        answer_only=data_cfg.passkey.answer_only)
   bb = data_cfg.bigram_backcopy
   stats = _bigram_statistics(data_cfg.tokenizer, data_cfg.cache_dir, bb.vocab)
-  stream = synthetic.TRAIN_STREAM if split == "train" else synthetic.VALIDATION_STREAM
   return synthetic.BigramBackcopy(stats, num_triggers=bb.triggers, seq_len=seq_len,
                                   bos=bb.bos, seed=0, stream=stream)
 
 
 def _load(data_cfg: ml_collections.ConfigDict, split: str, seq_len: int,
-          include_partial: bool = False) -> PackedWindows | synthetic.BigramBackcopy:
+          include_partial: bool = False
+          ) -> PackedWindows | synthetic.BigramBackcopy | synthetic.PasskeyDocuments:
   """The split's windows; data_cfg must already be validated."""
   if data_cfg.corpus in config_lib.SYNTHETIC:
     return synthetic_source(data_cfg, split, seq_len)

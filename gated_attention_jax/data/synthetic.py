@@ -23,6 +23,13 @@ Task token ids: 0..V-1 ordinary tokens by falling frequency (so triggers are
 0..k-1), V = BOS, V+1 = PAD; `BigramBackcopy.vocab_size` = V + 2.
 `BigramStatistics.tokens` maps task ids back to tokenizer ids for decoding.
 
+Passkey retrieval documents (Mohtashami & Jaggi 2023, shortened): [BOS], filler
+text ("The grass is green. ..."), at a random depth the needle "The pass key is
+48213. Remember it.", more filler, the question "What is the pass key? The pass key is" and
+the answer " 48213", in the tokens of `data.tokenizer`; `passkey_document` builds
+one (the retrieval instrument, `analysis/retrieval.py`, asks the same question
+without the answer). A model trained on them must learn to copy the key.
+
 Sequence i of stream s is drawn from `np.random.default_rng([seed, s, i])`:
 any index gives the same sequence in any process, at any time, so grain's
 shuffling, sharding and checkpointed iterator state work unchanged.
@@ -36,6 +43,7 @@ import dataclasses
 import numpy as np
 
 from gated_attention_jax.data import shards
+from gated_attention_jax.data.tokenizers import Tokenizer
 
 NUM_SEQUENCES = 2**40  # "infinite": far more than any run draws
 TRAIN_STREAM, VALIDATION_STREAM = 0, 1
@@ -126,11 +134,7 @@ class BigramBackcopy:
     return np.asarray(seq, np.int32)
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    seq = self.sequence(index)
-    t = self.seq_len
-    return {"inputs": seq[:-1], "targets": seq[1:],
-            "segment_ids": np.ones(t, np.int32), "positions": np.arange(t, dtype=np.int32),
-            "loss_mask": np.ones(t, np.float32)}
+    return _row(self.sequence(index))
 
   def trigger_mask(self, inputs: np.ndarray) -> np.ndarray:
     """True where the input token is a trigger (its target is a back-copy)."""
@@ -140,3 +144,84 @@ class BigramBackcopy:
     """Task ids -> tokenizer ids (BOS and PAD dropped)."""
     ids = np.asarray(ids)
     return self.stats.tokens[ids[ids < self.stats.vocab]].tolist()
+
+
+def _row(seq: np.ndarray, loss_from: int = 0) -> dict[str, np.ndarray]:
+  """The pipeline's row keys for a `(T + 1,)` one-segment sequence; targets from
+  index `loss_from` on are in the loss."""
+  t = seq.size - 1
+  return {"inputs": seq[:-1], "targets": seq[1:],
+          "segment_ids": np.ones(t, np.int32), "positions": np.arange(t, dtype=np.int32),
+          "loss_mask": (np.arange(t) >= loss_from).astype(np.float32)}
+
+
+PASSKEY_FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and"
+                  " back again. ")
+PASSKEY_NEEDLE = " The pass key is {key}. Remember it. "
+PASSKEY_QUESTION = " What is the pass key? The pass key is"
+PASSKEY_ANSWER = " {key}"
+
+
+def passkey_answer(tokenizer: Tokenizer, key: str, vocab_size: int) -> np.ndarray:
+  """The answer's tokens (" KEY"); ValueError naming `key` if it does not round-trip."""
+  answer = PASSKEY_ANSWER.format(key=key)
+  ids = tokenizer.encode(answer)
+  if not key or not key.strip() or tokenizer.decode(ids) != answer or (
+      ids.size and ids.max() >= vocab_size):
+    raise ValueError(f"key {key!r} cannot be tokenized by the {tokenizer.name!r} tokenizer"
+                     f" within the model's {vocab_size} tokens")
+  return ids
+
+
+def passkey_document(tokenizer: Tokenizer, length: int, depth: float, key: str, *,
+                     vocab_size: int, bos: bool = True) -> tuple[np.ndarray, np.ndarray]:
+  """(prompt `(length,)`, answer `(A,)`) token ids: the needle after `depth` of the filler."""
+  if not 0.0 <= depth <= 1.0:
+    raise ValueError(f"depth must be in [0, 1], got {depth!r}")
+  answer = passkey_answer(tokenizer, key, vocab_size)
+  needle = tokenizer.encode(PASSKEY_NEEDLE.format(key=key))
+  question = tokenizer.encode(PASSKEY_QUESTION)
+  fill = length - int(bos) - needle.size - question.size
+  if fill < 0:
+    raise ValueError(f"length {length} is too short for the needle and question"
+                     f" ({length - fill} tokens)")
+  filler = tokenizer.encode(PASSKEY_FILLER)
+  stream = np.tile(filler, fill // max(filler.size, 1) + 1)[:fill]
+  before = int(round(depth * fill))
+  parts = [[tokenizer.bos_id]] if bos else []
+  parts += [stream[:before], needle, stream[before:], question]
+  return np.concatenate(parts).astype(np.int32), answer
+
+
+class PasskeyDocuments:
+  """grain data source: index i -> one passkey document of `seq_len + 1` tokens.
+
+  A random `key_digits`-digit key at a uniformly random depth, the answer last
+  (so its tokens are the last targets). Rows as `BigramBackcopy`'s; with
+  `answer_only` only the answer's targets are in the loss.
+  """
+
+  def __init__(self, tokenizer: Tokenizer, *, seq_len: int, key_digits: int, seed: int,
+               stream: int = TRAIN_STREAM, answer_only: bool = False):
+    self.tokenizer, self.seq_len, self.key_digits = tokenizer, seq_len, key_digits
+    self.answer_only = answer_only
+    self.seed, self.stream = seed, stream
+    self.bos_id, self.pad_id = tokenizer.bos_id, tokenizer.pad_id
+    self.vocab_size = tokenizer.vocab_size
+
+  def __len__(self) -> int:
+    return NUM_SEQUENCES
+
+  def sequence(self, index: int) -> tuple[np.ndarray, int]:
+    """`(T + 1,)` tokens of document `index` (inputs [:-1], targets [1:]) and the
+    answer's length."""
+    rng = np.random.default_rng([self.seed, self.stream, int(index)])
+    key = "".join(map(str, rng.integers(0, 10, self.key_digits)))
+    answer = passkey_answer(self.tokenizer, key, self.vocab_size)
+    prompt, _ = passkey_document(self.tokenizer, self.seq_len + 1 - answer.size, rng.random(),
+                                 key, vocab_size=self.vocab_size)
+    return np.concatenate([prompt, answer]).astype(np.int32), answer.size
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    seq, answer = self.sequence(index)
+    return _row(seq, self.seq_len - answer if self.answer_only else 0)

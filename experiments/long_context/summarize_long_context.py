@@ -1,0 +1,127 @@
+"""Turns the long-context testbed's runs into a retrieval table and plot.
+
+    python experiments/long_context/summarize_long_context.py --runs=runs/long_context \
+        --out=experiments/results/long_context --snapshot
+
+Reads RUNS/SETTING/VARIANT/seedS/{summary.json, metrics.jsonl, config.json,
+retrieval.json} (configs/long_context.py runs, then `analyze --retrieval`, or
+`analysis.run_retrieval`). Writes to OUT:
+  long_context.md, long_context.csv  per (setting, variant, RoPE method, length multiple):
+                  passkey accuracy (mean over depths), mean ± std over seeds and the
+                  per-seed values, with the final validation loss at the training length
+  retrieval.png   accuracy against length multiple, a row per setting, a panel per RoPE
+                  method, a line per variant (mean over seeds; each seed faint)
+--snapshot first copies the small files of every run into OUT/runs/ and reads those, so
+the committed table can be regenerated from what is committed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import statistics
+import sys
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+from experiments import summarize  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+COLUMNS = ("setting", "variant", "method", "multiple", "seeds", "accuracy", "accuracy_std",
+           "per_seed", "eval_loss")
+
+
+def read_grid(root: pathlib.Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
+  """{setting: {variant: [finished runs with retrieval.json]}} from ROOT/SETTING/VARIANT/seedS."""
+  grid = {}
+  for setting in sorted(p for p in root.iterdir() if p.is_dir()):
+    variants = {v: [r for r in runs if r["retrieval"] and r["summary"]
+                    and r["summary"].get("finished")]
+                for v, runs in summarize.read_runs(setting).items()}
+    grid[setting.name] = {v: runs for v, runs in variants.items() if runs}
+  return grid
+
+
+def rows(grid: dict[str, dict[str, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+  out = []
+  for setting, variants in grid.items():
+    for variant, runs in variants.items():
+      losses = [r["summary"].get("eval_loss") for r in runs]
+      eval_loss = statistics.fmean(losses) if None not in losses else None
+      for method, by_k in runs[0]["retrieval"]["mean"].items():
+        for k in by_k:
+          values = [r["retrieval"]["mean"][method][k] for r in runs]
+          out.append({
+              "setting": setting, "variant": variant, "method": method, "multiple": int(k),
+              "seeds": len(runs), "accuracy": statistics.fmean(values),
+              "accuracy_std": statistics.stdev(values) if len(values) > 1 else None,
+              "per_seed": " ".join(f"{v:.2f}" for v in values), "eval_loss": eval_loss})
+  return out
+
+
+def plot(grid: dict[str, dict[str, list[dict[str, Any]]]], path: pathlib.Path) -> None:
+  """Accuracy vs length multiple: a row per setting, a panel per RoPE method, a line per variant."""
+  settings = [s for s, variants in grid.items() if variants]
+  methods = (list(next(iter(grid[settings[0]].values()))[0]["retrieval"]["mean"])
+             if settings else [])
+  fig, axes = plt.subplots(max(len(settings), 1), max(len(methods), 1),
+                           figsize=(3.2 * max(len(methods), 1), 2.9 * max(len(settings), 1)),
+                           squeeze=False, sharey=True)
+  for row, setting in enumerate(settings):
+    for col, method in enumerate(methods):
+      ax = axes[row, col]
+      for i, (variant, runs) in enumerate(grid[setting].items()):
+        ks = sorted(int(k) for k in runs[0]["retrieval"]["mean"][method])
+        per_seed = [[r["retrieval"]["mean"][method][str(k)] for k in ks] for r in runs]
+        for values in per_seed:
+          ax.plot(ks, values, color=f"C{i}", alpha=0.25, lw=1)
+        ax.plot(ks, [statistics.fmean(v) for v in zip(*per_seed)], "o-", color=f"C{i}",
+                label=f"{variant} ({len(runs)} seeds)", lw=1.8)
+      ax.set(title=f"{setting}: RoPE {method}", xscale="log", ylim=(-0.03, 1.03))
+      ax.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
+      ax.set_xticks([], minor=True)
+    axes[row, 0].set_ylabel("passkey accuracy")
+    axes[row, 0].legend(fontsize=7)
+  for ax in axes[-1]:
+    ax.set_xlabel("length / training length")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def summarize_grid(root: pathlib.Path, out: pathlib.Path) -> list[dict[str, Any]]:
+  """Writes long_context.md, long_context.csv and retrieval.png to `out`; returns the rows."""
+  grid = read_grid(root)
+  table = rows(grid)
+  out.mkdir(parents=True, exist_ok=True)
+  header = ("Long-context testbed (configs/long_context.py): greedy passkey accuracy, mean over"
+            " needle depths, then mean (± std) over seeds; multiple = evaluation length /"
+            " training length.\n\n")
+  (out / "long_context.md").write_text(header + summarize.to_markdown(table, COLUMNS))
+  (out / "long_context.csv").write_text(summarize.to_csv(table, COLUMNS))
+  plot(grid, out / "retrieval.png")
+  return table
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--runs", default="runs/long_context", type=pathlib.Path)
+  parser.add_argument("--out", default="experiments/results/long_context", type=pathlib.Path)
+  parser.add_argument("--snapshot", action="store_true",
+                      help="copy each run's small files into OUT/runs first and read those")
+  args = parser.parse_args()
+  root = args.runs
+  if args.snapshot:
+    for setting in sorted(p for p in args.runs.iterdir() if p.is_dir()):
+      summarize.snapshot(setting, args.out / "runs" / setting.name)
+    root = args.out / "runs"
+  for row in summarize_grid(root, args.out):
+    print(row["variant"], row["method"], row["multiple"], f"{row['accuracy']:.3f}")
+
+
+if __name__ == "__main__":
+  main()
