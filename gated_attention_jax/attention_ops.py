@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh
 
+from gated_attention_jax import aot
 from gated_attention_jax import gate as gate_lib
 from gated_attention_jax import kernels
 from gated_attention_jax import layers
@@ -169,10 +170,11 @@ def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, gate: Optional[ja
   """The fused kernel (`kernels.gated_flash_attention`), per shard under a context mesh.
 
   Shapes as in `attend`. On GPUs the Pallas GPU kernel, elsewhere the TPU kernel
-  (interpret mode off TPU). Without a (data, fsdp, tensor) context mesh of more
+  (interpret mode off TPU); "GPU" / "TPU" is the platform being lowered for
+  (`aot.target_platform`: a target's mesh in ahead-of-time compiles). Without a (data, fsdp, tensor) context mesh of more
   than one device the kernel sees the whole arrays.
   """
-  kernel = "pallas_gpu" if jax.default_backend() == "gpu" else "pallas_tpu"
+  kernel = "pallas_gpu" if aot.target_platform() == "gpu" else "pallas_tpu"
   group = q.shape[2] // k.shape[2]
 
   def run(q, k, v, gate, q_seg, kv_seg, head_axes=(), slice_kv_head=False):
