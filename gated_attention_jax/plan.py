@@ -78,7 +78,7 @@ def _single_mesh(config: ml_collections.ConfigDict, num_devices: int) -> None:
 
 
 def _gib(nbytes: float) -> str:
-  return f"{nbytes / 2**30:.2f} GiB"
+  return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.2f} MiB"
 
 
 def plan(config: ml_collections.ConfigDict, devices: Sequence[Any], *,
@@ -120,7 +120,7 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence[Any], *,
         f" {_gib(exact['optimizer'])} + batch {_gib(exact['batch'])} per device ="
         f" {_gib(sum(exact.values()))} > {_gib(hbm_bytes)} of memory, before any activation;"
         f" shard further (mesh.fsdp) or use more devices")
-  start = time.perf_counter()
+  start = time.perf_counter()  # tracing, lowering and compiling
   compiled = trainer.train_step.lower(state, batch).compile()
   compile_seconds = time.perf_counter() - start
   mem = compiled.memory_analysis()
@@ -172,7 +172,7 @@ def report(numbers: dict[str, Any]) -> str:
            f"  temporaries       {_gib(b['temporaries'])}  (activations, gradients, workspace)",
            f"  total             {_gib(b['total'])}  (arguments + outputs - aliased +"
            " temporaries)",
-           f"compiled in {numbers['compile_seconds']:.1f} s"]
+           f"traced, lowered and compiled in {numbers['compile_seconds']:.1f} s"]
   if numbers["flops_per_device"]:
     lines.append(f"FLOPs per device per step  {numbers['flops_per_device']:.4g}"
                  " (custom calls such as Pallas kernels not counted)")

@@ -78,3 +78,15 @@ print('CUDNN', refusal(lambda: plan.plan(small, aot.target_devices('v5e:2x2'))))
   # 1.7B float32 parameters and two Adam moments on every chip: ~19 GiB > 16 GiB.
   assert "cannot fit on v5e:2x2" in lines["FIT"] and "> 16.00 GiB" in lines["FIT"], lines["FIT"]
   assert "GPU library" in lines["CUDNN"]
+
+
+def test_h100_plan_compiles_the_scanned_step(tmp_path):
+  out = tmp_path / "plan.json"
+  proc = _run(["-m", "gated_attention_jax.plan", "--config=tests/_sharding_config.py",
+               "--topology=h100", "--config.mesh.data=1", "--config.model.attention_impl=xla",
+               "--config.model.scan_layers=True", f"--out={out}"])
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  n = json.loads(out.read_text())
+  assert (n["num_devices"], n["compiler"], n["device_kind"]) == (1, "gpu", "NVIDIA H100 80GB HBM3")
+  assert n["hbm_bytes_per_device"] == 84942979072 and n["fits"] is True  # the target config's
+  assert n["per_device_bytes"]["temporaries"] > 0
