@@ -159,8 +159,8 @@ def _remat_policy(name: str):
 
 
 _NO_SCANNED_DECODE = ("KV-cache decoding is not supported with model.scan_layers=True: convert"
-                      " the parameters with layer_stack.unstack_layers and decode with an"
-                      " unrolled model (scan_layers=False)")
+                      " the parameters with layer_stack.relayout and decode with an unrolled"
+                      " model (scan_layers=False)")
 
 
 def _stacked_blocks(cfg: TransformerConfig, rngs: nnx.Rngs) -> Block:
@@ -217,7 +217,7 @@ class Transformer(nnx.Module):
   With `return_intermediates=True` it returns `(logits, intermediates)` where
   intermediates holds per-layer lists: `hidden_states` (block outputs `(B, T, D)`),
   `queries` `(B, T, N, H)`, `keys` and `values` `(B, S, K, H)`, and, where available, `attention_probs` `(B, N, T, S)`
-  ("xla" path) and `gate_scores`.
+  ("xla" path) and `gate_scores` (the same lists with `scan_layers`).
   """
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):

@@ -8,7 +8,9 @@ train step (Pallas attention, scan_layers, remat full, FSDP over the whole slice
 by `plan.plan` at 1 sequence of 4096 tokens per chip. Per-device memory grows linearly with the
 batch per chip; the slope (bytes per extra sequence per chip) is measured once per model and
 TPU generation, by a second compile at 2 per chip on the first slice of that generation, and the
-largest batch per chip that fits is extrapolated from it (labelled as such). Results are kept in
+largest batch per chip that fits is extrapolated from it (labelled as such; a model's baseline
+and G1 variants share a slope when only one was measured, marked *), and compiled at that size
+for the cells in `VERIFY`. Results are kept in
 experiments/results/cloud_tpu_plans.json as they come, so a rerun resumes; `--write` puts the
 table between the markers in experiments/cloud_tpu/README.md.
 """
@@ -35,6 +37,8 @@ BEGIN, END = "<!-- plan_table: begin -->", "<!-- plan_table: end -->"
 SLICES = {"v5p-64": "v5p:4x4x2", "v5p-256": "v5p:4x4x8", "v6e-256": "v6e:16x16"}
 MODELS = [("paper_1p7b", "baseline"), ("paper_1p7b", "sdpa_elementwise"),
           ("paper_1p7b_48l", "baseline"), ("paper_1p7b_48l", "sdpa_elementwise")]
+# Cells whose extrapolated largest batch is also compiled.
+VERIFY = {("paper_1p7b", "baseline", "v5p-256"), ("paper_1p7b", "baseline", "v6e-256")}
 # Compile order when time is short: the pod slices first, then v5p-64 (which reuses v5p's slopes).
 CELLS = ([(scale, variant, s) for scale, variant in MODELS for s in ("v5p-256", "v6e-256")]
          + [(scale, variant, "v5p-64") for scale, variant in MODELS])
@@ -69,13 +73,36 @@ def run(deadline: float) -> dict:
       break
     _plan(results, f"{scale}/{variant}/{slice_name}/1", scale, variant, slice_name, 1)
     generation = slice_name.split("-")[0]
-    if f"{scale}/{variant}/{generation}/slope" not in results and time.time() < deadline:
+    if _slope(results, scale, variant, generation) is None and time.time() < deadline:
       two = _plan(results, f"{scale}/{variant}/{slice_name}/2", scale, variant, slice_name, 2)
       one = results[f"{scale}/{variant}/{slice_name}/1"]
       results[f"{scale}/{variant}/{generation}/slope"] = (
           two["per_device_bytes"]["total"] - one["per_device_bytes"]["total"])
       RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    largest = _largest(results, scale, variant, slice_name)
+    if (scale, variant, slice_name) in VERIFY and largest and time.time() < deadline:
+      _plan(results, f"{scale}/{variant}/{slice_name}/{largest[0]}", scale, variant, slice_name,
+            largest[0])
   return results
+
+
+def _slope(results: dict, scale: str, variant: str, generation: str) -> tuple[int, str] | None:
+  """(bytes per extra sequence per chip, "" or a mark when another gate variant's is used)."""
+  for other, mark in ((variant, ""), *((v, "*") for s, v in MODELS if s == scale and v != variant)):
+    if f"{scale}/{other}/{generation}/slope" in results:
+      return results[f"{scale}/{other}/{generation}/slope"], mark
+  return None
+
+
+def _largest(results: dict, scale: str, variant: str,
+             slice_name: str) -> tuple[int, str] | None:
+  """Largest sequences per chip that fit by the linear extrapolation (and the slope's mark)."""
+  cell = results.get(f"{scale}/{variant}/{slice_name}/1")
+  slope = _slope(results, scale, variant, slice_name.split("-")[0])
+  if cell is None or slope is None:
+    return None
+  spare = cell["hbm_bytes_per_device"] - cell["per_device_bytes"]["total"]
+  return (0 if spare < 0 else 1 + int(spare // slope[0])), slope[1]
 
 
 def table(results: dict) -> str:
@@ -84,7 +111,6 @@ def table(results: dict) -> str:
           " XLA step estimate at 1 seq/chip (s) |",
           "|---|---|---|---|---|---|---|---|---|"]
   for slice_name, topology in SLICES.items():
-    generation = slice_name.split("-")[0]
     for scale, variant in MODELS:
       cell = results.get(f"{scale}/{variant}/{slice_name}/1")
       gate = "G1 elementwise" if variant == "sdpa_elementwise" else "none"
@@ -94,16 +120,20 @@ def table(results: dict) -> str:
         continue
       chips, total = cell["num_devices"], cell["per_device_bytes"]["total"]
       hbm = cell["hbm_bytes_per_device"]
-      slope = results.get(f"{scale}/{variant}/{generation}/slope")
-      largest = ("n/a" if slope is None else
-                 str(max(0, 1 + int((hbm - total) // slope))) if total <= hbm else "0")
+      largest = _largest(results, scale, variant, slice_name)
+      check = largest and results.get(f"{scale}/{variant}/{slice_name}/{largest[0]}")
+      largest = "n/a" if largest is None else f"{largest[0]}{largest[1]}"
+      if check:
+        largest += (f" (compiled: {check['per_device_bytes']['total'] / 2**30:.1f} GiB,"
+                    f" {'fits' if check['fits'] else 'does NOT fit'})")
       mesh = "fsdp={fsdp}".format(**cell["mesh"])
       estimate = cell["estimated_step_seconds"]
       rows.append(f"| {scale} | {gate} | {slice_name} ({chips}, {topology}) | {mesh} |"
                   f" {total / 2**30:.2f} ({hbm / 2**30:.0f}) | {largest} |"
                   f" {1024 / chips:g} | {cell['compile_seconds']:.0f} |"
                   f" {'n/a' if estimate is None else f'{estimate:.3f}'} |")
-  return "\n".join(rows) + "\n"
+  return ("\n".join(rows) + "\n\n* extrapolated with the other gate variant's slope (the G1 gate"
+          " adds little per sequence next to the logits over 151936 tokens).\n")
 
 
 def main() -> None:
