@@ -31,8 +31,8 @@ def test_stacked_parameters_carry_the_layers_axis():
   assert q.shape == (3, 32, 4, 8)
   assert q.get_metadata()["out_sharding"] == ("layers", "embed", "q_heads", "head_dim")
   mesh = jax.sharding.AbstractMesh((1, 2, 2), sharding.MESH_AXES)
-  assert sharding.logical_to_mesh_spec(q.get_metadata()["out_sharding"], q.shape,
-                                       mesh) == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+  spec = sharding.logical_to_mesh_spec(q.get_metadata()["out_sharding"], q.shape, mesh)
+  assert spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)  # layers never split
   assert gaj.count_params(scanned) == gaj.count_params(_pair()[0])
 
 
