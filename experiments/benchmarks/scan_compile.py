@@ -15,13 +15,17 @@ import datetime
 import os
 import pathlib
 import platform
+import sys
 
 import jax
 
-from configs import default
-from gated_attention_jax import plan
+REPO = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
 
-README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
+from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
+from gated_attention_jax import plan  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+README = REPO / "README.md"
 BEGIN, END = "<!-- scan_compile: begin -->", "<!-- scan_compile: end -->"
 
 

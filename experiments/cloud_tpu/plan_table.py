@@ -1,7 +1,7 @@
 """The Cloud TPU planning table: paper-scale configs compiled by libtpu for whole slices.
 
-    JAX_PLATFORMS=cpu PYTHONPATH=. .toolchains/jax-0.11.2/bin/python \\
-        experiments/cloud_tpu/plan_table.py [--minutes 15] [--write]
+    JAX_PLATFORMS=cpu .toolchains/jax-0.11.2/bin/python experiments/cloud_tpu/plan_table.py \\
+        [--minutes 15] [--write]
 
 For each model (`paper_1p7b`, `paper_1p7b_48l`; baseline and G1 elementwise) and slice, the
 train step (Pallas attention, scan_layers, remat full, FSDP over the whole slice) is compiled
@@ -21,14 +21,16 @@ import argparse
 import datetime
 import json
 import pathlib
+import sys
 import time
 
 import jax
 
-from configs import ablation
-from gated_attention_jax import aot, plan
-
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from configs import ablation  # pylint: disable=g-import-not-at-top,wrong-import-position
+from gated_attention_jax import aot, plan  # pylint: disable=g-import-not-at-top,wrong-import-position
 RESULTS = ROOT / "experiments" / "results" / "cloud_tpu_plans.json"
 README = ROOT / "experiments" / "cloud_tpu" / "README.md"
 BEGIN, END = "<!-- plan_table: begin -->", "<!-- plan_table: end -->"
