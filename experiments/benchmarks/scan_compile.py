@@ -50,7 +50,8 @@ def table(layers: list[int]) -> str:
     rows.append(f"| {n} | {unrolled:.1f} | {scanned:.1f} | {unrolled / scanned:.1f}x |")
     print(rows[-1], flush=True)
   header = (f"Train-step compile time (trace + lower + compile), {datetime.date.today()},"
-            f" jax {jax.__version__}, {_cpu()}, {os.cpu_count()} cores (shared),"
+            f" jax {jax.__version__}, {_cpu()}, {os.cpu_count()} cores shared with other jobs (wall"
+            " seconds),"
             " default config's model, remat full, one CPU device.\n\n")
   return header + "\n".join(rows) + "\n"
 
