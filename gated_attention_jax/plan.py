@@ -128,6 +128,7 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence[Any], *,
            + mem.temp_size_in_bytes)
   cost = compiled.cost_analysis() or {}
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  estimate = cost.get("optimal_seconds")  # libtpu's comes out negative for v6e: then none
   numbers = {
       "topology": topology, "num_devices": len(devices),
       "device_kind": devices[0].device_kind, "compiler": platform,
@@ -144,7 +145,7 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence[Any], *,
       "fits": None if hbm_bytes is None else total <= hbm_bytes,
       "compile_seconds": compile_seconds,
       "flops_per_device": cost.get("flops"),
-      "estimated_step_seconds": cost.get("optimal_seconds"),
+      "estimated_step_seconds": estimate if estimate and estimate > 0 else None,
   }
   if config.model.attention_impl == "pallas" and platform in KERNEL_CALLS:
     numbers["kernel_custom_calls"] = compiled.as_text().count(KERNEL_CALLS[platform])

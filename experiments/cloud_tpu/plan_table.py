@@ -133,7 +133,7 @@ def table(results: dict) -> str:
       rows.append(f"| {scale} | {gate} | {slice_name} ({chips}, {topology}) | {mesh} |"
                   f" {total / 2**30:.2f} ({hbm / 2**30:.0f}) | {largest} |"
                   f" {1024 / chips:g} | {cell['compile_seconds']:.0f} |"
-                  f" {'n/a' if estimate is None else f'{estimate:.3f}'} |")
+                  f" {f'{estimate:.3f}' if estimate and estimate > 0 else 'n/a'} |")
   return ("\n".join(rows) + "\n\n* extrapolated with the other gate variant's slope (the G1 gate"
           " adds little per sequence next to the logits over 151936 tokens).\n")
 
