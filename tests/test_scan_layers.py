@@ -98,11 +98,16 @@ def test_train_checkpoint_converts_and_trains_to_the_same_losses(tmp_path):
   restored = ckpt.restore(1, unrolled.abstract_state)[0]
   ckpt.close()
   s_state = layer_stack.relayout(restored, scanned.abstract_state)  # ... resumed scanned
+  for a, b in zip(jax.tree.leaves(layer_stack.relayout(s_state, unrolled.abstract_state)),
+                  jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(a, b)  # and converted back, exactly
   for batch in batches[1:]:
     state, metrics = unrolled.train_step(state, unrolled.global_batch(batch))
     s_state, s_metrics = scanned.train_step(s_state, scanned.global_batch(batch))
     np.testing.assert_allclose(s_metrics["loss"], metrics["loss"], rtol=1e-5)
     np.testing.assert_allclose(s_metrics["grad_norm"], metrics["grad_norm"], rtol=1e-4)
+  # Adam normalises each gradient, so where one is ~0 float noise moves a parameter by up to
+  # the learning rate: the trained states agree to about one step.
   back = layer_stack.relayout(s_state, unrolled.abstract_state)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # after Adam on tiny gradients
+    np.testing.assert_allclose(a, b, atol=unrolled.config.train.learning_rate)
