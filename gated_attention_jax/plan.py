@@ -25,7 +25,9 @@ compiler's arguments exceed the exact shard sizes by its layouts' padding (TPU t
 much for small arrays, little for large ones).
 Needs libtpu (TPU) or the CUDA plugin (GPU): `tools/aot_toolchains.sh`; JAX_PLATFORMS=cpu.
 
-Refused before compiling, with the numbers: a target the compiler does not know, a mesh
+libtpu itself refuses a step that needs more than the HBM (RESOURCE_EXHAUSTED, with the bytes
+it needed): the plan then says it does not fit, with that message. Refused before compiling,
+with the numbers: a target the compiler does not know, a mesh
 whose size is not the target's device count, "cudnn" attention on a TPU, and a config whose
 parameters, optimizer state and batch alone exceed the device's memory. Multi-slice
 (`mesh.dcn` > 1) is planned as the equivalent single mesh: per-device memory depends only on
@@ -120,15 +122,6 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence[Any], *,
         f" {_gib(exact['optimizer'])} + batch {_gib(exact['batch'])} per device ="
         f" {_gib(sum(exact.values()))} > {_gib(hbm_bytes)} of memory, before any activation;"
         f" shard further (mesh.fsdp) or use more devices")
-  start = time.perf_counter()  # tracing, lowering and compiling
-  compiled = trainer.train_step.lower(state, batch).compile()
-  compile_seconds = time.perf_counter() - start
-  mem = compiled.memory_analysis()
-  total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-           + mem.temp_size_in_bytes)
-  cost = compiled.cost_analysis() or {}
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  estimate = cost.get("optimal_seconds")  # libtpu's comes out negative for v6e: then none
   numbers = {
       "topology": topology, "num_devices": len(devices),
       "device_kind": devices[0].device_kind, "compiler": platform,
@@ -136,17 +129,36 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence[Any], *,
       "batch_size": config.train.batch_size, "seq_len": config.data.seq_len,
       "attention_impl": planned_impl, "compiled_attention_impl": config.model.attention_impl,
       "scan_layers": model_cfg.scan_layers, "remat": model_cfg.remat,
-      "num_params": trainer.num_params,
+      "num_params": trainer.num_params, "hbm_bytes_per_device": hbm_bytes,
+  }
+  start = time.perf_counter()  # tracing, lowering and compiling
+  try:
+    compiled = trainer.train_step.lower(state, batch).compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    # The target's compiler refuses a program that does not fit its memory (libtpu does).
+    return {**numbers, "per_device_bytes": {**exact, "total": None}, "fits": False,
+            "compiler_error": str(e).splitlines()[0],
+            "compile_seconds": time.perf_counter() - start,
+            "flops_per_device": None, "estimated_step_seconds": None}
+  compile_seconds = time.perf_counter() - start
+  mem = compiled.memory_analysis()
+  total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+           + mem.temp_size_in_bytes)
+  cost = compiled.cost_analysis() or {}
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  estimate = cost.get("optimal_seconds")  # libtpu's comes out negative for v6e: then none
+  numbers.update({
       "per_device_bytes": {**exact, "arguments": mem.argument_size_in_bytes,
                            "outputs": mem.output_size_in_bytes,
                            "aliased": mem.alias_size_in_bytes,
                            "temporaries": mem.temp_size_in_bytes, "total": total},
-      "hbm_bytes_per_device": hbm_bytes,
       "fits": None if hbm_bytes is None else total <= hbm_bytes,
       "compile_seconds": compile_seconds,
       "flops_per_device": cost.get("flops"),
       "estimated_step_seconds": estimate if estimate and estimate > 0 else None,
-  }
+  })
   if config.model.attention_impl == "pallas" and platform in KERNEL_CALLS:
     numbers["kernel_custom_calls"] = compiled.as_text().count(KERNEL_CALLS[platform])
   return numbers
@@ -156,6 +168,10 @@ def report(numbers: dict[str, Any]) -> str:
   """A readable table of `plan`'s numbers, with the verdict when the device memory is known."""
   mesh = " ".join(f"{a}={size}" for a, size in numbers["mesh"].items())
   b = numbers["per_device_bytes"]
+  if "compiler_error" in numbers:
+    return (f"{numbers['topology']}: mesh {mesh}, batch {numbers['batch_size']} x"
+            f" {numbers['seq_len']}: does NOT fit, the compiler refused it:\n"
+            f"  {numbers['compiler_error']}")
   compiler = {"cpu": "CPU compiler (fake devices)", "tpu": "libtpu",
               "gpu": "XLA GPU, deviceless"}[numbers["compiler"]]
   lines = [f"{numbers['topology']}: {numbers['num_devices']} x {numbers['device_kind']},"

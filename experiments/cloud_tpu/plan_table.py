@@ -8,9 +8,10 @@ train step (Pallas attention, scan_layers, remat full, FSDP over the whole slice
 by `plan.plan` at 1 sequence of 4096 tokens per chip. Per-device memory grows linearly with the
 batch per chip; the slope (bytes per extra sequence per chip) is measured once per model and
 TPU generation, by a second compile at 2 per chip on the first slice of that generation, and the
-largest batch per chip that fits is extrapolated from it (labelled as such; a model's baseline
-and G1 variants share a slope when only one was measured, marked *), and compiled at that size
-for the cells in `VERIFY`. Results are kept in
+largest batch per chip that fits is extrapolated from it (a model's baseline and G1 variants
+share a slope when only one was measured, marked *). For the cells in `VERIFY` the largest
+batch is then searched by compiling: the extrapolation first, then bisection (libtpu refuses
+a step that does not fit HBM, quickly). Results are kept in
 experiments/results/cloud_tpu_plans.json as they come, so a rerun resumes; `--write` puts the
 table between the markers in experiments/cloud_tpu/README.md.
 """
@@ -81,11 +82,34 @@ def run(deadline: float) -> dict:
       results[f"{scale}/{variant}/{generation}/slope"] = (
           two["per_device_bytes"]["total"] - one["per_device_bytes"]["total"])
       RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-    largest = _largest(results, scale, variant, slice_name)
-    if (scale, variant, slice_name) in VERIFY and largest and time.time() < deadline:
-      _plan(results, f"{scale}/{variant}/{slice_name}/{largest[0]}", scale, variant, slice_name,
-            largest[0])
+    while (scale, variant, slice_name) in VERIFY and time.time() < deadline:
+      fit, too_big = _bounds(results, scale, variant, slice_name)
+      if too_big is None:  # try the extrapolation first, then bisect
+        guess = _largest(results, scale, variant, slice_name)
+        if guess is None or guess[0] <= fit:
+          break
+        per_chip = guess[0]
+      elif too_big - fit > 1:
+        per_chip = (fit + too_big) // 2
+      else:
+        break
+      _plan(results, f"{scale}/{variant}/{slice_name}/{per_chip}", scale, variant, slice_name,
+            per_chip)
   return results
+
+
+def _bounds(results: dict, scale: str, variant: str, slice_name: str) -> tuple[int, int | None]:
+  """(largest sequences per chip compiled and fitting, smallest compiled and not; None: none)."""
+  prefix = f"{scale}/{variant}/{slice_name}/"
+  fit, too_big = 0, None
+  for key, cell in results.items():
+    if key.startswith(prefix) and key[len(prefix):].isdigit():
+      per_chip = int(key[len(prefix):])
+      if cell["fits"]:
+        fit = max(fit, per_chip)
+      else:
+        too_big = per_chip if too_big is None else min(too_big, per_chip)
+  return fit, too_big
 
 
 def _slope(results: dict, scale: str, variant: str, generation: str) -> tuple[int, str] | None:
@@ -109,29 +133,27 @@ def _largest(results: dict, scale: str, variant: str,
 
 def table(results: dict) -> str:
   rows = ["| model | gate | slice (chips, topology) | mesh | GiB/chip at 1 seq/chip (HBM) |"
-          " largest seqs/chip (extrapolated) | paper batch 1024 = seqs/chip | compile (s) |"
-          " XLA step estimate at 1 seq/chip (s) |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          " largest seqs/chip compiled to fit | linear extrapolation from 1, 2 seqs/chip |"
+          " paper batch 1024 = seqs/chip | compile (s) | XLA step estimate at 1 seq/chip (s) |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
   for slice_name, topology in SLICES.items():
     for scale, variant in MODELS:
       cell = results.get(f"{scale}/{variant}/{slice_name}/1")
       gate = "G1 elementwise" if variant == "sdpa_elementwise" else "none"
       if cell is None:
         rows.append(f"| {scale} | {gate} | {slice_name} ({topology}) | | not compiled yet |"
-                    " | | | |")
+                    " | | | | |")
         continue
       chips, total = cell["num_devices"], cell["per_device_bytes"]["total"]
       hbm = cell["hbm_bytes_per_device"]
-      largest = _largest(results, scale, variant, slice_name)
-      check = largest and results.get(f"{scale}/{variant}/{slice_name}/{largest[0]}")
-      largest = "n/a" if largest is None else f"{largest[0]}{largest[1]}"
-      if check:
-        largest += (f" (compiled: {check['per_device_bytes']['total'] / 2**30:.1f} GiB,"
-                    f" {'fits' if check['fits'] else 'does NOT fit'})")
+      guess = _largest(results, scale, variant, slice_name)
+      guess = "n/a" if guess is None else f"{guess[0]}{guess[1]}"
+      fit, too_big = _bounds(results, scale, variant, slice_name)
+      compiled = f"{fit}" + ("" if too_big is None else f" ({too_big} does not fit)")
       mesh = "fsdp={fsdp}".format(**cell["mesh"])
       estimate = cell["estimated_step_seconds"]
       rows.append(f"| {scale} | {gate} | {slice_name} ({chips}, {topology}) | {mesh} |"
-                  f" {total / 2**30:.2f} ({hbm / 2**30:.0f}) | {largest} |"
+                  f" {total / 2**30:.2f} ({hbm / 2**30:.0f}) | {compiled} | {guess} |"
                   f" {1024 / chips:g} | {cell['compile_seconds']:.0f} |"
                   f" {f'{estimate:.3f}' if estimate and estimate > 0 else 'n/a'} |")
   return ("\n".join(rows) + "\n\n* extrapolated with the other gate variant's slope (the G1 gate"
