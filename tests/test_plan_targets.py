@@ -68,16 +68,23 @@ print('FIT', refusal(lambda: plan.plan(big, aot.target_devices('v5e:2x2'), topol
 small.mesh.update(fsdp=4)
 small.model.attention_impl = 'cudnn'
 print('CUDNN', refusal(lambda: plan.plan(small, aot.target_devices('v5e:2x2'))))
+small.model.attention_impl = 'xla'  # (B, N, T, S) float32 probabilities: 32 GiB per chip
+small.data.seq_len, small.train.batch_size = 8192, 32
+oom = plan.plan(small, aot.target_devices('v5e:2x2'), topology='v5e:2x2',
+                hbm_bytes=aot.hbm_bytes('v5e:2x2'))
+print('OOM', oom['fits'], oom['compiler_error'])
 """
   proc = _run(["-c", code])
   assert proc.returncode == 0, proc.stderr[-4000:]
   lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines()
-               if line.split(" ", 1)[0] in ("UNKNOWN", "MESH", "FIT", "CUDNN"))
+               if line.split(" ", 1)[0] in ("UNKNOWN", "MESH", "FIT", "CUDNN", "OOM"))
   assert "libtpu cannot compile for TPU topology 'v5e:3x7'" in lines["UNKNOWN"]
   assert "v5e:2x2 has 4 devices" in lines["MESH"] and "needs 3 devices" in lines["MESH"]
   # 1.7B float32 parameters and two Adam moments on every chip: ~19 GiB > 16 GiB.
   assert "cannot fit on v5e:2x2" in lines["FIT"] and "> 16.00 GiB" in lines["FIT"], lines["FIT"]
   assert "GPU library" in lines["CUDNN"]
+  # Past the exact parts, libtpu itself refuses a step that needs more than the HBM.
+  assert lines["OOM"].startswith("False RESOURCE_EXHAUSTED") and "HBM" in lines["OOM"]
 
 
 def test_h100_plan_compiles_the_scanned_step(tmp_path):
