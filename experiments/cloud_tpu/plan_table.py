@@ -63,8 +63,7 @@ def _plan(results: dict, key: str, scale: str, variant: str, slice_name: str,
                         topology=topology, hbm_bytes=aot.hbm_bytes(topology))
     results[key] = {"slice": slice_name, "per_chip": per_chip, **numbers}
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"{key}: {numbers['per_device_bytes']['total'] / 2**30:.2f} GiB,"
-          f" {numbers['compile_seconds']:.0f} s", flush=True)
+    print(f"{key}: fits {numbers['fits']}, {numbers['compile_seconds']:.0f} s", flush=True)
   return results[key]
 
 
@@ -149,7 +148,8 @@ def table(results: dict) -> str:
       guess = _largest(results, scale, variant, slice_name)
       guess = "n/a" if guess is None else f"{guess[0]}{guess[1]}"
       fit, too_big = _bounds(results, scale, variant, slice_name)
-      compiled = f"{fit}" + ("" if too_big is None else f" ({too_big} does not fit)")
+      compiled = f"{fit}" + (" (larger not tried)" if too_big is None else
+                              f" ({too_big} does not fit)")
       mesh = "fsdp={fsdp}".format(**cell["mesh"])
       estimate = cell["estimated_step_seconds"]
       rows.append(f"| {scale} | {gate} | {slice_name} ({chips}, {topology}) | {mesh} |"
