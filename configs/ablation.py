@@ -41,7 +41,11 @@ SCALE:
   paper_1p7b      Table 2/7's dense 1.7B-28: 28 layers, D 2048, 16 q / 8 kv heads x 128,
                   FFN 6144, tied embeddings, QK-norm, vocab 151936 (Qwen's; GPT-2 tokens
                   stand in), seq 4096, batch 1024 (4.2M tokens/step), 100k steps (~400B
-                  tokens), lr 4e-3, 1k warmup, cosine to 3e-5, bf16, FSDP over all devices.
+                  tokens), lr 4e-3, 1k warmup, cosine to 3e-5, bf16, FSDP over all devices,
+                  layers under nnx.scan (scan_layers: minutes less compiling; decode and the
+                  PyTorch export need the checkpoint unrolled by layer_stack.relayout).
+                  attention_impl cudnn is for GPUs: on TPUs pass
+                  --config.model.attention_impl=pallas.
   paper_1p7b_48l  Table 2's 48-layer model, lr 8e-3 (where the baseline is unstable).
 Point the paper scales at real data with `--config.data.corpus=token_shards
 --config.data.path=DIR`.
@@ -82,7 +86,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], float, int]] = {
 _PAPER_1P7B = {
     "model": dict(vocab_size=151936, d_model=2048, num_layers=28, num_heads=16,
                   num_kv_heads=8, head_dim=128, mlp_dim=6144, tie_embeddings=True,
-                  qk_norm=True, attention_impl="cudnn", dtype="bfloat16", remat="full"),
+                  qk_norm=True, attention_impl="cudnn", dtype="bfloat16", remat="full",
+                  scan_layers=True),
     "data": dict(tokenizer="gpt2", seq_len=4096),
     "train": dict(num_steps=100_000, batch_size=1024, learning_rate=4e-3, warmup_steps=1000,
                   min_lr_ratio=3e-5 / 4e-3, log_every=50, eval_every=2000, eval_batches=16,

@@ -33,7 +33,9 @@ import numpy as np
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
 GPU_TARGETS = {"h100": "h100_sxm.txtpb", "h200": "h200.txtpb"}
-TPU_GENERATIONS = ("v4", "v5e", "v5p", "v6e")
+# HBM per chip of the TPU generations (Cloud TPU documentation); a GPU's is in its target config.
+TPU_HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
+TPU_GENERATIONS = tuple(TPU_HBM_GIB)
 
 
 def gpu_target_config(name: str) -> str:
@@ -53,6 +55,18 @@ def gpu_device_limits(name: str) -> dict[str, int]:
                "device_memory_size", "core_count") and value.isdigit():
       fields[key] = int(value)
   return fields
+
+
+def hbm_bytes(target: str) -> int:
+  """Memory of one device of ``target``: a TPU generation's HBM per chip ("v5p:8x8x4" -> 95
+  GiB), or the ``device_memory_size`` of the GPU target config ("h100" -> 79.1 GiB)."""
+  if is_gpu_target(target):
+    return gpu_device_limits(target)["device_memory_size"]
+  generation = target.partition(":")[0]
+  if generation not in TPU_HBM_GIB:
+    raise ValueError(f"no HBM size known for target {target!r}; TPU generations"
+                     f" {TPU_GENERATIONS}, GPUs {sorted(GPU_TARGETS)}")
+  return TPU_HBM_GIB[generation] * 2**30
 
 
 def is_gpu_target(target: str) -> bool:
@@ -94,8 +108,8 @@ def target_devices(target: str) -> tuple[Any, ...]:
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(
         f"libtpu cannot compile for TPU topology {target!r} ({type(e).__name__}: {e}). "
-        f"Install it with pip install 'jax[tpu]=={jax.__version__}'; shapes libtpu knows look "
-        "like v5e:2x2, v5p:2x2x1, v6e:4x4, v4:2x2x2.") from e
+        "Shapes libtpu knows look like v5e:2x2, v5p:2x2x1, v6e:16x16, v5p:8x8x4; without "
+        f"libtpu, install it with pip install 'jax[tpu]=={jax.__version__}'.") from e
   return tuple(topo.devices)
 
 

@@ -1,33 +1,47 @@
-"""Per-device memory of a config's train step on a mesh, without owning the devices.
+"""Per-device memory, FLOPs and compile time of a config's train step on a target, without it.
 
-    python -m gated_attention_jax.plan --config=configs/default.py --num_devices=256 \\
-        --config.mesh.fsdp=-1 --device_memory_gib=95
+    python -m gated_attention_jax.plan --config=configs/ablation.py:baseline,paper_1p7b \\
+        --topology=v5p:4x4x2 --config.model.attention_impl=pallas --out=plan.json
+    python -m gated_attention_jax.plan --config=... --topology=h100      # one GPU
+    python -m gated_attention_jax.plan --config=... --num_devices=256 --device_memory_gib=95
 
-The train step is compiled ahead of time (`.lower(...).compile()` on
-ShapeDtypeStructs, nothing allocated) for `num_devices` fake CPU devices laid
-out as the config's mesh. What is computed and what is measured:
+The real train step (`train.Trainer.train_step`: the config's model, `attention_impl`, remat,
+`scan_layers`, optimizer and shardings; the Pallas kernel under `shard_map`) is compiled ahead
+of time on `jax.ShapeDtypeStruct`s, nothing allocated, for a mesh laid out as the config's
+`mesh` section over the target's devices:
 
-- computed (exact, from the shardings): parameters, optimizer state and the
-  batch per device, i.e. the shard shapes times the dtype sizes;
-- measured (XLA's memory analysis of the compiled SPMD program, one device's
-  share): arguments, outputs, aliased (donated) bytes, temporaries
-  (activations saved for the backward pass, gradients, collectives' buffers,
-  workspace) and the peak.
+- `--topology=<TPU topology>` (any name libtpu knows: "v5e:2x2", "v5p:8x8x4", "v6e:16x16",
+  "v4:4x4x4"): libtpu's compiler for that slice, Mosaic for the Pallas kernel;
+- `--topology=h100` / `h200`: the deviceless XLA GPU compiler for one GPU (`aot`);
+- neither: `num_devices` fake CPU devices, attention compiled as "xla" (the cuDNN and Pallas
+  kernels do not compile for CPU); the CPU compiler's temporaries are then at best a loose
+  upper bound for an accelerator.
 
-The measurement comes from the CPU compiler. TPU and GPU compilers fuse,
-lay out and schedule differently, so the temporaries on the real device differ
-(usually by tens of percent, not by orders of magnitude); keep a margin. Multi-slice
-(`mesh.dcn` > 1) is planned as the equivalent single mesh: per-device
-memory depends only on how arrays are split, not on which link joins the devices.
-Attention is compiled with the "xla" implementation (the cuDNN and Pallas
-kernels do not compile for CPU); it materialises the attention probabilities,
-so for a flash-kernel config the temporaries are an upper bound.
+Reported per device: parameters, optimizer state and the batch (exact, from the shardings),
+the compiler's arguments, outputs, donated bytes and temporaries (activations kept for the
+backward pass, gradients, collective buffers, workspace), their total against the device's
+memory, and the step's FLOPs and XLA's estimate of its time where the backend gives one. The
+compiler's arguments exceed the exact shard sizes by its layouts' padding (TPU tiles of 8 x 128:
+much for small arrays, little for large ones).
+Needs libtpu (TPU) or the CUDA plugin (GPU): `tools/aot_toolchains.sh`; JAX_PLATFORMS=cpu.
+
+libtpu itself refuses a step that needs more than the HBM (RESOURCE_EXHAUSTED, with the bytes
+it needed): the plan then says it does not fit, with that message. Refused before compiling,
+with the numbers: a target the compiler does not know, a mesh
+whose size is not the target's device count, "cudnn" attention on a TPU, and a config whose
+parameters, optimizer state and batch alone exceed the device's memory. Multi-slice
+(`mesh.dcn` > 1) is planned as the equivalent single mesh: per-device memory depends only on
+how arrays are split, not on which link joins the devices.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Any, Sequence
+import pathlib
+import sys
+import time
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,20 +49,27 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
+from gated_attention_jax import aot
 from gated_attention_jax import experiment
 from gated_attention_jax import sharding
 from gated_attention_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", "", "Compile for this target: a TPU topology libtpu knows (v5p:8x8x4,"
+    " v6e:16x16, ...) or h100 / h200. Empty: fake CPU devices.")
 _NUM_DEVICES = flags.DEFINE_integer(
-    "num_devices", 0, "Devices of the target slice (0: the product of the mesh sizes).")
+    "num_devices", 0, "Fake CPU devices (no --topology; 0: the product of the mesh sizes).")
 _DEVICE_MEMORY = flags.DEFINE_float(
-    "device_memory_gib", 0.0, "Memory of one device in GiB (0: do not judge the fit);"
-    " e.g. 16 TPU v5e, 32 v4, 95 v5p, 32 v6e, 80 H100.")
+    "device_memory_gib", 0.0, "Memory of one device in GiB (0: the target's HBM with"
+    " --topology, else do not judge the fit).")
+_OUT = flags.DEFINE_string("out", "", "Also write the plan as JSON to this file.")
 
 BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.int32,
                 "positions": jnp.int32, "loss_mask": jnp.float32}
+# A compiled Pallas kernel's custom call in the optimised HLO, per platform.
+KERNEL_CALLS = {"tpu": "tpu_custom_call", "gpu": "__gpu$xla.gpu.triton"}
 
 
 def _single_mesh(config: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -58,70 +79,145 @@ def _single_mesh(config: ml_collections.ConfigDict, num_devices: int) -> None:
                      dcn={"data": 1, "fsdp": 1, "tensor": 1})
 
 
-def plan(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]) -> dict[str, Any]:
-  """Per-device bytes of `config`'s train step on a mesh over `devices` (and the mesh)."""
+def _gib(nbytes: float) -> str:
+  return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.2f} MiB"
+
+
+def plan(config: ml_collections.ConfigDict, devices: Sequence[Any], *,
+         topology: str = "cpu", hbm_bytes: Optional[int] = None) -> dict[str, Any]:
+  """Compiles `config`'s train step for a mesh over `devices`; the per-device numbers.
+
+  Args:
+    devices: the target's devices (`aot.target_devices(topology)`, or CPU devices).
+    topology: the target's name, for the report ("cpu" for fake CPU devices).
+    hbm_bytes: one device's memory; None: the fit is not judged.
+  Raises:
+    ValueError (before compiling) when the mesh does not cover the devices, "cudnn" is asked
+    of a TPU, or parameters + optimizer state + batch exceed `hbm_bytes`.
+  """
   config = ml_collections.ConfigDict(config.to_dict())
-  _single_mesh(config, len(devices))
+  platform = aot.platform_of(devices)
   planned_impl = config.model.attention_impl
-  config.model.attention_impl = "xla"  # cudnn / pallas kernels do not compile for CPU
+  if platform == "cpu":
+    config.model.attention_impl = "xla"  # cudnn / pallas kernels do not compile for CPU
+  elif platform == "tpu" and planned_impl == "cudnn":
+    raise ValueError("attention_impl='cudnn' is a GPU library; for a TPU use"
+                     " --config.model.attention_impl=pallas (the Mosaic kernel) or xla")
+  try:
+    _single_mesh(config, len(devices))
+  except ValueError as e:
+    raise ValueError(f"{topology} has {len(devices)} devices: {e}") from e
   model_cfg = experiment.validate(config, len(devices))
   trainer = train.Trainer(config, model_cfg, sharding.make_mesh(config.mesh, devices))
   shape = (config.train.batch_size, config.data.seq_len)
   batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=trainer.batch_sharding)
            for k, dtype in BATCH_DTYPES.items()}
-  compiled = trainer.train_step.lower(trainer.abstract_state, batch).compile()
-  mem = compiled.memory_analysis()
   state = trainer.abstract_state
-  return {
+  exact = {"params": sharding.per_device_bytes(state["params"]),
+           "optimizer": sharding.per_device_bytes(state["opt_state"]),
+           "batch": sharding.per_device_bytes(batch)}
+  if hbm_bytes is not None and sum(exact.values()) > hbm_bytes:
+    raise ValueError(
+        f"cannot fit on {topology}: parameters {_gib(exact['params'])} + optimizer state"
+        f" {_gib(exact['optimizer'])} + batch {_gib(exact['batch'])} per device ="
+        f" {_gib(sum(exact.values()))} > {_gib(hbm_bytes)} of memory, before any activation;"
+        f" shard further (mesh.fsdp) or use more devices")
+  numbers = {
+      "topology": topology, "num_devices": len(devices),
+      "device_kind": devices[0].device_kind, "compiler": platform,
       "mesh": {a: config.mesh[a] for a in sharding.MESH_AXES},
-      "attention_impl": planned_impl,
-      "num_params": trainer.num_params,
-      "params": sharding.per_device_bytes(state["params"]),
-      "optimizer": sharding.per_device_bytes(state["opt_state"]),
-      "batch": sharding.per_device_bytes(batch),
-      "arguments": mem.argument_size_in_bytes,
-      "outputs": mem.output_size_in_bytes,
-      "aliased": mem.alias_size_in_bytes,
-      "temporaries": mem.temp_size_in_bytes,
-      "total": (mem.argument_size_in_bytes + mem.output_size_in_bytes
-                - mem.alias_size_in_bytes + mem.temp_size_in_bytes),
+      "batch_size": config.train.batch_size, "seq_len": config.data.seq_len,
+      "attention_impl": planned_impl, "compiled_attention_impl": config.model.attention_impl,
+      "scan_layers": model_cfg.scan_layers, "remat": model_cfg.remat,
+      "num_params": trainer.num_params, "hbm_bytes_per_device": hbm_bytes,
   }
+  start = time.perf_counter()  # tracing, lowering and compiling
+  try:
+    compiled = trainer.train_step.lower(state, batch).compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    # The target's compiler refuses a program that does not fit its memory (libtpu does).
+    return {**numbers, "per_device_bytes": {**exact, "total": None}, "fits": False,
+            "compiler_error": str(e).splitlines()[0],
+            "compile_seconds": time.perf_counter() - start,
+            "flops_per_device": None, "estimated_step_seconds": None}
+  compile_seconds = time.perf_counter() - start
+  mem = compiled.memory_analysis()
+  total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+           + mem.temp_size_in_bytes)
+  cost = compiled.cost_analysis() or {}
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  estimate = cost.get("optimal_seconds")  # libtpu's comes out negative for v6e: then none
+  numbers.update({
+      "per_device_bytes": {**exact, "arguments": mem.argument_size_in_bytes,
+                           "outputs": mem.output_size_in_bytes,
+                           "aliased": mem.alias_size_in_bytes,
+                           "temporaries": mem.temp_size_in_bytes, "total": total},
+      "fits": None if hbm_bytes is None else total <= hbm_bytes,
+      "compile_seconds": compile_seconds,
+      "flops_per_device": cost.get("flops"),
+      "estimated_step_seconds": estimate if estimate and estimate > 0 else None,
+  })
+  if config.model.attention_impl == "pallas" and platform in KERNEL_CALLS:
+    numbers["kernel_custom_calls"] = compiled.as_text().count(KERNEL_CALLS[platform])
+  return numbers
 
 
-def _size(nbytes: int) -> str:
-  return f"{nbytes / 2**30:10.3f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:10.3f} MiB"
-
-
-def report(numbers: dict[str, Any], device_memory_gib: float) -> str:
-  """A readable table of `plan`'s numbers, with a verdict when the device memory is given."""
+def report(numbers: dict[str, Any]) -> str:
+  """A readable table of `plan`'s numbers, with the verdict when the device memory is known."""
   mesh = " ".join(f"{a}={size}" for a, size in numbers["mesh"].items())
-  lines = [f"mesh {mesh}  ({numbers['num_params']:,} parameters)",
-           "computed from the shardings (per device):",
-           f"  parameters        {_size(numbers['params'])}",
-           f"  optimizer state   {_size(numbers['optimizer'])}",
-           f"  batch             {_size(numbers['batch'])}",
-           "measured by XLA's memory analysis of the compiled step (per device, CPU compiler):",
-           f"  arguments         {_size(numbers['arguments'])}",
-           f"  outputs           {_size(numbers['outputs'])}",
-           f"  aliased (donated) {_size(numbers['aliased'])}",
-           f"  temporaries       {_size(numbers['temporaries'])}  (activations, gradients,"
-           " workspace)",
-           f"  total             {_size(numbers['total'])}  (arguments + outputs - aliased +"
-           " temporaries)"]
-  if numbers["attention_impl"] != "xla":
+  b = numbers["per_device_bytes"]
+  if "compiler_error" in numbers:
+    return (f"{numbers['topology']}: mesh {mesh}, batch {numbers['batch_size']} x"
+            f" {numbers['seq_len']}: does NOT fit, the compiler refused it:\n"
+            f"  {numbers['compiler_error']}")
+  compiler = {"cpu": "CPU compiler (fake devices)", "tpu": "libtpu",
+              "gpu": "XLA GPU, deviceless"}[numbers["compiler"]]
+  lines = [f"{numbers['topology']}: {numbers['num_devices']} x {numbers['device_kind']},"
+           f" mesh {mesh}, {numbers['num_params']:,} parameters, batch"
+           f" {numbers['batch_size']} x {numbers['seq_len']}, scan_layers"
+           f" {numbers['scan_layers']}, remat {numbers['remat']}",
+           "per device, computed from the shardings:",
+           f"  parameters        {_gib(b['params'])}",
+           f"  optimizer state   {_gib(b['optimizer'])}",
+           f"  batch             {_gib(b['batch'])}",
+           f"per device, from the compiled step ({compiler}):",
+           f"  arguments         {_gib(b['arguments'])}",
+           f"  outputs           {_gib(b['outputs'])}",
+           f"  aliased (donated) {_gib(b['aliased'])}",
+           f"  temporaries       {_gib(b['temporaries'])}  (activations, gradients, workspace)",
+           f"  total             {_gib(b['total'])}  (arguments + outputs - aliased +"
+           " temporaries)",
+           f"traced, lowered and compiled in {numbers['compile_seconds']:.1f} s"]
+  if numbers["flops_per_device"]:
+    lines.append(f"FLOPs per device per step  {numbers['flops_per_device']:.4g}"
+                 " (custom calls such as Pallas kernels not counted)")
+  if numbers["estimated_step_seconds"]:
+    lines.append(f"step time, XLA's estimate  {numbers['estimated_step_seconds']:.4g} s"
+                 " (an estimate, not a measurement)")
+  if "kernel_custom_calls" in numbers:
+    lines.append(f"Pallas kernel calls compiled for {numbers['compiler']}:"
+                 f" {numbers['kernel_custom_calls']}")
+  if numbers["compiled_attention_impl"] != numbers["attention_impl"]:
     lines.append(f"attention compiled as 'xla', not {numbers['attention_impl']!r}: it keeps the"
                  " (B, N, T, S) probabilities, so temporaries are an upper bound")
-  if device_memory_gib > 0:
-    verdict = "fits" if numbers["total"] <= device_memory_gib * 2**30 else "does NOT fit"
-    lines.append(f"{verdict} in {device_memory_gib:g} GiB per device"
-                 " (leave ~10-20% margin for the real compiler and the runtime)")
+  if numbers["fits"] is not None:
+    verdict = "fits" if numbers["fits"] else "does NOT fit"
+    lines.append(f"{verdict} in {_gib(numbers['hbm_bytes_per_device'])} per device"
+                 " (the runtime needs some too: keep a margin)")
   return "\n".join(lines)
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
+def _target(config: ml_collections.ConfigDict) -> tuple[str, Sequence[Any], Optional[int]]:
+  """(name, devices, memory per device) from the flags; sets up fake CPU devices if asked."""
+  gib = _DEVICE_MEMORY.value
+  if _TOPOLOGY.value:
+    if _NUM_DEVICES.value:
+      raise app.UsageError("--num_devices is for fake CPU devices; a --topology has its own")
+    devices = aot.target_devices(_TOPOLOGY.value)
+    return (_TOPOLOGY.value, devices,
+            int(gib * 2**30) if gib > 0 else aot.hbm_bytes(_TOPOLOGY.value))
   sizes = [config.mesh[a] for a in sharding.MESH_AXES]
   n = _NUM_DEVICES.value or math.prod(sizes) * math.prod(sharding.dcn_shape(config.mesh))
   if n < 1 or (not _NUM_DEVICES.value and -1 in sizes):
@@ -129,7 +225,20 @@ def main(argv: list[str]) -> None:
   # Fake CPU devices; must be set before the first backend use.
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_num_cpu_devices", n)
-  print(report(plan(config, jax.devices()), _DEVICE_MEMORY.value))
+  return "cpu", jax.devices(), int(gib * 2**30) if gib > 0 else None
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    topology, devices, hbm = _target(_CONFIG.value)
+    numbers = plan(_CONFIG.value, devices, topology=topology, hbm_bytes=hbm)
+  except ValueError as e:
+    sys.exit(f"plan refused: {e}")
+  print(report(numbers))
+  if _OUT.value:
+    pathlib.Path(_OUT.value).write_text(json.dumps(numbers, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("dense_gate", "tensor"),
     ("norm", None),
+    ("layers", None),  # scan_layers: the leading axis of the stacked blocks' parameters
 )
 
 

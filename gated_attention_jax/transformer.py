@@ -5,7 +5,10 @@ Token embedding (+ learned position embedding) → `num_layers` pre-norm blocks
 untied logits. The same `GateConfig` is used in every layer. Defaults are the
 paper's Qwen3-style stack (RMSNorm, SwiGLU, RoPE); `norm_type="layernorm"`,
 `mlp_type="relu"`, `position_embedding="learned"` give the GPT-2-style stack of
-Guo et al.'s Bigram-Backcopy recipe.
+Guo et al.'s Bigram-Backcopy recipe. `scan_layers=True` stacks the blocks'
+parameters along a leading `layers` axis and applies them with `nnx.scan` (one
+block compiled once, as MaxText's `scan_layers`); `layer_stack` converts
+parameters between the two layouts.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ class TransformerConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: str = "none"
+  scan_layers: bool = False  # blocks stacked on a leading "layers" axis, applied by nnx.scan
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
@@ -75,6 +79,8 @@ class TransformerConfig:
       if getattr(self, name) not in DTYPES:
         raise ValueError(f"model.{name} must be one of {tuple(DTYPES)}, got"
                          f" {getattr(self, name)!r}")
+    if not isinstance(self.scan_layers, bool):
+      raise ValueError(f"model.scan_layers must be a bool, got {self.scan_layers!r}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
     for name, allowed in (("position_embedding", POSITION_EMBEDDINGS),
@@ -154,13 +160,66 @@ def _remat_policy(name: str):
   return None
 
 
+_NO_SCANNED_DECODE = ("KV-cache decoding is not supported with model.scan_layers=True: convert"
+                      " the parameters with layer_stack.relayout and decode with an unrolled"
+                      " model (scan_layers=False)")
+
+
+def _stacked_blocks(cfg: TransformerConfig, rngs: nnx.Rngs) -> Block:
+  """`num_layers` blocks as one `Block` whose parameters have a leading `layers` axis."""
+
+  @nnx.split_rngs(splits=cfg.num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def make(rngs: nnx.Rngs) -> Block:
+    return Block(cfg, rngs=rngs)
+
+  return make(rngs)
+
+
+def _loop_blocks(blocks: nnx.List, cfg: TransformerConfig, x: jax.Array,
+                 positions: Optional[jax.Array], segment_ids: Optional[jax.Array],
+                 decode: bool, return_intermediates: bool):
+  """Unrolled stack: `x` `(B, T, D)` through each block; per-layer lists of intermediates."""
+  run_block = Block.__call__
+  if cfg.remat != "none":
+    run_block = nnx.remat(run_block, policy=_remat_policy(cfg.remat), static_argnums=(4, 5))
+  collected: dict[str, list[jax.Array]] = {}
+  for block in blocks:
+    x, inter = run_block(block, x, positions, segment_ids, decode, return_intermediates)
+    if return_intermediates:
+      for name, value in {"hidden_states": x, **inter}.items():
+        collected.setdefault(name, []).append(value)
+  return x, collected
+
+
+def _scan_blocks(blocks: Block, cfg: TransformerConfig, x: jax.Array,
+                 positions: Optional[jax.Array], segment_ids: Optional[jax.Array],
+                 return_intermediates: bool):
+  """Stacked blocks applied by `nnx.scan` (remat per block); the same outputs as `_loop_blocks`."""
+
+  def apply(block: Block, x: jax.Array):
+    return block(x, positions, segment_ids, False, return_intermediates)
+
+  if cfg.remat != "none":
+    apply = nnx.remat(apply, policy=_remat_policy(cfg.remat))
+
+  @nnx.scan(in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0),
+            transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def step(block: Block, x: jax.Array):
+    x, inter = apply(block, x)
+    return x, ({"hidden_states": x, **inter} if return_intermediates else {})
+
+  x, stacked = step(blocks, x)
+  return x, {name: list(value) for name, value in stacked.items()}
+
+
 class Transformer(nnx.Module):
   """Decoder-only LM. `model(tokens)` with tokens `(B, T)` → float32 logits `(B, T, V)`.
 
   With `return_intermediates=True` it returns `(logits, intermediates)` where
   intermediates holds per-layer lists: `hidden_states` (block outputs `(B, T, D)`),
   `queries` `(B, T, N, H)`, `keys` and `values` `(B, S, K, H)`, and, where available, `attention_probs` `(B, N, T, S)`
-  ("xla" path) and `gate_scores`.
+  ("xla" path) and `gate_scores` (the same lists with `scan_layers`).
   """
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
@@ -169,7 +228,10 @@ class Transformer(nnx.Module):
     self.embed = layers.Embed(cfg.vocab_size, cfg.d_model, param_dtype=p, rngs=rngs)
     self.pos_embed = None if cfg.position_embedding != "learned" else layers.make_param(
         rngs, (cfg.max_positions, cfg.d_model), (None, "embed"), layers.normal_init(), p)
-    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    if cfg.scan_layers:
+      self.blocks = _stacked_blocks(cfg, rngs)
+    else:
+      self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
     self.final_norm = _norm(cfg, rngs)
     self.lm_head = None if cfg.tie_embeddings else layers.make_param(
         rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), layers.normal_init(), p)
@@ -189,6 +251,8 @@ class Transformer(nnx.Module):
 
   def init_cache(self, batch_size: int, max_length: int) -> None:
     """Allocates every layer's KV cache for decoding (see `GatedAttention.init_cache`)."""
+    if self.config.scan_layers:
+      raise ValueError(_NO_SCANNED_DECODE)
     for block in self.blocks:
       block.attn.init_cache(batch_size, max_length)
 
@@ -201,17 +265,14 @@ class Transformer(nnx.Module):
       x = x + jnp.take(self.pos_embed[...], self._positions(tokens, positions, segment_ids, decode),
                        axis=0).astype(x.dtype)
     x = sharding.constrain(x, ("batch", "seq", "embed"))
-    run_block = Block.__call__
-    if cfg.remat != "none":
-      run_block = nnx.remat(run_block, policy=_remat_policy(cfg.remat),
-                            static_argnums=(4, 5))
-    collected: dict[str, list[jax.Array]] = {}
-    for block in self.blocks:
-      x, inter = run_block(block, x, positions, segment_ids, decode, return_intermediates)
-      if return_intermediates:
-        collected.setdefault("hidden_states", []).append(x)
-        for name, value in inter.items():
-          collected.setdefault(name, []).append(value)
+    if cfg.scan_layers:
+      if decode:
+        raise ValueError(_NO_SCANNED_DECODE)
+      x, collected = _scan_blocks(self.blocks, cfg, x, positions, segment_ids,
+                                  return_intermediates)
+    else:
+      x, collected = _loop_blocks(self.blocks, cfg, x, positions, segment_ids, decode,
+                                  return_intermediates)
     x = self.final_norm(x)
     if self.lm_head is None:
       logits = self.embed.attend(x)

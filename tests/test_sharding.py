@@ -275,7 +275,7 @@ def test_memory_plan_matches_the_shardings():
                         env=_env(1), cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert "mesh data=1 fsdp=2 tensor=4" in proc.stdout
-  assert "fits in 1 GiB" in proc.stdout
+  assert "fits in 1.00 GiB" in proc.stdout
 
 
 def test_plan_numbers_are_per_device():
@@ -287,8 +287,9 @@ def test_plan_numbers_are_per_device():
   proc = subprocess.run([sys.executable, "-c", code], env=_env(8), cwd=ROOT,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  n = json.loads(proc.stdout.split("RESULT ", 1)[1])
-  one_copy = n["num_params"] * 4  # float32
+  result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+  n = result["per_device_bytes"]
+  one_copy = result["num_params"] * 4  # float32
   # Parameters split 8 ways except the replicated norms and kv projections: between
   # 1/8 and 1/2 of one copy per device; Adam keeps two moments of the same layout.
   assert one_copy / 8 <= n["params"] <= one_copy / 2

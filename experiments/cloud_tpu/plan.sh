@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Will CONFIG fit on the slice? Runs the memory planner locally (no TPU needed).
-# Usage: plan.sh CONFIG NUM_DEVICES DEVICE_MEMORY_GIB [--config.field=value ...]
-#   plan.sh configs/ablation.py:sdpa_elementwise,paper_1p7b 64 95
+# Will CONFIG fit on the slice? Compiles its train step with libtpu for the slice's topology,
+# here, without the TPUs (needs the toolchain of tools/aot_toolchains.sh, or PYTHON= one with
+# libtpu). Usage: plan.sh CONFIG TOPOLOGY [--config.field=value ...]
+#   plan.sh configs/ablation.py:sdpa_elementwise,paper_1p7b v5p:4x4x2 \
+#       --config.model.attention_impl=pallas
 set -euo pipefail
-CONFIG="$1"; N="$2"; GIB="$3"; shift 3
+CONFIG="$1"; TOPOLOGY="$2"; shift 2
 cd "$(dirname "$0")/../.."
-python -m gated_attention_jax.plan --config="$CONFIG" --num_devices="$N" \
-  --device_memory_gib="$GIB" "$@"
+PYTHON="${PYTHON:-.toolchains/jax-0.11.2/bin/python}"
+JAX_PLATFORMS=cpu PYTHONPATH="$PWD" "$PYTHON" -m gated_attention_jax.plan --config="$CONFIG" \
+  --topology="$TOPOLOGY" "$@"
