@@ -1,26 +1,34 @@
 """`plan --topology`: the real train step compiled by libtpu for a TPU slice, and the refusals.
 
 Needs a toolchain with libtpu (`tools/aot_toolchains.sh` builds `.toolchains/jax-0.11.2` in
-the repository root); the tests run its Python in a subprocess and skip without it.
+the repository root); the tests run its Python in a subprocess, and skip without it (fail in CI,
+which builds it).
 """
 
 import json
 import os
-import pathlib
 import subprocess
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-TOOLCHAIN = ROOT / ".toolchains" / "jax-0.11.2" / "bin" / "python"
-pytestmark = pytest.mark.skipif(
-    not TOOLCHAIN.exists(), reason=f"no AOT toolchain at {TOOLCHAIN} (tools/aot_toolchains.sh)")
+from tests import toolchains
+
+VERSION = "0.11.2"  # the GPU machine's jax
+TOOLCHAIN = toolchains.python(VERSION)
+
+
+@pytest.fixture(autouse=True)
+def _needs_toolchain():
+  if TOOLCHAIN is None:
+    if toolchains.must_run():
+      pytest.fail(toolchains.missing_reason(VERSION))
+    pytest.skip(toolchains.missing_reason(VERSION))
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-  return subprocess.run([str(TOOLCHAIN), *args], env=env, cwd=ROOT, capture_output=True,
-                        text=True, timeout=600)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(toolchains.REPO)}
+  return subprocess.run([str(TOOLCHAIN), *args], env=env, cwd=toolchains.REPO,
+                        capture_output=True, text=True, timeout=600)
 
 
 def test_tpu_plan_compiles_the_pallas_kernel_and_the_scanned_stack(tmp_path):
