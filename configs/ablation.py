@@ -132,6 +132,18 @@ def parse_cell(arg: str, variants, second: str, seconds) -> tuple[str, str]:
   return variant, value
 
 
+def testbed_config(variant: str, *changes: dict) -> ml_collections.ConfigDict:
+  """base_config updated by each {section: {field: value}} of ``changes`` in turn, with the
+  gate of ``variant`` (one of VARIANTS): the config of a testbed cell (sinks, stability,
+  long_context)."""
+  config = experiment.base_config()
+  for change in changes:
+    for section, values in change.items():
+      config[section].update(values)
+  config.gate.update(VARIANTS[variant][0])
+  return config
+
+
 def parse(arg: str) -> tuple[str, str]:
   """'VARIANT,SCALE' -> (variant, scale), checked against VARIANTS and SCALES."""
   return parse_cell(arg, VARIANTS, "scale", SCALES)

@@ -44,7 +44,6 @@ from typing import Any
 import ml_collections
 
 from configs import ablation
-from gated_attention_jax import experiment
 
 VARIANTS = ("baseline", "sdpa_elementwise", "sdpa_headwise", "sdpa_head_shared",
             "value_elementwise", "sdpa_input_independent", "sdpa_ns_sigmoid")
@@ -84,13 +83,7 @@ def parse(arg: str) -> tuple[str, str]:
 
 def make_config(variant: str, setting: str) -> ml_collections.ConfigDict:
   """The experiment config of one (variant, setting) cell."""
-  config = experiment.base_config()
-  for section, values in _TESTBED.items():
-    config[section].update(values)
-  for section, values in SETTINGS[setting].items():
-    config[section].update(values)
-  config.gate.update(ablation.VARIANTS[variant][0])
-  return config
+  return ablation.testbed_config(variant, _TESTBED, SETTINGS[setting])
 
 
 def get_config(arg: str) -> ml_collections.ConfigDict:

@@ -34,7 +34,6 @@ from typing import Any
 import ml_collections
 
 from configs import ablation
-from gated_attention_jax import experiment
 
 VARIANTS = ("baseline", "sdpa_elementwise", "sdpa_headwise")
 LEARNING_RATES = (1e-2, 3e-2, 1e-1, 3e-1)
@@ -74,11 +73,7 @@ def make_config(variant: str, setting: str, lr: float) -> ml_collections.ConfigD
   if setting not in SETTINGS:
     config = ablation.make_config(variant, setting)
   else:
-    config = experiment.base_config()
-    for changes in (_TESTBED, SETTINGS[setting]):
-      for section, values in changes.items():
-        config[section].update(values)
-    config.gate.update(ablation.VARIANTS[variant][0])
+    config = ablation.testbed_config(variant, _TESTBED, SETTINGS[setting])
   config.train.learning_rate = lr
   return config
 

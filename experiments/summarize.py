@@ -300,6 +300,22 @@ def snapshot(src: pathlib.Path, dst: pathlib.Path) -> None:
         shutil.copyfile(seed_dir / name, target / name)
 
 
+def testbed_cli(description: str, grid: str) -> tuple[pathlib.Path, pathlib.Path]:
+  """Parses a testbed summarizer's --runs/--out/--snapshot for runs/GRID; returns (runs to read,
+  out). With --snapshot the runs' small files are first copied into OUT/runs, read from there."""
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument("--runs", default=f"runs/{grid}", type=pathlib.Path)
+  parser.add_argument("--out", default=f"experiments/results/{grid}", type=pathlib.Path)
+  parser.add_argument("--snapshot", action="store_true",
+                      help="copy each run's small files into OUT/runs first and read those")
+  args = parser.parse_args()
+  if not args.snapshot:
+    return args.runs, args.out
+  for setting in sorted(p for p in args.runs.iterdir() if p.is_dir()):
+    snapshot(setting, args.out / "runs" / setting.name)
+  return args.out / "runs", args.out
+
+
 def summarize(ablation: pathlib.Path, stability: Optional[pathlib.Path],
               out: pathlib.Path, plots: bool = True) -> None:
   """Writes the tables (and plots) of OUT from the run folders."""

@@ -220,21 +220,25 @@ class GatedAttention(nnx.Module):
     self.cache_overflow[...] = self.cache_overflow[...] | overflow
     return keys, values, overflow
 
-  def _check_inputs(self, x: jax.Array, positions: Optional[jax.Array],
-                    segment_ids: Optional[jax.Array]) -> None:
-    """ValueErrors naming the argument and both shapes (static shapes and dtypes only)."""
+  def _checked_inputs(self, x: jax.Array, positions: Optional[jax.Array],
+                      segment_ids: Optional[jax.Array]):
+    """(positions, segment_ids) broadcast to (B, T); ValueErrors naming the argument and both
+    shapes (static shapes and dtypes only). A leading 1 broadcasts over the batch."""
     if x.ndim != 3 or x.shape[-1] != self.d_model:
       raise ValueError(f"x must be (batch, seq, {self.d_model}), got shape {x.shape}")
     if x.shape[1] == 0:
       raise ValueError(f"x has an empty sequence axis (shape {x.shape}); pass at least one token")
+    checked = []
     for name, value in (("positions", positions), ("segment_ids", segment_ids)):
-      if value is None:
-        continue
-      if tuple(value.shape) != tuple(x.shape[:2]):
-        raise ValueError(f"{name} must have shape (batch, seq) = {tuple(x.shape[:2])} like x,"
-                         f" got {tuple(value.shape)}")
-      if not jnp.issubdtype(value.dtype, jnp.integer):
-        raise ValueError(f"{name} must be integers, got dtype {value.dtype}")
+      if value is not None:
+        if value.ndim != 2 or value.shape[0] not in (1, x.shape[0]) or value.shape[1] != x.shape[1]:
+          raise ValueError(f"{name} must have shape (batch, seq) = {tuple(x.shape[:2])} like x"
+                           f" (or (1, seq)), got {tuple(value.shape)}")
+        if not jnp.issubdtype(value.dtype, jnp.integer):
+          raise ValueError(f"{name} must be integers, got dtype {value.dtype}")
+        value = jnp.broadcast_to(value, x.shape[:2])
+      checked.append(value)
+    return tuple(checked)
 
   # --- forward --------------------------------------------------------------
 
@@ -243,7 +247,7 @@ class GatedAttention(nnx.Module):
                return_intermediates: bool = False):
     """x `(B, T, D)` → `(B, T, D)` (and intermediates on request).
 
-    positions, segment_ids: `(B, T)` integers or None. With `decode=True` the T
+    positions, segment_ids: `(B, T)` (or `(1, T)`) integers or None. With `decode=True` the T
     tokens of row b go to cache slots s..s+T-1, s = `positions[b, 0]` if positions
     are given (consecutive per row), else the row's `cache_index`; each query
     attends to the slots up to its own. A call that would write past the cache's
@@ -251,7 +255,7 @@ class GatedAttention(nnx.Module):
     rows that overflow return NaN and set `cache_overflow` (sticky, `(B,)` bool),
     so they never pass for real outputs.
     """
-    self._check_inputs(x, positions, segment_ids)
+    positions, segment_ids = self._checked_inputs(x, positions, segment_ids)
     if decode and (segment_ids is not None or not self.causal):
       raise ValueError("decode=True needs a causal layer and no segment_ids")
     b, t, _ = x.shape

@@ -153,16 +153,16 @@ def test_decoding_with_learned_positions(x64):
   model = small_model(num_layers=1, position_embedding="learned", max_positions=16,
                       dtype="float64", param_dtype="float64")
   tokens = _tokens(4, (2, 8))
-  model.init_cache(2, 16)
-  with pytest.raises(ValueError, match="explicit positions"):
-    model(tokens[:, :4], decode=True)
   full = model(tokens)
-  model.init_cache(2, 16)
   pos = jnp.broadcast_to(jnp.arange(8), (2, 8))
-  pieces = [model(tokens[:, :6], pos[:, :6], decode=True)]
-  pieces += [model(tokens[:, i:i + 1], pos[:, i:i + 1], decode=True) for i in (6, 7)]
-  np.testing.assert_allclose(np.asarray(jnp.concatenate(pieces, 1)), np.asarray(full),
-                             rtol=1e-9, atol=1e-9)
+  # Explicit positions, then none: decoding reads the table rows of the cache's next slots.
+  for positions in (pos, None):
+    model.init_cache(2, 16)
+    at = (lambda a, b: None) if positions is None else (lambda a, b: positions[:, a:b])
+    pieces = [model(tokens[:, :6], at(0, 6), decode=True)]
+    pieces += [model(tokens[:, i:i + 1], at(i, i + 1), decode=True) for i in (6, 7)]
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(pieces, 1)), np.asarray(full),
+                               rtol=1e-9, atol=1e-9)
 
 
 # ---------------------------------------------------------------- optimizer

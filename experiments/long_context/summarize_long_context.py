@@ -17,7 +17,6 @@ the committed table can be regenerated from what is committed.
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import statistics
 import sys
@@ -108,18 +107,8 @@ def summarize_grid(root: pathlib.Path, out: pathlib.Path) -> list[dict[str, Any]
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--runs", default="runs/long_context", type=pathlib.Path)
-  parser.add_argument("--out", default="experiments/results/long_context", type=pathlib.Path)
-  parser.add_argument("--snapshot", action="store_true",
-                      help="copy each run's small files into OUT/runs first and read those")
-  args = parser.parse_args()
-  root = args.runs
-  if args.snapshot:
-    for setting in sorted(p for p in args.runs.iterdir() if p.is_dir()):
-      summarize.snapshot(setting, args.out / "runs" / setting.name)
-    root = args.out / "runs"
-  for row in summarize_grid(root, args.out):
+  root, out = summarize.testbed_cli(__doc__.splitlines()[0], "long_context")
+  for row in summarize_grid(root, out):
     print(row["variant"], row["method"], row["multiple"], f"{row['accuracy']:.3f}")
 
 

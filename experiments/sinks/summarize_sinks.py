@@ -20,7 +20,6 @@ the committed table can be regenerated from what is committed.
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import statistics
 import sys
@@ -134,18 +133,8 @@ def summarize_grid(root: pathlib.Path, out: pathlib.Path) -> list[dict[str, Any]
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--runs", default="runs/sinks", type=pathlib.Path)
-  parser.add_argument("--out", default="experiments/results/sinks", type=pathlib.Path)
-  parser.add_argument("--snapshot", action="store_true",
-                      help="copy each run's small files into OUT/runs first and read those")
-  args = parser.parse_args()
-  root = args.runs
-  if args.snapshot:
-    for setting in sorted(p for p in args.runs.iterdir() if p.is_dir()):
-      summarize.snapshot(setting, args.out / "runs" / setting.name)
-    root = args.out / "runs"
-  for row in summarize_grid(root, args.out):
+  root, out = summarize.testbed_cli(__doc__.splitlines()[0], "sinks")
+  for row in summarize_grid(root, out):
     print(row["setting"], row["variant"], summarize._fmt(row["first_token_attention"]),  # pylint: disable=protected-access
           summarize._fmt(row["max_activation"]), f"onset {row.get('onset_step')}")  # pylint: disable=protected-access
 

@@ -25,7 +25,6 @@ committed.
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import statistics
 import sys
@@ -182,19 +181,9 @@ def summarize_grid(root: pathlib.Path, out: pathlib.Path,
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--runs", default="runs/stability", type=pathlib.Path)
-  parser.add_argument("--out", default="experiments/results/stability", type=pathlib.Path)
-  parser.add_argument("--snapshot", action="store_true",
-                      help="copy each run's small files into OUT/runs and read those")
-  args = parser.parse_args()
-  root = args.runs
-  if args.snapshot:
-    for setting in sorted(p for p in args.runs.iterdir() if p.is_dir()):
-      summarize.snapshot(setting, args.out / "runs" / setting.name)
-    root = args.out / "runs"
-  summarize_grid(root, args.out)
-  print((args.out / "stability.md").read_text())
+  root, out = summarize.testbed_cli(__doc__.splitlines()[0], "stability")
+  summarize_grid(root, out)
+  print((out / "stability.md").read_text())
 
 
 if __name__ == "__main__":
