@@ -134,7 +134,15 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence[Any], *,
   start = time.perf_counter()  # tracing, lowering and compiling
   try:
     compiled = trainer.train_step.lower(state, batch).compile()
-  except jax.errors.JaxRuntimeError as e:
+  except RuntimeError as e:
+    if "cuDNN" in str(e) and not isinstance(e, jax.errors.JaxRuntimeError):
+      raise ValueError(
+          f"attention_impl='cudnn' cannot be compiled ahead of time here ({e}): jax's cuDNN"
+          " attention needs the cuDNN library, which the deviceless toolchain lacks. Plan"
+          " with --config.model.attention_impl=pallas or xla (cuDNN's memory is like the"
+          " fused kernel's).") from e
+    if not isinstance(e, jax.errors.JaxRuntimeError):
+      raise
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
     # The target's compiler refuses a program that does not fit its memory (libtpu does).

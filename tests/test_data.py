@@ -411,7 +411,7 @@ def test_a_one_file_text_dir_names_the_folder(tmp_path):
 
 @pytest.mark.parametrize("field,value,message", [
     ("packing", "x", "data.packing must be one of ('segments', 'windows'), got 'x'"),
-    ("corpus", "c4", "data.corpus must be one of ('bundled', 'text_dir', 'token_shards', 'bigram_backcopy')"),
+    ("corpus", "c4", f"data.corpus must be one of {config_lib.CORPORA}, got 'c4'"),
     ("tokenizer", "bpe", "data.tokenizer must be one of ('byte', 'gpt2'), got 'bpe'"),
     ("seq_len", 1, "data.seq_len must be an int >= 2, got 1"),
     ("seq_len", 8.0, "data.seq_len must be an int >= 2, got 8.0"),

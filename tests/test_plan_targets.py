@@ -105,3 +105,8 @@ def test_h100_plan_compiles_the_scanned_step(tmp_path):
   assert (n["num_devices"], n["compiler"], n["device_kind"]) == (1, "gpu", "NVIDIA H100 80GB HBM3")
   assert n["hbm_bytes_per_device"] == 84942979072 and n["fits"] is True  # the target config's
   assert n["per_device_bytes"]["temporaries"] > 0
+  # cuDNN attention needs the cuDNN library, which a deviceless toolchain lacks: one clear line.
+  proc = _run(["-m", "gated_attention_jax.plan", "--config=tests/_sharding_config.py",
+               "--topology=h100", "--config.mesh.data=1", "--config.model.attention_impl=cudnn"])
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert "attention_impl='cudnn' cannot be compiled ahead of time" in proc.stderr

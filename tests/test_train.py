@@ -94,7 +94,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     ("train", "num_steps", 10**12, r"train.num_steps must be in \[1, 1e\+09\]"),
     ("train", "eval_batches", 10**6, r"train.eval_batches must be in \[1, \d+\]"),
     ("model", "rope_theta", 0.0, "model.rope_theta must be a finite number > 0"),
-    ("model", "norm_eps", -1e-6, "model.norm_eps must be a finite number >= 0"),
+    ("model", "norm_eps", -1e-6, "model.norm_eps must be a finite number > 0"),
     ("model", "head_dim", 9, r"model.head_dim \(9\) .* must be even with RoPE"),
     ("model", "vocab_size", 100, r"model.vocab_size \(100\) is smaller than the data's 258"),
     ("data", "seq_len", 100_000_000, r"needs at least .* GiB per device .* data.seq_len"),
