@@ -232,8 +232,8 @@ class GatedAttention(nnx.Module):
     for name, value in (("positions", positions), ("segment_ids", segment_ids)):
       if value is not None:
         if value.ndim != 2 or value.shape[0] not in (1, x.shape[0]) or value.shape[1] != x.shape[1]:
-          raise ValueError(f"{name} must have shape (batch, seq) = {tuple(x.shape[:2])} like x"
-                           f" (or (1, seq)), got {tuple(value.shape)}")
+          raise ValueError(f"{name} must have shape (batch, seq) = {tuple(x.shape[:2])} like x,"
+                           f" got {tuple(value.shape)} (a batch of 1 broadcasts)")
         if not jnp.issubdtype(value.dtype, jnp.integer):
           raise ValueError(f"{name} must be integers, got dtype {value.dtype}")
         value = jnp.broadcast_to(value, x.shape[:2])
