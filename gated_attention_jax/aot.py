@@ -29,7 +29,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import numpy as np
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
 GPU_TARGETS = {"h100": "h100_sxm.txtpb", "h200": "h200.txtpb"}
@@ -160,15 +159,6 @@ def target_device_kind() -> str | None:
     return jax.local_devices()[0].device_kind
   except RuntimeError:
     return None
-
-
-def abstract_args(devices: Sequence[Any], *shapes_and_dtypes: tuple[tuple[int, ...], Any]):
-  """``jax.ShapeDtypeStruct``s placed on the target's first device (single-device compiles)."""
-  sharding = jax.sharding.SingleDeviceSharding(devices[0])
-  return tuple(None if sd is None else jax.ShapeDtypeStruct(sd[0], np.dtype(sd[1]) if not
-                                                            hasattr(sd[1], "dtype") else sd[1],
-                                                            sharding=sharding)
-               for sd in shapes_and_dtypes)
 
 
 def compile_for(fn: Callable[..., Any], args: Sequence[Any], target: str, **jit_kwargs):

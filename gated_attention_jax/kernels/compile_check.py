@@ -101,20 +101,17 @@ def compile_case(impl: str, target: str, case: Case, backward: bool) -> dict:
             "pass": "fwd+bwd" if backward else "fwd"}
   try:
     q, k, v, gate, seg = _shapes(case)
-    devices = aot.target_devices(target)
-    placed = aot.abstract_args(devices, *[(x.shape, x.dtype) if x is not None else None
-                                          for x in (q, k, v, gate)])
-    seg_placed = None if seg is None else aot.abstract_args(
-        devices, (seg[0].shape, seg[0].dtype), (seg[1].shape, seg[1].dtype))
     fn = forward_backward if backward else forward
-    with aot.lowering_for(devices[:1]):
-      jax.jit(fn).lower(*placed, seg_placed).compile()
+    q_seg, kv_seg = seg if seg is not None else (None, None)
+    aot.compile_for(lambda q, k, v, gate, q_seg, kv_seg: fn(
+        q, k, v, gate, None if q_seg is None else (q_seg, kv_seg)),
+                    (q, k, v, gate, q_seg, kv_seg), target)
     record["status"] = "ok"
   except ValueError as e:
     # Raised by the API before anything compiles (an argument or an impl it refuses), or by a
     # compiler; only the former counts as a refusal.
     refused = any("gated_attention_jax" in frame.filename and "/kernels/" in frame.filename
-                  and frame.name in ("gated_flash_attention", "check_supported", "_check_args")
+                  and frame.name in ("gated_flash_attention", "resolve_impl", "_check_args")
                   for frame in traceback.extract_tb(e.__traceback__))
     record["status"] = "refused" if refused else "failed"
     record["error"] = f"{type(e).__name__}: {e}"[:2000]
