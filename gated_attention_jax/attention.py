@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gated_attention_jax import aot
 from gated_attention_jax import attention_ops
 from gated_attention_jax import gate as gate_lib
 from gated_attention_jax import layers
@@ -63,6 +64,9 @@ class GatedAttention(nnx.Module):
 
   KV-cache decoding: `layer.init_cache(batch, max_length)`, then calls with
   `decode=True` (a prompt first, then one token at a time) append to the cache.
+  `prefill=True` (with `decode=True`) marks a call whose tokens start every row at
+  cache slot 0: its queries attend to its own keys with the layer's `attention_impl`
+  (the fused kernel or cuDNN; cached steps run the "xla" path).
   """
 
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -244,7 +248,7 @@ class GatedAttention(nnx.Module):
 
   def __call__(self, x: jax.Array, positions: Optional[jax.Array] = None,
                segment_ids: Optional[jax.Array] = None, *, decode: bool = False,
-               return_intermediates: bool = False):
+               prefill: bool = False, return_intermediates: bool = False):
     """x `(B, T, D)` → `(B, T, D)` (and intermediates on request).
 
     positions, segment_ids: `(B, T)` (or `(1, T)`) integers or None. With `decode=True` the T
@@ -253,11 +257,19 @@ class GatedAttention(nnx.Module):
     attends to the slots up to its own. A call that would write past the cache's
     max_length raises ValueError when its slots are concrete; under `jit` the
     rows that overflow return NaN and set `cache_overflow` (sticky, `(B,)` bool),
-    so they never pass for real outputs.
+    so they never pass for real outputs. `prefill=True` (with `decode=True`) writes the T
+    tokens at slots 0..T-1 of every row (positions, if given, must start at 0) and attends
+    over them with `attention_impl`, as a forward pass without a cache does.
     """
     positions, segment_ids = self._checked_inputs(x, positions, segment_ids)
     if decode and (segment_ids is not None or not self.causal):
       raise ValueError("decode=True needs a causal layer and no segment_ids")
+    if prefill and not decode:
+      raise ValueError("prefill=True fills the KV cache: it needs decode=True")
+    if prefill and positions is not None and not isinstance(positions, jax.core.Tracer) and (
+        np.asarray(positions)[:, 0] != 0).any():
+      raise ValueError("prefill=True writes every row from cache slot 0: positions must start"
+                       f" at 0, got first positions {np.asarray(positions)[:, 0].tolist()}")
     b, t, _ = x.shape
     if decode:
       self._check_cache(b, t)
@@ -265,8 +277,8 @@ class GatedAttention(nnx.Module):
     x = x.astype(dt)
     g = self.gate
     if decode:
-      start = (self.cache_index[...] if positions is None
-               else jnp.asarray(positions[:, 0], jnp.int32))
+      start = (jnp.zeros((b,), jnp.int32) if prefill else self.cache_index[...]
+               if positions is None else jnp.asarray(positions[:, 0], jnp.int32))
       if positions is None:
         positions = start[:, None] + jnp.arange(t)
     elif positions is None:
@@ -299,14 +311,18 @@ class GatedAttention(nnx.Module):
       q = rope.apply_rope(q, positions, **rope_args)
       k = rope.apply_rope(k, positions, **rope_args)
 
-    q_offset, overflow = 0, None
+    q_offset, overflow, impl = 0, None, self.attention_impl
     if decode:
-      k, v, overflow = self._append_to_cache(k, v, start)
-      q_offset = start
+      cached_k, cached_v, overflow = self._append_to_cache(k, v, start)
+      if prefill:  # the queries see only this call's keys: a forward pass without a cache
+        if impl == "cudnn" and aot.target_platform() != "gpu":
+          impl = "xla"  # cuDNN exists on GPUs only; generation elsewhere still works
+      else:
+        k, v, q_offset = cached_k, cached_v, start
 
     fused = logits if self.fuses_gate() else None
     y, probs = attention_ops.attend(
-        q, k, v, impl=self.attention_impl, scale=self.head_dim ** -0.5, causal=self.causal,
+        q, k, v, impl=impl, scale=self.head_dim ** -0.5, causal=self.causal,
         q_offset=q_offset, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
         fused_gate=fused, gate_activation=g.activation,
         return_probs=return_intermediates and self.attention_impl == "xla")

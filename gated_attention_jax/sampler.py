@@ -6,8 +6,9 @@ step writes row b's next token at its own slot len_b + i (per-row cache
 positions), so a padded slot is overwritten before any query can reach it:
 padding is never attended to. The prefill and the decode loop
 (`jax.lax.while_loop`) are one compiled program per (model, batch shape,
-max_new_tokens, sampling settings). Cached steps run the "xla" attention path
-whatever `attention_impl` the model has (the kernels see whole sequences only).
+max_new_tokens, sampling settings). The prefill attends with the model's
+`attention_impl` (the fused Pallas kernel, or cuDNN on a GPU); the cached steps,
+one query against the cache, run the "xla" path.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def _generate(state: nnx.State, tokens: jax.Array, lengths: jax.Array, key: jax.
   model = nnx.merge(graphdef, state)
   b, p = tokens.shape
   model.init_cache(b, cache_length)
-  logits = model(tokens, jnp.broadcast_to(jnp.arange(p), (b, p)), decode=True)
+  logits = model(tokens, jnp.broadcast_to(jnp.arange(p), (b, p)), decode=True, prefill=True)
   logits = logits[jnp.arange(b), lengths - 1]
   cached_graphdef, cache, rest = nnx.split(model, nnx.Cache, ...)
 

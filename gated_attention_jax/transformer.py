@@ -145,8 +145,9 @@ class Block(nnx.Module):
     self.mlp = layers.make_mlp(cfg.mlp_type, cfg.d_model, cfg.mlp_dim, param_dtype=p, rngs=rngs)
 
   def __call__(self, x: jax.Array, positions: Optional[jax.Array],
-               segment_ids: Optional[jax.Array], decode: bool, return_intermediates: bool):
-    attn = self.attn(self.attn_norm(x), positions, segment_ids, decode=decode,
+               segment_ids: Optional[jax.Array], decode: bool, prefill: bool,
+               return_intermediates: bool):
+    attn = self.attn(self.attn_norm(x), positions, segment_ids, decode=decode, prefill=prefill,
                      return_intermediates=return_intermediates)
     attn, inter = attn if return_intermediates else (attn, {})
     h = sharding.constrain(x + attn, ("batch", "seq", "embed"))
@@ -178,14 +179,15 @@ def _stacked_blocks(cfg: TransformerConfig, rngs: nnx.Rngs) -> Block:
 
 def _loop_blocks(blocks: nnx.List, cfg: TransformerConfig, x: jax.Array,
                  positions: Optional[jax.Array], segment_ids: Optional[jax.Array],
-                 decode: bool, return_intermediates: bool):
+                 decode: bool, prefill: bool, return_intermediates: bool):
   """Unrolled stack: `x` `(B, T, D)` through each block; per-layer lists of intermediates."""
   run_block = Block.__call__
   if cfg.remat != "none":
-    run_block = nnx.remat(run_block, policy=_remat_policy(cfg.remat), static_argnums=(4, 5))
+    run_block = nnx.remat(run_block, policy=_remat_policy(cfg.remat), static_argnums=(4, 5, 6))
   collected: dict[str, list[jax.Array]] = {}
   for block in blocks:
-    x, inter = run_block(block, x, positions, segment_ids, decode, return_intermediates)
+    x, inter = run_block(block, x, positions, segment_ids, decode, prefill,
+                         return_intermediates)
     if return_intermediates:
       for name, value in {"hidden_states": x, **inter}.items():
         collected.setdefault(name, []).append(value)
@@ -198,7 +200,7 @@ def _scan_blocks(blocks: Block, cfg: TransformerConfig, x: jax.Array,
   """Stacked blocks applied by `nnx.scan` (remat per block); the same outputs as `_loop_blocks`."""
 
   def apply(block: Block, x: jax.Array):
-    return block(x, positions, segment_ids, False, return_intermediates)
+    return block(x, positions, segment_ids, False, False, return_intermediates)
 
   if cfg.remat != "none":
     apply = nnx.remat(apply, policy=_remat_policy(cfg.remat))
@@ -220,6 +222,10 @@ class Transformer(nnx.Module):
   intermediates holds per-layer lists: `hidden_states` (block outputs `(B, T, D)`),
   `queries` `(B, T, N, H)`, `keys` and `values` `(B, S, K, H)`, and, where available, `attention_probs` `(B, N, T, S)`
   ("xla" path) and `gate_scores` (the same lists with `scan_layers`).
+
+  Decoding: `model.init_cache(batch, max_length)`, then `decode=True` calls append to
+  every layer's KV cache; `prefill=True` with it marks a prompt written from slot 0,
+  attended with the config's `attention_impl` (see `GatedAttention`, and `generate`).
   """
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
@@ -258,11 +264,12 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens: jax.Array, positions: Optional[jax.Array] = None,
                segment_ids: Optional[jax.Array] = None, *, decode: bool = False,
-               return_intermediates: bool = False):
+               prefill: bool = False, return_intermediates: bool = False):
     cfg = self.config
     x = self.embed(tokens, DTYPES[cfg.dtype])
     if self.pos_embed is not None:
-      x = x + jnp.take(self.pos_embed[...], self._positions(tokens, positions, segment_ids, decode),
+      x = x + jnp.take(self.pos_embed[...], self._positions(tokens, positions, segment_ids,
+                                                              decode and not prefill),
                        axis=0).astype(x.dtype)
     x = sharding.constrain(x, ("batch", "seq", "embed"))
     if cfg.scan_layers:
@@ -271,7 +278,7 @@ class Transformer(nnx.Module):
       x, collected = _scan_blocks(self.blocks, cfg, x, positions, segment_ids,
                                   return_intermediates)
     else:
-      x, collected = _loop_blocks(self.blocks, cfg, x, positions, segment_ids, decode,
+      x, collected = _loop_blocks(self.blocks, cfg, x, positions, segment_ids, decode, prefill,
                                   return_intermediates)
     x = self.final_norm(x)
     if self.lm_head is None:

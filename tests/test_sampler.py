@@ -58,11 +58,45 @@ def test_greedy_ragged_batch_matches_uncached_argmax(gate, overrides, x64):
 
 @pytest.mark.parametrize("impl", ["cudnn", "pallas"])
 def test_other_attention_impls_and_bf16_decode_like_xla(impl):
+  """On this CPU the "pallas" prefill runs the fused kernel in the interpreter."""
   reference = gaj.generate(small_model(), PROMPTS, NEW).tokens
   np.testing.assert_array_equal(gaj.generate(small_model(attention_impl=impl), PROMPTS,
                                              NEW).tokens, reference)
   bf16 = gaj.generate(small_model(attention_impl=impl, dtype="bfloat16"), PROMPTS, NEW)
   assert bf16.tokens.shape == (3, NEW) and (bf16.tokens < SMALL["vocab_size"]).all()
+
+
+def prefill_jaxpr(model, tokens):
+  def prefill(model, tokens):
+    model.init_cache(tokens.shape[0], tokens.shape[1] + 2)
+    return model(tokens, decode=True, prefill=True)
+  return str(jax.make_jaxpr(nnx.jit(prefill))(model, tokens))
+
+
+def test_prefill_attends_with_the_fused_kernel_and_fills_the_cache():
+  tokens = jnp.asarray([p + [0] * (7 - len(p)) for p in PROMPTS])
+  assert "pallas_call" in prefill_jaxpr(small_model(attention_impl="pallas"), tokens)
+  assert "pallas_call" not in prefill_jaxpr(small_model(), tokens)
+  # The prefill's logits are a forward pass without a cache; its keys are in the cache.
+  model = small_model(attention_impl="pallas")
+  full = nnx.jit(lambda m, t: m(t))(model, tokens)
+  model.init_cache(3, 9)
+  np.testing.assert_allclose(model(tokens, decode=True, prefill=True), full, rtol=2e-5,
+                             atol=2e-5)
+  assert model.blocks[0].attn.cache_index[...].tolist() == [7, 7, 7]
+  assert not np.asarray(model.blocks[0].attn.cached_key[...][:, 7:]).any()
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(decode=False, prefill=True), "prefill=True fills the KV cache: it needs decode=True"),
+    (dict(decode=True, prefill=True, positions=jnp.ones((1, 4), jnp.int32)),
+     r"positions must start at 0, got first positions \[1\]"),
+])
+def test_prefill_bad_input(kwargs, message):
+  model = small_model()
+  model.init_cache(1, 8)
+  with pytest.raises(ValueError, match=message):
+    model(jnp.ones((1, 4), jnp.int32), **kwargs)
 
 
 def test_stop_tokens_end_rows_and_pad_the_rest():
