@@ -2,13 +2,14 @@
 
   python -m gated_attention_jax.sample --workdir=RUN --prompt="ROMEO:" --prompt="And God" \
       --num_samples=2 --max_new_tokens=200 --temperature=0.8 --top_p=0.95 --seed=0
-  python -m gated_attention_jax.sample --checkpoint=DIR --tokenizer=gpt2 --prompt_file=prompts.txt
+  python -m gated_attention_jax.sample --checkpoint=DIR --prompt_file=prompts.txt
 
 A run's prompts are tokenized with its own tokenizer (`data.tokenizer`) and start
 with BOS as its training documents do; a row ends after `--max_new_tokens` or at
 the next BOS (the start of another document). An official checkpoint directory
-(`config.json` + safetensors, loaded by `interop.load_official`) uses
-`--tokenizer` (byte or gpt2; its own tokenizer is not read) and no BOS.
+(`config.json` + safetensors, loaded by `interop.load_official`) uses its own
+`tokenizer.json` (`data.tokenizers.CheckpointTokenizer`; or `--tokenizer=byte|gpt2`),
+no BOS, and stops at its eos ids (`generation_config.json` / `config.json`).
 `--temperature=0` decodes greedily. Prints each prompt's samples.
 """
 
@@ -30,8 +31,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (config.json, checkp
 _STEP = flags.DEFINE_integer("step", None, "Run checkpoint step (default: the newest).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
                                   "Official checkpoint directory (instead of --workdir).")
-_TOKENIZER = flags.DEFINE_enum("tokenizer", "gpt2", tokenizers.TOKENIZERS,
-                               "Tokenizer for --checkpoint (a run uses its own).")
+_TOKENIZER = flags.DEFINE_enum("tokenizer", None, tokenizers.TOKENIZERS,
+                               "Tokenizer for --checkpoint instead of its tokenizer.json (a run"
+                               " uses its own).")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt; repeat for several.")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "A file with one prompt per line.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Samples per prompt.")
@@ -43,17 +45,26 @@ _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
 
 
 def load_model(workdir: Optional[str] = None, checkpoint: Optional[str] = None, *,
-               step: Optional[int] = None, tokenizer: str = "gpt2"
+               step: Optional[int] = None, tokenizer: Optional[str] = None
                ) -> tuple[Transformer, tokenizers.Tokenizer, bool]:
-  """(model, tokenizer, whether prompts start with BOS) of a run or an official checkpoint."""
+  """(model, tokenizer, whether prompts start with BOS) of a run or an official checkpoint.
+
+  tokenizer: for a checkpoint, one of `tokenizers.TOKENIZERS` instead of its own
+  tokenizer.json (None); a run always uses its `data.tokenizer`.
+  """
   if (workdir is None) == (checkpoint is None):
     raise ValueError("pass exactly one of workdir (a training run) and checkpoint (an official"
                      " checkpoint directory)")
   if workdir is not None:
+    if tokenizer is not None:
+      raise ValueError(f"tokenizer={tokenizer!r} applies to a checkpoint: a run (workdir) is"
+                       " sampled with its own data.tokenizer")
     config, _, model = load_run(workdir, step)
     return (model, tokenizers.get_tokenizer(config.data.tokenizer, config.data.cache_dir or None),
             True)
-  return interop.load_official(checkpoint), tokenizers.get_tokenizer(tokenizer), False
+  tok = (tokenizers.CheckpointTokenizer(checkpoint) if tokenizer is None
+         else tokenizers.get_tokenizer(tokenizer))
+  return interop.load_official(checkpoint), tok, False
 
 
 def complete(model: Transformer, tokenizer: tokenizers.Tokenizer, prompts: Sequence[str], *,
@@ -66,11 +77,12 @@ def complete(model: Transformer, tokenizer: tokenizers.Tokenizer, prompts: Seque
   if num_samples <= 0:
     raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
   prefix = [tokenizer.bos_id] if bos else []
+  stop = [tokenizer.bos_id] if bos else list(tokenizer.eos_ids)
   rows = [prefix + tokenizer.encode(p).tolist() for p in prompts for _ in range(num_samples)]
   sampling = temperature != 0
   out = generate(model, rows, max_new_tokens, key=jax.random.key(seed) if sampling else None,
                  temperature=temperature if sampling else 1.0, top_k=top_k, top_p=top_p,
-                 stop_tokens=[tokenizer.bos_id] if bos else (), pad_id=tokenizer.pad_id)
+                 stop_tokens=stop, pad_id=tokenizer.pad_id)
   texts = [tokenizer.decode(row[:n]) for row, n in zip(out.tokens, out.lengths)]
   return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
 
