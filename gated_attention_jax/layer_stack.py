@@ -5,7 +5,8 @@ scanned, one subtree whose arrays have a leading layers axis (`blocks/attn/q_pro
 `relayout(tree, like)` converts either way any tree holding such `blocks` entries — a model's
 `nnx.State`, a whole train state (parameters, optimizer moments, step) as the trainer keeps it or
 orbax restores it — into the layout of `like` (the target's abstract state); leaves outside
-`blocks` are taken as they are.
+`blocks` are taken as they are. `unroll(model)` gives a scanned model's unrolled twin (KV-cache
+decoding runs layer by layer).
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+
+from gated_attention_jax.transformer import Transformer
 
 BLOCKS = "blocks"
 
@@ -69,3 +73,13 @@ def relayout(tree: Any, like: Any) -> Any:
                        f" the target wants {tuple(target.shape)}")
     out.append(value)
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def unroll(model: Transformer) -> Transformer:
+  """`model` if its layers are unrolled, else a new unrolled `Transformer` holding the same
+  parameters (`scan_layers=False`; the arrays are split out of the stack, `model` is kept)."""
+  if not model.config.scan_layers:
+    return model
+  config = model.config.replace(scan_layers=False)
+  graphdef, like = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+  return nnx.merge(graphdef, relayout(nnx.state(model), like))

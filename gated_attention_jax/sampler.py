@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gated_attention_jax import layer_stack
 from gated_attention_jax.transformer import Transformer
 
 Prompts = Sequence[Sequence[int]]
@@ -132,7 +133,8 @@ def generate(model: Transformer, prompts: Prompts, max_new_tokens: int, *,
   """Continues each prompt by up to `max_new_tokens` tokens.
 
   Args:
-    model: a `Transformer` (any gate, GQA, RoPE scaling, dtype, attention_impl).
+    model: a `Transformer` (any gate, GQA, RoPE scaling, dtype, attention_impl; a
+      `scan_layers` model decodes through its unrolled twin, `layer_stack.unroll`).
     prompts: B sequences of token ids, each non-empty, of any lengths.
     key: a PRNG key to sample; None decodes greedily (then temperature, top_k and
       top_p must be left at their defaults).
@@ -193,7 +195,7 @@ def generate(model: Transformer, prompts: Prompts, max_new_tokens: int, *,
   padded = np.full((len(rows), longest), pad_id, np.int32)
   for i, row in enumerate(rows):
     padded[i, :len(row)] = row
-  graphdef, state = nnx.split(model)
+  graphdef, state = nnx.split(layer_stack.unroll(model))
   tokens, lengths = _generate(
       state, jnp.asarray(padded), jnp.asarray([len(r) for r in rows], jnp.int32),
       jax.random.key(0) if key is None else key, jnp.asarray(temperature, jnp.float32),

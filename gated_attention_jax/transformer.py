@@ -161,9 +161,8 @@ def _remat_policy(name: str):
   return None
 
 
-_NO_SCANNED_DECODE = ("KV-cache decoding is not supported with model.scan_layers=True: convert"
-                      " the parameters with layer_stack.relayout and decode with an unrolled"
-                      " model (scan_layers=False)")
+_NO_SCANNED_DECODE = ("KV-cache decoding is not supported with model.scan_layers=True: decode"
+                      " with the unrolled twin, layer_stack.unroll(model) (generate does so)")
 
 
 def _stacked_blocks(cfg: TransformerConfig, rngs: nnx.Rngs) -> Block:

@@ -73,6 +73,18 @@ def test_relayout_round_trip_and_refusals():
     scanned(jnp.zeros((1, 1), jnp.int32), decode=True)
 
 
+def test_a_scanned_model_generates_through_its_unrolled_twin():
+  unrolled, scanned = _pair()
+  assert layer_stack.unroll(unrolled) is unrolled
+  twin = layer_stack.unroll(scanned)
+  assert not twin.config.scan_layers and scanned.config.scan_layers
+  for a, b in zip(jax.tree.leaves(nnx.state(twin)), jax.tree.leaves(nnx.state(unrolled))):
+    np.testing.assert_array_equal(a, b)
+  prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+  np.testing.assert_array_equal(gaj.generate(scanned, prompts, 4).tokens,
+                                gaj.generate(unrolled, prompts, 4).tokens)
+
+
 def _trainer(scan: bool) -> train.Trainer:
   config = default.get_config()
   config.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
