@@ -5,15 +5,14 @@
 
 For each model (`paper_1p7b`, `paper_1p7b_48l`; baseline and G1 elementwise) and slice, the
 train step (Pallas attention, scan_layers, remat full, FSDP over the whole slice) is compiled
-by `plan.plan` at 1 sequence of 4096 tokens per chip. Per-device memory grows linearly with the
-batch per chip; the slope (bytes per extra sequence per chip) is measured once per model and
-TPU generation, by a second compile at 2 per chip on the first slice of that generation, and the
-largest batch per chip that fits is extrapolated from it (a model's baseline and G1 variants
-share a slope when only one was measured, marked *). For the cells in `VERIFY` the largest
-batch is then searched by compiling: the extrapolation first, then bisection (libtpu refuses
-a step that does not fit HBM, quickly). Results are kept in
-experiments/results/cloud_tpu_plans.json as they come, so a rerun resumes; `--write` puts the
-table between the markers in experiments/cloud_tpu/README.md.
+by `plan.plan` at 1 sequence of 4096 tokens per chip, every cell first. Then the largest batch
+per chip that fits is searched by compiling: a first guess from the bytes per extra sequence
+of a cell already searched (same TPU generation if there is one), then steps up (one eighth)
+or down (bisection, the last steps one by one) until a batch that fits sits next to one that
+libtpu refuses for lack of HBM. Compiles near the boundary take 1-2 minutes here, refusals far
+above it seconds. Results are kept in experiments/results/cloud_tpu_plans.json as they come,
+so a rerun resumes; `--write` puts the table between the markers in
+experiments/cloud_tpu/README.md.
 """
 
 from __future__ import annotations
@@ -40,11 +39,7 @@ BEGIN, END = "<!-- plan_table: begin -->", "<!-- plan_table: end -->"
 SLICES = {"v5p-64": "v5p:4x4x2", "v5p-256": "v5p:4x4x8", "v6e-256": "v6e:16x16"}
 MODELS = [("paper_1p7b", "baseline"), ("paper_1p7b", "sdpa_elementwise"),
           ("paper_1p7b_48l", "baseline"), ("paper_1p7b_48l", "sdpa_elementwise")]
-# Cells whose extrapolated largest batch is also compiled.
-VERIFY = {("paper_1p7b", "baseline", "v5p-256"), ("paper_1p7b", "baseline", "v6e-256")}
-# Compile order when time is short: the pod slices first, then v5p-64 (which reuses v5p's slopes).
-CELLS = ([(scale, variant, s) for scale, variant in MODELS for s in ("v5p-256", "v6e-256")]
-         + [(scale, variant, "v5p-64") for scale, variant in MODELS])
+CELLS = [(scale, variant, s) for s in ("v5p-256", "v6e-256", "v5p-64") for scale, variant in MODELS]
 
 
 def _config(scale: str, variant: str, topology: str, per_chip: int):
@@ -55,8 +50,20 @@ def _config(scale: str, variant: str, topology: str, per_chip: int):
   return config
 
 
-def _plan(results: dict, key: str, scale: str, variant: str, slice_name: str,
-          per_chip: int) -> dict:
+def run(deadline: float) -> dict:
+  """Compiles every cell at 1 per chip, then searches the largest batches, until `deadline`."""
+  results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+  for cell in CELLS:
+    if time.time() < deadline:
+      _plan(results, *cell, 1)
+  for cell in CELLS:
+    while time.time() < deadline and (per_chip := _next_batch(results, *cell)) is not None:
+      _plan(results, *cell, per_chip)
+  return results
+
+
+def _plan(results: dict, scale: str, variant: str, slice_name: str, per_chip: int) -> dict:
+  key = f"{scale}/{variant}/{slice_name}/{per_chip}"
   if key not in results:
     topology = SLICES[slice_name]
     numbers = plan.plan(_config(scale, variant, topology, per_chip), aot.target_devices(topology),
@@ -67,97 +74,81 @@ def _plan(results: dict, key: str, scale: str, variant: str, slice_name: str,
   return results[key]
 
 
-def run(deadline: float) -> dict:
-  """Compiles the cells (slope compiles first) until done or past `deadline` (time.time())."""
-  results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-  for scale, variant, slice_name in CELLS:
-    if time.time() > deadline:
-      break
-    _plan(results, f"{scale}/{variant}/{slice_name}/1", scale, variant, slice_name, 1)
-    generation = slice_name.split("-")[0]
-    if _slope(results, scale, variant, generation) is None and time.time() < deadline:
-      two = _plan(results, f"{scale}/{variant}/{slice_name}/2", scale, variant, slice_name, 2)
-      one = results[f"{scale}/{variant}/{slice_name}/1"]
-      results[f"{scale}/{variant}/{generation}/slope"] = (
-          two["per_device_bytes"]["total"] - one["per_device_bytes"]["total"])
-      RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-    while (scale, variant, slice_name) in VERIFY and time.time() < deadline:
-      fit, too_big = _bounds(results, scale, variant, slice_name)
-      if too_big is None:  # try the extrapolation first, then bisect
-        guess = _largest(results, scale, variant, slice_name)
-        if guess is None or guess[0] <= fit:
-          break
-        per_chip = guess[0]
-      elif too_big - fit > 1:
-        per_chip = (fit + too_big) // 2
-      else:
-        break
-      _plan(results, f"{scale}/{variant}/{slice_name}/{per_chip}", scale, variant, slice_name,
-            per_chip)
-  return results
+def _compiled(results: dict, scale: str, variant: str, slice_name: str) -> dict[int, dict]:
+  """{sequences per chip: plan} of one cell."""
+  prefix = f"{scale}/{variant}/{slice_name}/"
+  return {int(key[len(prefix):]): cell for key, cell in results.items()
+          if key.startswith(prefix) and key[len(prefix):].isdigit()}
 
 
 def _bounds(results: dict, scale: str, variant: str, slice_name: str) -> tuple[int, int | None]:
   """(largest sequences per chip compiled and fitting, smallest compiled and not; None: none)."""
-  prefix = f"{scale}/{variant}/{slice_name}/"
-  fit, too_big = 0, None
-  for key, cell in results.items():
-    if key.startswith(prefix) and key[len(prefix):].isdigit():
-      per_chip = int(key[len(prefix):])
-      if cell["fits"]:
-        fit = max(fit, per_chip)
-      else:
-        too_big = per_chip if too_big is None else min(too_big, per_chip)
+  compiled = _compiled(results, scale, variant, slice_name)
+  fit = max((n for n, cell in compiled.items() if cell["fits"]), default=0)
+  too_big = min((n for n, cell in compiled.items() if not cell["fits"]), default=None)
   return fit, too_big
 
 
-def _slope(results: dict, scale: str, variant: str, generation: str) -> tuple[int, str] | None:
-  """(bytes per extra sequence per chip, "" or a mark when another gate variant's is used)."""
-  for other, mark in ((variant, ""), *((v, "*") for s, v in MODELS if s == scale and v != variant)):
-    if f"{scale}/{other}/{generation}/slope" in results:
-      return results[f"{scale}/{other}/{generation}/slope"], mark
-  return None
+def _bytes_per_sequence(results: dict, slice_name: str) -> float | None:
+  """Bytes per extra sequence per chip, from 1 per chip to the largest fit, of a searched
+  cell (one of the same TPU generation if any)."""
+  generation = slice_name.split("-")[0]
+  searched = []
+  for scale, variant, other in CELLS:
+    fit, too_big = _bounds(results, scale, variant, other)
+    if too_big is not None and fit > 1:
+      compiled = _compiled(results, scale, variant, other)
+      slope = ((compiled[fit]["per_device_bytes"]["total"]
+                - compiled[1]["per_device_bytes"]["total"]) / (fit - 1))
+      searched.append((other.split("-")[0] != generation, slope))
+  return min(searched)[1] if searched else None
 
 
-def _largest(results: dict, scale: str, variant: str,
-             slice_name: str) -> tuple[int, str] | None:
-  """Largest sequences per chip that fit by the linear extrapolation (and the slope's mark)."""
-  cell = results.get(f"{scale}/{variant}/{slice_name}/1")
-  slope = _slope(results, scale, variant, slice_name.split("-")[0])
-  if cell is None or slope is None:
+def _next_batch(results: dict, scale: str, variant: str, slice_name: str) -> int | None:
+  """The next sequences per chip to compile in the search of a cell; None when done."""
+  compiled = _compiled(results, scale, variant, slice_name)
+  if 1 not in compiled or not compiled[1]["fits"]:
     return None
-  spare = cell["hbm_bytes_per_device"] - cell["per_device_bytes"]["total"]
-  return (0 if spare < 0 else 1 + int(spare // slope[0])), slope[1]
+  fit, too_big = _bounds(results, scale, variant, slice_name)
+  if too_big is None and fit == 1:  # the first guess
+    slope = _bytes_per_sequence(results, slice_name) or compiled[1]["per_device_bytes"]["total"]
+    spare = compiled[1]["hbm_bytes_per_device"] - compiled[1]["per_device_bytes"]["total"]
+    return 1 + max(1, int(spare // slope))
+  if too_big is None:
+    return fit + max(1, fit // 8)
+  if too_big - fit > 4:
+    return (fit + too_big) // 2
+  return too_big - 1 if too_big - fit > 1 else None
 
 
 def table(results: dict) -> str:
   rows = ["| model | gate | slice (chips, topology) | mesh | GiB/chip at 1 seq/chip (HBM) |"
-          " largest seqs/chip compiled to fit | linear extrapolation from 1, 2 seqs/chip |"
-          " paper batch 1024 = seqs/chip | compile (s) | XLA step estimate at 1 seq/chip (s) |",
+          " largest seqs/chip that fits (smallest refused) | GiB/chip there |"
+          " paper batch 1024 = seqs/chip | compile at 1 seq/chip (s) |"
+          " XLA step estimate at 1 seq/chip (s) |",
           "|---|---|---|---|---|---|---|---|---|---|"]
   for slice_name, topology in SLICES.items():
     for scale, variant in MODELS:
-      cell = results.get(f"{scale}/{variant}/{slice_name}/1")
+      compiled = _compiled(results, scale, variant, slice_name)
       gate = "G1 elementwise" if variant == "sdpa_elementwise" else "none"
-      if cell is None:
+      if 1 not in compiled:
         rows.append(f"| {scale} | {gate} | {slice_name} ({topology}) | | not compiled yet |"
                     " | | | | |")
         continue
+      cell = compiled[1]
       chips, total = cell["num_devices"], cell["per_device_bytes"]["total"]
       hbm = cell["hbm_bytes_per_device"]
-      guess = _largest(results, scale, variant, slice_name)
-      guess = "n/a" if guess is None else f"{guess[0]}{guess[1]}"
       fit, too_big = _bounds(results, scale, variant, slice_name)
-      compiled = f"{fit}" + (" (larger not tried)" if too_big is None else
-                              f" ({too_big} does not fit)")
-      mesh = "fsdp={fsdp}".format(**cell["mesh"])
+      largest = f"{fit} ({too_big})" if too_big else (
+          f"{fit} (not searched yet)" if fit == 1 else f"{fit} (none refused yet)")
+      at_largest = compiled[fit]["per_device_bytes"]["total"] / 2**30
       estimate = cell["estimated_step_seconds"]
-      rows.append(f"| {scale} | {gate} | {slice_name} ({chips}, {topology}) | {mesh} |"
-                  f" {total / 2**30:.2f} ({hbm / 2**30:.0f}) | {compiled} | {guess} |"
-                  f" {1024 / chips:g} | {cell['compile_seconds']:.0f} |"
+      rows.append(f"| {scale} | {gate} | {slice_name} ({chips}, {topology}) |"
+                  f" fsdp={cell['mesh']['fsdp']} | {total / 2**30:.2f} ({hbm / 2**30:.0f}) |"
+                  f" {largest} | {at_largest:.1f} | {1024 / chips:g} |"
+                  f" {cell['compile_seconds']:.0f} |"
                   f" {f'{estimate:.3f}' if estimate and estimate > 0 else 'n/a'} |")
-  return ("\n".join(rows) + "\n\n* extrapolated with the other gate variant's slope (the G1 gate"
-          " adds little per sequence next to the logits over 151936 tokens).\n")
+  return "\n".join(rows) + "\n"
 
 
 def main() -> None:
