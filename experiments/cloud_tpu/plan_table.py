@@ -7,10 +7,10 @@ For each model (`paper_1p7b`, `paper_1p7b_48l`; baseline and G1 elementwise) and
 train step (Pallas attention, scan_layers, remat full, FSDP over the whole slice) is compiled
 by `plan.plan` at 1 sequence of 4096 tokens per chip, every cell first. Then the largest batch
 per chip that fits is searched by compiling: a first guess from the bytes per extra sequence
-of a cell already searched (same TPU generation if there is one), then steps up (one eighth)
-or down (bisection, the last steps one by one) until a batch that fits sits next to one that
-libtpu refuses for lack of HBM. Compiles near the boundary take 1-2 minutes here, refusals far
-above it seconds. Results are kept in experiments/results/cloud_tpu_plans.json as they come,
+of a cell already searched (same TPU generation if there is one), then steps up by an eighth
+while it fits, then bisection, until a batch that fits sits next to one that libtpu refuses
+for lack of HBM. Compiles near the boundary take 1-2 minutes here (refused or not), refusals
+far above it seconds. Results are kept in experiments/results/cloud_tpu_plans.json as they come,
 so a rerun resumes; `--write` puts the table between the markers in
 experiments/cloud_tpu/README.md.
 """
@@ -116,9 +116,7 @@ def _next_batch(results: dict, scale: str, variant: str, slice_name: str) -> int
     return 1 + max(1, int(spare // slope))
   if too_big is None:
     return fit + max(1, fit // 8)
-  if too_big - fit > 4:
-    return (fit + too_big) // 2
-  return too_big - 1 if too_big - fit > 1 else None
+  return (fit + too_big) // 2 if too_big - fit > 1 else None
 
 
 def table(results: dict) -> str:
