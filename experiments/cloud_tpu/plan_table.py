@@ -89,19 +89,19 @@ def _bounds(results: dict, scale: str, variant: str, slice_name: str) -> tuple[i
   return fit, too_big
 
 
-def _bytes_per_sequence(results: dict, slice_name: str) -> float | None:
+def _bytes_per_sequence(results: dict, scale: str, slice_name: str) -> float | None:
   """Bytes per extra sequence per chip, from 1 per chip to the largest fit, of a searched
-  cell (one of the same TPU generation if any)."""
+  cell: of the same model and TPU generation if there is one, else the same generation."""
   generation = slice_name.split("-")[0]
   searched = []
-  for scale, variant, other in CELLS:
-    fit, too_big = _bounds(results, scale, variant, other)
+  for other_scale, variant, other in CELLS:
+    fit, too_big = _bounds(results, other_scale, variant, other)
     if too_big is not None and fit > 1:
-      compiled = _compiled(results, scale, variant, other)
+      compiled = _compiled(results, other_scale, variant, other)
       slope = ((compiled[fit]["per_device_bytes"]["total"]
                 - compiled[1]["per_device_bytes"]["total"]) / (fit - 1))
-      searched.append((other.split("-")[0] != generation, slope))
-  return min(searched)[1] if searched else None
+      searched.append((other.split("-")[0] != generation, other_scale != scale, slope))
+  return min(searched)[2] if searched else None
 
 
 def _next_batch(results: dict, scale: str, variant: str, slice_name: str) -> int | None:
@@ -111,7 +111,7 @@ def _next_batch(results: dict, scale: str, variant: str, slice_name: str) -> int
     return None
   fit, too_big = _bounds(results, scale, variant, slice_name)
   if too_big is None and fit == 1:  # the first guess
-    slope = _bytes_per_sequence(results, slice_name) or compiled[1]["per_device_bytes"]["total"]
+    slope = _bytes_per_sequence(results, scale, slice_name) or compiled[1]["per_device_bytes"]["total"]
     spare = compiled[1]["hbm_bytes_per_device"] - compiled[1]["per_device_bytes"]["total"]
     return 1 + max(1, int(spare // slope))
   if too_big is None:
