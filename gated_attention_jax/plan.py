@@ -68,8 +68,9 @@ _OUT = flags.DEFINE_string("out", "", "Also write the plan as JSON to this file.
 
 BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.int32,
                 "positions": jnp.int32, "loss_mask": jnp.float32}
-# A compiled Pallas kernel's custom call in the optimised HLO, per platform.
-KERNEL_CALLS = {"tpu": "tpu_custom_call", "gpu": "__gpu$xla.gpu.triton"}
+# Custom-call targets of compiled Pallas kernels in the optimised HLO, per platform (GPU:
+# Triton, and Mosaic GPU, which `auto` picks on Hopper).
+KERNEL_CALLS = {"tpu": ("tpu_custom_call",), "gpu": ("__gpu$xla.gpu.triton", "mosaic_gpu")}
 
 
 def _single_mesh(config: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -168,7 +169,10 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence[Any], *,
       "estimated_step_seconds": estimate if estimate and estimate > 0 else None,
   })
   if config.model.attention_impl == "pallas" and platform in KERNEL_CALLS:
-    numbers["kernel_custom_calls"] = compiled.as_text().count(KERNEL_CALLS[platform])
+    text = compiled.as_text()
+    calls = {name: text.count(f'custom_call_target="{name}') for name in KERNEL_CALLS[platform]}
+    numbers["kernel_custom_calls"] = sum(calls.values())
+    numbers["kernel_call_targets"] = {name: n for name, n in calls.items() if n}
   return numbers
 
 
@@ -205,8 +209,9 @@ def report(numbers: dict[str, Any]) -> str:
     lines.append(f"step time, XLA's estimate  {numbers['estimated_step_seconds']:.4g} s"
                  " (an estimate, not a measurement)")
   if "kernel_custom_calls" in numbers:
+    targets = ", ".join(f"{n} {name}" for name, n in numbers["kernel_call_targets"].items())
     lines.append(f"Pallas kernel calls compiled for {numbers['compiler']}:"
-                 f" {numbers['kernel_custom_calls']}")
+                 f" {numbers['kernel_custom_calls']}{f' ({targets})' if targets else ''}")
   if numbers["compiled_attention_impl"] != numbers["attention_impl"]:
     lines.append(f"attention compiled as 'xla', not {numbers['attention_impl']!r}: it keeps the"
                  " (B, N, T, S) probabilities, so temporaries are an upper bound")

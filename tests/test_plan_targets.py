@@ -95,16 +95,22 @@ print('OOM', oom['fits'], oom['compiler_error'])
   assert lines["OOM"].startswith("False RESOURCE_EXHAUSTED") and "HBM" in lines["OOM"]
 
 
-def test_h100_plan_compiles_the_scanned_step(tmp_path):
+@pytest.mark.parametrize("head_dim,kernel", [(64, "mosaic_gpu"), (16, "__gpu$xla.gpu.triton")])
+def test_h100_plan_compiles_the_pallas_kernel_and_the_scanned_step(tmp_path, head_dim, kernel):
+  """`auto` picks Mosaic GPU on Hopper where it serves the shape (head_dim a multiple of 64),
+  else Triton: either one's custom call must be in the compiled step."""
   out = tmp_path / "plan.json"
   proc = _run(["-m", "gated_attention_jax.plan", "--config=tests/_sharding_config.py",
-               "--topology=h100", "--config.mesh.data=1", "--config.model.attention_impl=xla",
-               "--config.model.scan_layers=True", f"--out={out}"])
+               "--topology=h100", "--config.mesh.data=1", "--config.model.attention_impl=pallas",
+               f"--config.model.head_dim={head_dim}", "--config.model.dtype=bfloat16",
+               "--config.model.scan_layers=True",
+               f"--out={out}"])
   assert proc.returncode == 0, proc.stderr[-4000:]
   n = json.loads(out.read_text())
   assert (n["num_devices"], n["compiler"], n["device_kind"]) == (1, "gpu", "NVIDIA H100 80GB HBM3")
   assert n["hbm_bytes_per_device"] == 84942979072 and n["fits"] is True  # the target config's
   assert n["per_device_bytes"]["temporaries"] > 0
+  assert n["kernel_custom_calls"] >= 1 and list(n["kernel_call_targets"]) == [kernel], n
   # cuDNN attention needs the cuDNN library, which a deviceless toolchain lacks: one clear line.
   proc = _run(["-m", "gated_attention_jax.plan", "--config=tests/_sharding_config.py",
                "--topology=h100", "--config.mesh.data=1", "--config.model.attention_impl=cudnn"])
