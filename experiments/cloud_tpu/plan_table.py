@@ -1,4 +1,5 @@
-"""The Cloud TPU planning table: paper-scale configs compiled by libtpu for whole slices.
+"""The Cloud TPU planning table: paper-scale configs compiled by libtpu for whole slices
+(and, for comparison, by XLA GPU for one H100 / H200).
 
     JAX_PLATFORMS=cpu .toolchains/jax-0.11.2/bin/python experiments/cloud_tpu/plan_table.py \\
         [--minutes 15] [--write]
@@ -36,10 +37,12 @@ README = ROOT / "experiments" / "cloud_tpu" / "README.md"
 BEGIN, END = "<!-- plan_table: begin -->", "<!-- plan_table: end -->"
 # Cloud TPU slice name -> libtpu topology. v4 / v5p names count TensorCores (2 per chip),
 # v5e / v6e names count chips: v5p-64 is 32 chips, v6e-256 is 256.
-SLICES = {"v5p-64": "v5p:4x4x2", "v5p-256": "v5p:4x4x8", "v6e-256": "v6e:16x16"}
+SLICES = {"v5p-64": "v5p:4x4x2", "v5p-256": "v5p:4x4x8", "v6e-256": "v6e:16x16",
+          "h100": "h100", "h200": "h200"}  # and one GPU, for comparison (XLA GPU, deviceless)
 MODELS = [("paper_1p7b", "baseline"), ("paper_1p7b", "sdpa_elementwise"),
           ("paper_1p7b_48l", "baseline"), ("paper_1p7b_48l", "sdpa_elementwise")]
-CELLS = [(scale, variant, s) for s in ("v5p-256", "v6e-256", "v5p-64") for scale, variant in MODELS]
+CELLS = [(scale, variant, s) for s in ("v5p-256", "v6e-256", "v5p-64", "h100", "h200")
+         for scale, variant in MODELS]
 
 
 def _config(scale: str, variant: str, topology: str, per_chip: int):
@@ -156,8 +159,9 @@ def main() -> None:
   parser.add_argument("--write", action="store_true")
   args = parser.parse_args()
   results = run(time.time() + 60 * args.minutes)
-  text = (f"Compiled by libtpu {datetime.date.today()} (jax {jax.__version__}) on a CPU machine;"
-          " bf16 compute, float32 parameters and Adam moments, seq 4096, vocab 151936.\n\n"
+  text = (f"Compiled by libtpu (TPU rows) and deviceless XLA GPU (H100/H200 rows)"
+          f" {datetime.date.today()} (jax {jax.__version__}) on a CPU machine; bf16 compute,"
+          " float32 parameters and Adam moments, seq 4096, vocab 151936.\n\n"
           + table(results))
   print(text)
   if args.write:
