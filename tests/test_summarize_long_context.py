@@ -13,11 +13,15 @@ RESULTS = (pathlib.Path(__file__).resolve().parents[1] / "experiments" / "result
            / "long_context")
 
 
-def _write_run(folder: pathlib.Path, mean: dict, finished: bool = True) -> None:
+def _write_run(folder: pathlib.Path, mean: dict, finished: bool = True,
+               losses: tuple[float, ...] = (0.2,)) -> None:
   folder.mkdir(parents=True)
   (folder / "summary.json").write_text(json.dumps({"finished": finished, "eval_loss": 0.1}))
-  (folder / "metrics.jsonl").write_text(json.dumps({"step": 10, "loss": 0.2}) + "\n")
-  (folder / "config.json").write_text(json.dumps({"train": {"batch_size": 8}}))
+  (folder / "metrics.jsonl").write_text("".join(
+      json.dumps({"step": 10 * (i + 1), "loss": loss, "tokens_per_sec": 64.0}) + "\n"
+      for i, loss in enumerate(losses)))
+  (folder / "config.json").write_text(json.dumps({"train": {"batch_size": 8},
+                                                  "data": {"seq_len": 16}}))
   (folder / "retrieval.json").write_text(json.dumps({"mean": mean}))
 
 
@@ -38,8 +42,35 @@ def test_rows_average_seeds_per_method_and_length(tmp_path: pathlib.Path):
   assert (tmp_path / "out" / "retrieval.png").stat().st_size > 0
 
 
+def test_run_rows_one_per_run_with_learned_step_and_yarn_columns(tmp_path: pathlib.Path):
+  root = tmp_path / "runs"
+  mean = {m: {"1": 1.0, "2": 0.5, "4": 0.25, "8": 0.125} for m in ("none", "linear", "ntk")}
+  mean["yarn"] = {"1": 1.0, "2": 0.75, "4": 0.5, "8": 1 / 3}
+  _write_run(root / "lr/baseline/seed0", mean, losses=(2.0, 0.5, 0.05, 0.2, 0.01))
+  _write_run(root / "lr/baseline/seed3", mean, losses=(2.0, 1.9))
+  table = summarize_long_context.summarize_grid(root, tmp_path / "out")
+  assert table  # the aggregate table is still written
+  per_run = summarize_long_context.run_rows(summarize_long_context.read_grid(root))
+  assert [(r["seed"], r["learned_step"]) for r in per_run] == [(0, 30), (3, None)]
+  first = per_run[0]
+  # 5 logged rows of 10 steps x 8 x 16 tokens at 64 tokens/s: 100 s
+  assert first["train_minutes"] == pytest.approx(round(100 / 60, 1))
+  assert (first["1x"], first["2x_none"], first["2x_yarn"], first["4x_yarn"],
+          first["8x_yarn"]) == (1.0, 0.5, 0.75, 0.5, 0.33)
+  text = (tmp_path / "out" / "long_context_runs.md").read_text()
+  assert "| lr | baseline | 3 |" in text and "| lr | baseline | 0 | 1.7 | 30 |" in text
+
+
+def test_learned_step_is_the_first_step_below_the_threshold():
+  run = {"metrics": [{"step": 50, "loss": 0.3}, {"step": 100, "eval_loss": 0.05},
+                     {"step": 150, "loss": 0.09}]}
+  assert summarize_long_context.learned_step(run) == 150  # eval-only rows are skipped
+  assert summarize_long_context.learned_step(run, threshold=0.01) is None
+
+
 @pytest.mark.skipif(not (RESULTS / "runs").exists(), reason="no committed long-context runs")
 def test_committed_results_are_regenerated_from_committed_runs(tmp_path: pathlib.Path):
   summarize_long_context.summarize_grid(RESULTS / "runs", tmp_path)
-  for name in ("long_context.md", "long_context.csv"):
+  for name in ("long_context.md", "long_context.csv", "long_context_runs.md",
+               "long_context_runs.csv"):
     assert (tmp_path / name).read_text() == (RESULTS / name).read_text(), name

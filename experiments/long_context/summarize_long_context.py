@@ -11,6 +11,9 @@ retrieval.json} (configs/long_context.py runs, then `analyze --retrieval`, or
                   per-seed values, with the final validation loss at the training length
   retrieval.png   accuracy against length multiple, a row per setting, a panel per RoPE
                   method, a line per variant (mean over seeds; each seed faint)
+  long_context_runs.md, long_context_runs.csv  one row per run: training minutes, the step
+                  its answer loss fell below 0.1, final validation loss, accuracy at 1x,
+                  at 2x with each RoPE method, at 4x and 8x with YaRN
 --snapshot first copies the small files of every run into OUT/runs/ and reads those, so
 the committed table can be regenerated from what is committed.
 """
@@ -20,7 +23,7 @@ from __future__ import annotations
 import pathlib
 import statistics
 import sys
-from typing import Any
+from typing import Any, Optional
 
 import matplotlib
 
@@ -32,6 +35,9 @@ from experiments import summarize  # pylint: disable=g-import-not-at-top,wrong-i
 
 COLUMNS = ("setting", "variant", "method", "multiple", "seeds", "accuracy", "accuracy_std",
            "per_seed", "eval_loss")
+RUN_COLUMNS = ("setting", "variant", "seed", "train_minutes", "learned_step", "eval_loss",
+               "1x", "2x_none", "2x_linear", "2x_ntk", "2x_yarn", "4x_yarn", "8x_yarn")
+LEARNED_LOSS = 0.1  # a run has learned to retrieve once its training answer loss is below this
 
 
 def read_grid(root: pathlib.Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
@@ -59,6 +65,36 @@ def rows(grid: dict[str, dict[str, list[dict[str, Any]]]]) -> list[dict[str, Any
               "seeds": len(runs), "accuracy": statistics.fmean(values),
               "accuracy_std": statistics.stdev(values) if len(values) > 1 else None,
               "per_seed": " ".join(f"{v:.2f}" for v in values), "eval_loss": eval_loss})
+  return out
+
+
+def _round(value: Optional[float], digits: int) -> Optional[float]:
+  return None if value is None else round(value, digits)
+
+
+def learned_step(run: dict[str, Any], threshold: float = LEARNED_LOSS) -> Optional[int]:
+  """The first logged step whose training (answer) loss is below `threshold`; None if none."""
+  return next((r["step"] for r in run["metrics"]
+               if r.get("loss") is not None and r["loss"] < threshold), None)
+
+
+def run_rows(grid: dict[str, dict[str, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+  """One row per run: training minutes, the step it learned, the final validation (answer)
+  loss, and accuracy at 1x (no scaling), 2x with every method, 4x and 8x with YaRN."""
+  out = []
+  for setting, variants in grid.items():
+    for variant, runs in variants.items():
+      for run in runs:
+        mean = run["retrieval"]["mean"]
+        def acc(method: str, k: int) -> Optional[float]:
+          return _round(mean.get(method, {}).get(str(k)), 2)  # pylint: disable=cell-var-from-loop
+        row = {"setting": setting, "variant": variant, "seed": run["seed"],
+               "train_minutes": round(summarize.train_minutes(run), 1),
+               "learned_step": learned_step(run), "eval_loss": _round(run["summary"].get("eval_loss"), 4),
+               "1x": acc("none", 1)}
+        row.update({f"2x_{m}": acc(m, 2) for m in ("none", "linear", "ntk", "yarn")})
+        row.update({f"{k}x_yarn": acc("yarn", k) for k in (4, 8)})
+        out.append(row)
   return out
 
 
@@ -102,6 +138,15 @@ def summarize_grid(root: pathlib.Path, out: pathlib.Path) -> list[dict[str, Any]
             " training length.\n\n")
   (out / "long_context.md").write_text(header + summarize.to_markdown(table, COLUMNS))
   (out / "long_context.csv").write_text(summarize.to_csv(table, COLUMNS))
+  per_run = run_rows(grid)
+  (out / "long_context_runs.md").write_text(
+      "Long-context testbed, one row per run: train_minutes from the logged tokens/s (no"
+      " compilation or evaluation); learned_step = first logged step with training answer loss"
+      f" < {LEARNED_LOSS} (blank: never); eval_loss = final validation loss (answer tokens"
+      " only); then passkey accuracy (mean over depths) at multiples of the training length"
+      " with a RoPE scaling method (1x: none).\n\n"
+      + summarize.to_markdown(per_run, RUN_COLUMNS))
+  (out / "long_context_runs.csv").write_text(summarize.to_csv(per_run, RUN_COLUMNS))
   plot(grid, out / "retrieval.png")
   return table
 
