@@ -68,9 +68,27 @@ def test_learned_step_is_the_first_step_below_the_threshold():
   assert summarize_long_context.learned_step(run, threshold=0.01) is None
 
 
+def test_probe_rows_read_config_and_metrics_and_refuse_incomplete_folders(
+    tmp_path: pathlib.Path):
+  probes = tmp_path / "probes"
+  _write_run(probes / "lr_b0", {}, losses=(2.0, 0.05, 0.04))
+  _write_run(probes / "wide_e0", {}, finished=False, losses=(2.0, 1.5))
+  for name, lr in (("lr_b0", 1e-3), ("wide_e0", 3e-3)):
+    (probes / name / "config.json").write_text(json.dumps(
+        {"train": {"seed": 2, "learning_rate": lr, "num_steps": 50},
+         "model": {"d_model": 64, "num_heads": 4}}))
+  rows = summarize_long_context.probe_rows(probes)
+  assert [(r["probe"], r["learned_step"], r["last_loss"], r["status"], r["learning_rate"])
+          for r in rows] == [("lr_b0", 20, 0.04, "finished", 1e-3),
+                             ("wide_e0", None, 1.5, "stopped", 3e-3)]
+  (probes / "wide_e0" / "summary.json").unlink()
+  with pytest.raises(ValueError, match="wide_e0 needs config.json, summary.json"):
+    summarize_long_context.probe_rows(probes)
+
+
 @pytest.mark.skipif(not (RESULTS / "runs").exists(), reason="no committed long-context runs")
 def test_committed_results_are_regenerated_from_committed_runs(tmp_path: pathlib.Path):
-  summarize_long_context.summarize_grid(RESULTS / "runs", tmp_path)
+  summarize_long_context.summarize_grid(RESULTS / "runs", tmp_path, RESULTS / "probes")
   for name in ("long_context.md", "long_context.csv", "long_context_runs.md",
-               "long_context_runs.csv"):
+               "long_context_runs.csv", "long_context_probes.md"):
     assert (tmp_path / name).read_text() == (RESULTS / name).read_text(), name

@@ -14,6 +14,8 @@ retrieval.json} (configs/long_context.py runs, then `analyze --retrieval`, or
   long_context_runs.md, long_context_runs.csv  one row per run: training minutes, the step
                   its answer loss fell below 0.1, final validation loss, accuracy at 1x,
                   at 2x with each RoPE method, at 4x and 8x with YaRN
+  long_context_probes.md  with OUT/probes/NAME/{config.json, metrics.jsonl, summary.json}
+                  (the short runs of the search for a setting): one row per probe
 --snapshot first copies the small files of every run into OUT/runs/ and reads those, so
 the committed table can be regenerated from what is committed.
 """
@@ -37,6 +39,8 @@ COLUMNS = ("setting", "variant", "method", "multiple", "seeds", "accuracy", "acc
            "per_seed", "eval_loss")
 RUN_COLUMNS = ("setting", "variant", "seed", "train_minutes", "learned_step", "eval_loss",
                "1x", "2x_none", "2x_linear", "2x_ntk", "2x_yarn", "4x_yarn", "8x_yarn")
+PROBE_COLUMNS = ("probe", "gate", "seed", "d_model", "num_heads", "learning_rate", "num_steps",
+                 "steps_run", "learned_step", "last_loss", "status")
 LEARNED_LOSS = 0.1  # a run has learned to retrieve once its training answer loss is below this
 
 
@@ -98,6 +102,27 @@ def run_rows(grid: dict[str, dict[str, list[dict[str, Any]]]]) -> list[dict[str,
   return out
 
 
+def probe_rows(root: pathlib.Path) -> list[dict[str, Any]]:
+  """One row per probe folder ROOT/NAME/{config.json, metrics.jsonl, summary.json}: short
+  training runs (possibly stopped early) from the search for a setting, without retrieval."""
+  out = []
+  for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+    run = summarize.read_run(folder)
+    if run["config"] is None or run["summary"] is None or not run["metrics"]:
+      raise ValueError(f"probe {folder} needs config.json, summary.json and metrics.jsonl")
+    config, summary = run["config"], run["summary"]
+    losses = [r for r in run["metrics"] if r.get("loss") is not None]
+    out.append({
+        "probe": folder.name, "gate": summary.get("gate"), "seed": config["train"]["seed"],
+        "d_model": config["model"]["d_model"], "num_heads": config["model"]["num_heads"],
+        "learning_rate": config["train"]["learning_rate"],
+        "num_steps": config["train"]["num_steps"], "steps_run": summary.get("step"),
+        "learned_step": learned_step(run),
+        "last_loss": _round(losses[-1]["loss"], 4) if losses else None,
+        "status": "finished" if summary.get("finished") else "stopped"})
+  return out
+
+
 def plot(grid: dict[str, dict[str, list[dict[str, Any]]]], path: pathlib.Path) -> None:
   """Accuracy vs length multiple: a row per setting, a panel per RoPE method, a line per variant."""
   settings = [s for s, variants in grid.items() if variants]
@@ -128,8 +153,11 @@ def plot(grid: dict[str, dict[str, list[dict[str, Any]]]], path: pathlib.Path) -
   plt.close(fig)
 
 
-def summarize_grid(root: pathlib.Path, out: pathlib.Path) -> list[dict[str, Any]]:
-  """Writes long_context.md, long_context.csv and retrieval.png to `out`; returns the rows."""
+def summarize_grid(root: pathlib.Path, out: pathlib.Path,
+                   probes: Optional[pathlib.Path] = None) -> list[dict[str, Any]]:
+  """Writes long_context.md, long_context.csv, long_context_runs.md/.csv and retrieval.png
+  to `out` (and long_context_probes.md from the probe folders of `probes`); returns the
+  rows."""
   grid = read_grid(root)
   table = rows(grid)
   out.mkdir(parents=True, exist_ok=True)
@@ -147,13 +175,21 @@ def summarize_grid(root: pathlib.Path, out: pathlib.Path) -> list[dict[str, Any]
       " with a RoPE scaling method (1x: none).\n\n"
       + summarize.to_markdown(per_run, RUN_COLUMNS))
   (out / "long_context_runs.csv").write_text(summarize.to_csv(per_run, RUN_COLUMNS))
+  if probes is not None:
+    (out / "long_context_probes.md").write_text(
+        "Probes for a setting where every run learns retrieval at L: short training runs of"
+        " the testbed with changes (no retrieval measured; 'stopped' = ended by hand once"
+        " the trend was clear). learned_step = first logged step with training answer loss"
+        f" < {LEARNED_LOSS}; last_loss = the last logged training answer loss.\n\n"
+        + summarize.to_markdown(probe_rows(probes), PROBE_COLUMNS))
   plot(grid, out / "retrieval.png")
   return table
 
 
 def main() -> None:
   root, out = summarize.testbed_cli(__doc__.splitlines()[0], "long_context")
-  for row in summarize_grid(root, out):
+  probes = out / "probes"
+  for row in summarize_grid(root, out, probes if probes.is_dir() else None):
     print(row["variant"], row["method"], row["multiple"], f"{row['accuracy']:.3f}")
 
 
