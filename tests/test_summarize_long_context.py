@@ -57,6 +57,10 @@ def test_run_rows_one_per_run_with_learned_step_and_yarn_columns(tmp_path: pathl
   assert first["train_minutes"] == pytest.approx(round(100 / 60, 1))
   assert (first["1x"], first["2x_none"], first["2x_yarn"], first["4x_yarn"],
           first["8x_yarn"]) == (1.0, 0.5, 0.75, 0.5, 0.33)
+  pivot = summarize_long_context.pivot_rows(per_run + [dict(per_run[0], seed=1, **{"1x": 0.5})])
+  assert len(pivot) == 1 and pivot[0]["seeds"] == 3 and pivot[0]["retrieve_1x"] == "2/3"
+  assert pivot[0]["1x"] == pytest.approx(round((1.0 + 1.0 + 0.5) / 3, 2))
+  assert pivot[0]["8x_yarn"] == 0.33 and pivot[0]["4x_ntk"] == 0.25
   text = (tmp_path / "out" / "long_context_runs.md").read_text()
   assert "| lr | baseline | 3 |" in text and "| lr | baseline | 0 | 1.7 | 30 |" in text
 
@@ -90,5 +94,6 @@ def test_probe_rows_read_config_and_metrics_and_refuse_incomplete_folders(
 def test_committed_results_are_regenerated_from_committed_runs(tmp_path: pathlib.Path):
   summarize_long_context.summarize_grid(RESULTS / "runs", tmp_path, RESULTS / "probes")
   for name in ("long_context.md", "long_context.csv", "long_context_runs.md",
-               "long_context_runs.csv", "long_context_probes.md"):
+               "long_context_runs.csv", "long_context_probes.md",
+               "long_context_summary.md"):
     assert (tmp_path / name).read_text() == (RESULTS / name).read_text(), name

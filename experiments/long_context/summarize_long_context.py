@@ -14,6 +14,8 @@ retrieval.json} (configs/long_context.py runs, then `analyze --retrieval`, or
   long_context_runs.md, long_context_runs.csv  one row per run: training minutes, the step
                   its answer loss fell below 0.1, final validation loss, accuracy at 1x,
                   at 2x with each RoPE method, at 4x and 8x with YaRN
+  long_context_summary.md  per (setting, variant): seeds that retrieve at L, mean accuracy
+                  per method and multiple (the headline table)
   long_context_probes.md  with OUT/probes/NAME/{config.json, metrics.jsonl, summary.json}
                   (the short runs of the search for a setting): one row per probe
 --snapshot first copies the small files of every run into OUT/runs/ and reads those, so
@@ -41,6 +43,9 @@ RUN_COLUMNS = ("setting", "variant", "seed", "train_minutes", "learned_step", "e
                "1x", "2x_none", "2x_linear", "2x_ntk", "2x_yarn", "4x_yarn", "8x_yarn")
 PROBE_COLUMNS = ("probe", "gate", "seed", "d_model", "num_heads", "learning_rate", "num_steps",
                  "steps_run", "learned_step", "last_loss", "status")
+PIVOT_COLUMNS = ("setting", "variant", "seeds", "retrieve_1x", "1x", "2x_none", "2x_linear",
+                 "2x_ntk", "2x_yarn", "4x_yarn", "8x_yarn", "4x_ntk", "8x_ntk")
+RETRIEVES = 0.9  # a run "retrieves at L" when its 1x accuracy is at least this
 LEARNED_LOSS = 0.1  # a run has learned to retrieve once its training answer loss is below this
 
 
@@ -97,8 +102,25 @@ def run_rows(grid: dict[str, dict[str, list[dict[str, Any]]]]) -> list[dict[str,
                "learned_step": learned_step(run), "eval_loss": _round(run["summary"].get("eval_loss"), 4),
                "1x": acc("none", 1)}
         row.update({f"2x_{m}": acc(m, 2) for m in ("none", "linear", "ntk", "yarn")})
-        row.update({f"{k}x_yarn": acc("yarn", k) for k in (4, 8)})
+        row.update({f"{k}x_{m}": acc(m, k) for m in ("yarn", "ntk") for k in (4, 8)})
         out.append(row)
+  return out
+
+
+def pivot_rows(per_run: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Per (setting, variant): how many seeds retrieve at L (1x accuracy >= RETRIEVES) and the
+  mean over seeds of each accuracy column of `per_run` (run_rows plus 4x/8x NTK)."""
+  groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+  for row in per_run:
+    groups.setdefault((row["setting"], row["variant"]), []).append(row)
+  out = []
+  for (setting, variant), runs in groups.items():
+    row = {"setting": setting, "variant": variant, "seeds": len(runs),
+           "retrieve_1x": f"{sum(r['1x'] >= RETRIEVES for r in runs)}/{len(runs)}"}
+    for column in PIVOT_COLUMNS[4:]:
+      values = [r[column] for r in runs]
+      row[column] = None if None in values else round(statistics.fmean(values), 2)
+    out.append(row)
   return out
 
 
@@ -175,6 +197,11 @@ def summarize_grid(root: pathlib.Path, out: pathlib.Path,
       " with a RoPE scaling method (1x: none).\n\n"
       + summarize.to_markdown(per_run, RUN_COLUMNS))
   (out / "long_context_runs.csv").write_text(summarize.to_csv(per_run, RUN_COLUMNS))
+  (out / "long_context_summary.md").write_text(
+      "Long-context testbed, per setting and variant: retrieve_1x = seeds whose accuracy at"
+      f" the training length is >= {RETRIEVES}; then the mean over seeds of passkey accuracy at"
+      " multiples of the training length with a RoPE scaling method (1x: none).\n\n"
+      + summarize.to_markdown(pivot_rows(per_run), PIVOT_COLUMNS))
   if probes is not None:
     (out / "long_context_probes.md").write_text(
         "Probes for a setting where every run learns retrieval at L: short training runs of"
