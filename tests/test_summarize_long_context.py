@@ -65,6 +65,30 @@ def test_run_rows_one_per_run_with_learned_step_and_yarn_columns(tmp_path: pathl
   assert "| lr | baseline | 3 |" in text and "| lr | baseline | 0 | 1.7 | 30 |" in text
 
 
+def test_permutation_p_is_exact_and_refuses_empty_samples():
+  # 3 vs 3, completely separated: 2 of the C(6, 3) = 20 splits are as extreme
+  assert summarize_long_context.permutation_p([1.0, 0.9, 0.8], [0.1, 0.0, 0.2]) == 0.1
+  assert summarize_long_context.permutation_p([0.5, 0.5], [0.5, 0.5]) == 1.0
+  with pytest.raises(ValueError, match="two non-empty samples"):
+    summarize_long_context.permutation_p([], [1.0])
+
+
+def test_pivot_compares_each_gated_variant_with_its_settings_baseline():
+  def run(variant, seed, yarn):
+    row = {"setting": "s", "variant": variant, "seed": seed, "1x": 1.0}
+    row.update({c: 0.0 for c in summarize_long_context.PIVOT_COLUMNS[5:13]})
+    row.update({"2x_yarn": yarn, "4x_yarn": yarn, "8x_yarn": yarn})
+    return row
+  rows = summarize_long_context.pivot_rows(
+      [run("baseline", s, y) for s, y in enumerate((0.9, 0.8, 0.7))]
+      + [run("sdpa_elementwise", s, y) for s, y in enumerate((0.1, 0.0, 0.2))])
+  by = {r["variant"]: r for r in rows}
+  assert by["baseline"]["p_vs_baseline"] is None
+  assert by["baseline"]["yarn_beyond"] == pytest.approx(0.8)
+  assert by["sdpa_elementwise"]["yarn_beyond"] == pytest.approx(0.1)
+  assert by["sdpa_elementwise"]["p_vs_baseline"] == 0.1
+
+
 def test_learned_step_is_the_first_step_below_the_threshold():
   run = {"metrics": [{"step": 50, "loss": 0.3}, {"step": 100, "eval_loss": 0.05},
                      {"step": 150, "loss": 0.09}]}
@@ -97,3 +121,4 @@ def test_committed_results_are_regenerated_from_committed_runs(tmp_path: pathlib
                "long_context_runs.csv", "long_context_probes.md",
                "long_context_summary.md"):
     assert (tmp_path / name).read_text() == (RESULTS / name).read_text(), name
+

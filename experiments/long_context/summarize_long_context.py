@@ -24,6 +24,7 @@ the committed table can be regenerated from what is committed.
 
 from __future__ import annotations
 
+import itertools
 import pathlib
 import statistics
 import sys
@@ -44,7 +45,8 @@ RUN_COLUMNS = ("setting", "variant", "seed", "train_minutes", "learned_step", "e
 PROBE_COLUMNS = ("probe", "gate", "seed", "d_model", "num_heads", "learning_rate", "num_steps",
                  "steps_run", "learned_step", "last_loss", "status")
 PIVOT_COLUMNS = ("setting", "variant", "seeds", "retrieve_1x", "1x", "2x_none", "2x_linear",
-                 "2x_ntk", "2x_yarn", "4x_yarn", "8x_yarn", "4x_ntk", "8x_ntk")
+                 "2x_ntk", "2x_yarn", "4x_yarn", "8x_yarn", "4x_ntk", "8x_ntk", "yarn_beyond",
+                 "p_vs_baseline")
 RETRIEVES = 0.9  # a run "retrieves at L" when its 1x accuracy is at least this
 LEARNED_LOSS = 0.1  # a run has learned to retrieve once its training answer loss is below this
 
@@ -107,9 +109,35 @@ def run_rows(grid: dict[str, dict[str, list[dict[str, Any]]]]) -> list[dict[str,
   return out
 
 
+def permutation_p(a: list[float], b: list[float]) -> float:
+  """Exact two-sided permutation p-value of the difference of means of `a` and `b`: the
+  fraction of the ways to split a + b into groups of their sizes whose |difference| is at
+  least the observed one."""
+  if not a or not b:
+    raise ValueError(f"permutation_p needs two non-empty samples, got {a!r} and {b!r}")
+  pooled, n = a + b, len(a)
+  observed = abs(statistics.fmean(a) - statistics.fmean(b))
+  hits = total = 0
+  for idx in itertools.combinations(range(len(pooled)), n):
+    chosen = set(idx)
+    x = [pooled[i] for i in chosen]
+    y = [pooled[i] for i in range(len(pooled)) if i not in chosen]
+    hits += abs(statistics.fmean(x) - statistics.fmean(y)) >= observed - 1e-12
+    total += 1
+  return hits / total
+
+
+def _yarn_beyond(row: dict[str, Any]) -> Optional[float]:
+  """A run's mean YaRN accuracy over 2x, 4x and 8x L (None if one was not measured)."""
+  values = [row[f"{k}x_yarn"] for k in (2, 4, 8)]
+  return None if None in values else statistics.fmean(values)
+
+
 def pivot_rows(per_run: list[dict[str, Any]]) -> list[dict[str, Any]]:
-  """Per (setting, variant): how many seeds retrieve at L (1x accuracy >= RETRIEVES) and the
-  mean over seeds of each accuracy column of `per_run` (run_rows plus 4x/8x NTK)."""
+  """Per (setting, variant): how many seeds retrieve at L (1x accuracy >= RETRIEVES), the
+  mean over seeds of each accuracy column of `per_run` (run_rows plus 4x/8x NTK), the mean of
+  yarn_beyond (YaRN accuracy averaged over 2x/4x/8x) and, for a gated variant, the exact
+  permutation p-value of its per-seed yarn_beyond against the same setting's baseline."""
   groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
   for row in per_run:
     groups.setdefault((row["setting"], row["variant"]), []).append(row)
@@ -117,10 +145,18 @@ def pivot_rows(per_run: list[dict[str, Any]]) -> list[dict[str, Any]]:
   for (setting, variant), runs in groups.items():
     row = {"setting": setting, "variant": variant, "seeds": len(runs),
            "retrieve_1x": f"{sum(r['1x'] >= RETRIEVES for r in runs)}/{len(runs)}"}
-    for column in PIVOT_COLUMNS[4:]:
+    for column in PIVOT_COLUMNS[4:13]:  # the accuracy columns of run_rows
       values = [r[column] for r in runs]
       row[column] = None if None in values else round(statistics.fmean(values), 2)
     out.append(row)
+  for row in out:
+    runs = groups[row["setting"], row["variant"]]
+    beyond = [_yarn_beyond(r) for r in runs]
+    base = [_yarn_beyond(r) for r in groups.get((row["setting"], "baseline"), [])]
+    row["yarn_beyond"] = None if None in beyond else round(statistics.fmean(beyond), 3)
+    row["p_vs_baseline"] = (
+        round(permutation_p(beyond, base), 3)
+        if base and row["variant"] != "baseline" and None not in beyond + base else None)
   return out
 
 
@@ -200,7 +236,10 @@ def summarize_grid(root: pathlib.Path, out: pathlib.Path,
   (out / "long_context_summary.md").write_text(
       "Long-context testbed, per setting and variant: retrieve_1x = seeds whose accuracy at"
       f" the training length is >= {RETRIEVES}; then the mean over seeds of passkey accuracy at"
-      " multiples of the training length with a RoPE scaling method (1x: none).\n\n"
+      " multiples of the training length with a RoPE scaling method (1x: none); yarn_beyond ="
+      " mean over seeds of a run's YaRN accuracy averaged over 2x, 4x and 8x; p_vs_baseline ="
+      " exact two-sided permutation p-value of the per-seed yarn_beyond against the baseline's"
+      " in the same setting.\n\n"
       + summarize.to_markdown(pivot_rows(per_run), PIVOT_COLUMNS))
   if probes is not None:
     (out / "long_context_probes.md").write_text(
