@@ -27,7 +27,7 @@ SETTING:
   wide        d 128, 8 heads of 16 over 4 kv heads, mlp 384 (0.43M parameters), lr 1e-3,
               800 steps (3.3M tokens, 4-5 CPU minutes): the setting where every run learns
               to retrieve at L (in experiments/results/long_context/: all 12 runs, 3
-              variants x 4 seeds, at 1x accuracy 1.0, answer loss < 0.1 by step 300-550).
+              variants x 4 seeds, at 1x accuracy 1.0, answer loss < 0.1 by step 300-600).
               Found by short probes (experiments/results/long_context/probes): lr 1e-3
               alone made the narrow baseline learn but left both G1 models at loss 0.4-0.6
               after 1000 steps; the width made G1 learn too; the wide model at lr 3e-3

@@ -122,3 +122,12 @@ def test_committed_results_are_regenerated_from_committed_runs(tmp_path: pathlib
                "long_context_summary.md"):
     assert (tmp_path / name).read_text() == (RESULTS / name).read_text(), name
 
+
+
+@pytest.mark.skipif(not (RESULTS / "README.md").exists(), reason="no long-context write-up")
+def test_readme_quotes_the_generated_tables_verbatim():
+  """The write-up's tables are copies of the summarizer's, not numbers typed by hand."""
+  readme = (RESULTS / "README.md").read_text()
+  for name in ("long_context_summary.md", "long_context_runs.md"):
+    table = [l for l in (RESULTS / name).read_text().splitlines() if l.startswith("|")]
+    assert table and "\n".join(table) in readme, f"README.md does not quote {name}"
