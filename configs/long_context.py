@@ -1,9 +1,10 @@
 """The long-context retrieval testbed: a model trained at length L to find a passkey.
 
-    python -m gated_attention_jax.main --config=configs/long_context.py:baseline,testbed \
-        --workdir=runs/long_context/testbed/baseline/seed0
-    python -m gated_attention_jax.analyze --workdir=runs/long_context/testbed/baseline/seed0 \
-        --retrieval --multiples=1,2,4,8
+    python -m gated_attention_jax.main --config=configs/long_context.py:baseline,wide \
+        --workdir=runs/long_context/wide/baseline/seed0
+    python -m gated_attention_jax.analyze --workdir=runs/long_context/wide/baseline/seed0 \
+        --retrieval_only
+    # or the whole grid: experiments/run_grid.py --grid=long_context --scale=wide --analyze
 
 Training data are passkey documents (`data.corpus="passkey"`, data/synthetic.py):
 [BOS], filler, the needle "The pass key is 48213. Remember it." at a uniformly
@@ -18,7 +19,19 @@ paper's Table 5 (gated + YaRN keeps retrieval where the baseline collapses) at a
 size that trains in CPU minutes.
 
 VARIANT: baseline, sdpa_elementwise (G1), sdpa_headwise (names as in configs/ablation.py).
-SETTING: testbed (1000 steps, 4.1M tokens), steps_2500 (2500 steps).
+SETTING:
+  testbed     the model above, batch 32, lr 3e-3, 1000 steps (4.1M tokens).
+  steps_2500  the same for 2500 steps. In both, learning to retrieve at L is erratic: the
+              answer loss sits near chance, then drops at a seed-dependent step, or never
+              (baseline seed 0 had not learned by step 2500).
+  wide        d 128, 8 heads of 16 over 4 kv heads, mlp 384 (0.43M parameters), lr 1e-3,
+              800 steps (3.3M tokens, 4-5 CPU minutes): the setting where every run learns
+              to retrieve at L (in experiments/results/long_context/: all 12 runs, 3
+              variants x 4 seeds, at 1x accuracy 1.0, answer loss < 0.1 by step 300-600).
+              Found by short probes (experiments/results/long_context/probes): lr 1e-3
+              alone made the narrow baseline learn but left both G1 models at loss 0.4-0.6
+              after 1000 steps; the width made G1 learn too; the wide model at lr 3e-3
+              learned more slowly (loss 0.2 at step 400 vs 0.016 at 1e-3).
 """
 
 from __future__ import annotations
@@ -45,6 +58,10 @@ _TESTBED: dict[str, dict[str, Any]] = {
 SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     "testbed": {},
     "steps_2500": {"train": dict(num_steps=2500, checkpoint_every=2500)},
+    # twice as wide (d 128, 8 heads of 16 over 4 kv heads) at a third of the learning rate:
+    # every probe of it learned retrieval at L by step ~550 (see the docstring)
+    "wide": {"model": dict(d_model=128, num_heads=8, num_kv_heads=4, mlp_dim=384),
+             "train": dict(num_steps=800, learning_rate=1e-3, checkpoint_every=800)},
 }
 
 
