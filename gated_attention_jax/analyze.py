@@ -17,6 +17,7 @@ import json
 
 from absl import app, flags
 
+from gated_attention_jax import console
 from gated_attention_jax import rope
 from gated_attention_jax.analysis import retrieval
 from gated_attention_jax.analysis import run_analysis
@@ -57,6 +58,7 @@ SCALARS = ("first_token_attention", "sink_rate", "max_activation", "massive_acti
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  console.quiet_libraries()
   summary = {}
   if not _RETRIEVAL_ONLY.value:
     result = run_analysis.analyze_run(

@@ -11,8 +11,6 @@ logs (orbax, ...) are off unless `--verbosity=0` (or higher) is given. Multi-hos
 
 from __future__ import annotations
 
-import logging as py_logging
-import os
 import sys
 from typing import Any
 
@@ -21,6 +19,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from gated_attention_jax import checkpointing
+from gated_attention_jax import console
 from gated_attention_jax import distributed
 from gated_attention_jax import run_folder
 from gated_attention_jax import train
@@ -48,21 +47,10 @@ def format_summary(summary: dict[str, Any], workdir: str) -> str:
   return "\n".join(lines)
 
 
-def quiet_libraries() -> None:
-  """Shows this package's warnings and errors only: no INFO, and no library's own logs
-  (orbax logs every save, and each failed write once per array, before the error says why).
-  """
-  logging.set_verbosity(logging.WARNING)
-  package = os.path.dirname(os.path.abspath(__file__))
-  logging.get_absl_handler().addFilter(
-      lambda record: record.pathname.startswith(package) or record.levelno >= py_logging.CRITICAL)
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    quiet_libraries()
+  console.quiet_libraries()
   distributed.initialize_from_flags()
   logging.info("JAX %s, %d processes, %d devices (%s)", jax.__version__, jax.process_count(),
                jax.device_count(), jax.devices()[0].device_kind)

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import jax
 from absl import app, flags
 
+from gated_attention_jax import console
 from gated_attention_jax import interop
 from gated_attention_jax.analysis.run_analysis import load_run
 from gated_attention_jax.data import tokenizers
@@ -90,6 +91,7 @@ def complete(model: Transformer, tokenizer: tokenizers.Tokenizer, prompts: Seque
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  console.quiet_libraries()
   prompts = list(_PROMPT.value)
   if _PROMPT_FILE.value:
     prompts += [line for line in pathlib.Path(_PROMPT_FILE.value).read_text().splitlines()

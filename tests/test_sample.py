@@ -1,6 +1,7 @@
 """The sampling CLI and `load_run` on a tiny trained run and an exported official checkpoint."""
 
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -36,6 +37,8 @@ def test_cli_samples_from_a_run(workdir, tmp_path):
       check=True, cwd=ROOT, capture_output=True, text=True)
   headers = [l for l in result.stdout.splitlines() if l.startswith("=== prompt")]
   assert len(headers) == 6 and "'ROMEO:', sample 1" in headers[-1]
+  # Libraries' INFO logs (orbax logs each restore) stay off the console.
+  assert not re.search(r"^I\d{4} ", result.stderr, re.M), result.stderr[-2000:]
 
 
 def test_complete_from_an_official_checkpoint_is_greedy_generate(tmp_path):

@@ -1,0 +1,21 @@
+"""The command-line tools' console: this package's warnings and errors, not libraries' logs."""
+
+from __future__ import annotations
+
+import logging as py_logging
+import os
+
+from absl import flags, logging
+
+
+def quiet_libraries() -> None:
+  """Shows this package's warnings and errors only: no INFO, and no library's own logs
+  (orbax logs every save and restore, and each failed write once per array, before the
+  error says why). Does nothing when `--verbosity` is given on the command line.
+  """
+  if "verbosity" in flags.FLAGS and flags.FLAGS["verbosity"].present:
+    return
+  logging.set_verbosity(logging.WARNING)
+  package = os.path.dirname(os.path.abspath(__file__))
+  logging.get_absl_handler().addFilter(
+      lambda record: record.pathname.startswith(package) or record.levelno >= py_logging.CRITICAL)
