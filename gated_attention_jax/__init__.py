@@ -7,8 +7,8 @@ Public API:
   RopeScaling       RoPE scaling (none / linear / NTK / YaRN) for long context
   generate          batched sampling with the KV cache (ragged prompts, greedy / top-k / top-p)
   count_params, gate_params, gate_params_per_layer   parameter counting
-  load_run          (config, step, model) of a training run's checkpoint (imported on first use:
-                    it brings in the trainer)
+  load_run          (config, step, model) of a training run's newest intact checkpoint, read-only
+                    (`checkpointing.load_model`; imported on first use: it brings in orbax)
 """
 
 from gated_attention_jax.attention import GatedAttention
@@ -27,6 +27,6 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
   if name == "load_run":
-    from gated_attention_jax.analysis.run_analysis import load_run  # pylint: disable=g-import-not-at-top
-    return load_run
+    from gated_attention_jax.checkpointing import load_model  # pylint: disable=g-import-not-at-top
+    return load_model
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

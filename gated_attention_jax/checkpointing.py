@@ -6,11 +6,19 @@ a half-written checkpoint that looks finished. `checksums` holds a checksum of
 every saved array and of the data-iterator state, computed from the values in
 memory at save and compared with what is read back at restore.
 
-`restore_latest` treats a checkpoint that cannot be read, or whose checksums do
-not match, as damaged: it moves it to `DIR/checkpoints/quarantine/<step>` with
-one warning and tries the previous one. Nothing is deleted here but the
-temporary folder of a save that failed, and, by orbax's `max_to_keep`,
-checkpoints older than the newest `keep` this run has saved.
+`Checkpointer.restore_latest` (the resume path) treats any failure to read or
+verify a checkpoint, whatever the storage stack raises, as damage: it moves the
+checkpoint to `DIR/checkpoints/quarantine/<step>` with one warning line (the
+traceback goes to `DIR/checkpoints/quarantine/damage.log`) and tries the previous
+one. Anything else in `checkpoints/` that is not a checkpoint (a file where a step
+folder would be, a stray file) is set aside there too, so a save never overwrites
+it. Nothing is deleted here but the temporary folder of a save that failed, and,
+by orbax's `max_to_keep`, checkpoints older than the newest `keep` this run has
+saved.
+
+`load_model(run_dir)` is the read-only load: the parameters of the newest intact
+checkpoint (or a given step's) as a model, without the optimizer state; it writes,
+moves and quarantines nothing (a damaged checkpoint is skipped with one warning).
 
 There is no separate RNG state to save: training has no stochastic layers
 (no dropout), parameters are initialised from `train.seed`, and the data order
@@ -20,21 +28,40 @@ resumed run reproduces the uninterrupted one bit for bit.
 
 from __future__ import annotations
 
+import datetime
 import functools
+import gc
 import hashlib
 import json
+import logging as py_logging
+import os
 import pathlib
 import shutil
-from typing import Any, Callable, Optional
+import sys
+import traceback
+import warnings
+from typing import Any, Callable, Optional, TypeVar
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from flax import nnx
 from jax.experimental import multihost_utils
 
+from gated_attention_jax import experiment
+from gated_attention_jax import sharding
+from gated_attention_jax.transformer import Transformer
+
 QUARANTINE = "quarantine"
+DAMAGE_LOG = "damage.log"
+ITEMS = ("state", "data", "config", "checksums")
+# What orbax itself may keep in the checkpoints folder besides step folders.
+_ORBAX_ENTRIES = ("metadata", "descriptor", "_ROOT_METADATA")
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+T = TypeVar("T")
 
 
 class CheckpointError(RuntimeError):
@@ -70,9 +97,9 @@ def _checksums_fn(out_sharding: Optional[jax.sharding.Sharding]) -> Callable:
 def state_checksums(state: Any) -> dict[str, str]:
   """{tree path: hex checksum} of every array in `state` (any sharding, any process count)."""
   leaves = jax.tree_util.tree_leaves_with_path(state)
-  sharding = leaves[0][1].sharding
-  replicated = (jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-                if isinstance(sharding, jax.sharding.NamedSharding) else None)
+  first = leaves[0][1].sharding
+  replicated = (jax.sharding.NamedSharding(first.mesh, jax.sharding.PartitionSpec())
+                if isinstance(first, jax.sharding.NamedSharding) else None)
   sums = _checksums_fn(replicated)([x for _, x in leaves])
   return {jax.tree_util.keystr(path): "".join(f"{int(w):08x}" for w in np.asarray(s))
           for (path, _), s in zip(leaves, sums)}
@@ -87,6 +114,91 @@ def directory_bytes(path: pathlib.Path) -> int:
   return sum(f.stat().st_blocks * 512 for f in path.rglob("*") if f.is_file())
 
 
+def describe_error(e: BaseException) -> str:
+  """One line: the type and first message line (at most 200 chars) of `e`'s root cause.
+
+  orbax wraps tensorstore's read errors (which name the array and the file) in a
+  bare `Exception` whose own message is a repr; the cause says what is wrong.
+  """
+  while e.__cause__ is not None:
+    e = e.__cause__
+  lines = str(e).strip().splitlines()
+  first = lines[0].strip() if lines else ""
+  if len(first) > 200:
+    first = first[:197] + "..."
+  return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _from_orbax_read(tb: Any, obj: Any = None) -> bool:
+  """Whether a traceback (or a coroutine `obj`) comes from orbax / tensorstore / asyncio."""
+  code = getattr(obj, "cr_code", None)
+  files = [code.co_filename] if code is not None else []
+  while tb is not None:
+    files.append(tb.tb_frame.f_code.co_filename)
+    tb = tb.tb_next
+  markers = (f"{os.sep}orbax{os.sep}", f"{os.sep}asyncio{os.sep}", f"{os.sep}tensorstore")
+  return any(m in f for f in files for m in markers)
+
+
+def _contain_read_leftovers() -> None:
+  """Keeps the debris of failed checkpoint reads off the console (installed once).
+
+  When one array read fails, orbax's event loop closes while other reads are in
+  flight: their completion callbacks then raise "Event loop is closed", their
+  coroutines are dropped unawaited and their futures' errors are never retrieved,
+  reported (dozens of tracebacks) through `sys.unraisablehook`, the "asyncio"
+  logger and a RuntimeWarning, long after the failure itself was caught. They go
+  to the INFO log instead.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "contains_read_leftovers", False):
+    return
+
+  def hook(unraisable: Any) -> None:
+    if _from_orbax_read(unraisable.exc_traceback, unraisable.object):
+      logging.info("left over from a failed checkpoint read: %s", "".join(
+          traceback.format_exception(unraisable.exc_type, unraisable.exc_value,
+                                     unraisable.exc_traceback)))
+    else:
+      previous(unraisable)
+
+  def unretrieved(record: py_logging.LogRecord) -> bool:
+    """False (drop) for an orbax read's error that asyncio found never retrieved."""
+    if record.exc_info and _from_orbax_read(record.exc_info[2]):
+      logging.info("left over from a failed checkpoint read: %s", record.getMessage())
+      return False
+    return True
+
+  hook.contains_read_leftovers = True
+  sys.unraisablehook = hook
+  py_logging.getLogger("asyncio").addFilter(unretrieved)
+  warnings.filterwarnings("ignore", message=r"coroutine '_read_\w*' was never awaited",
+                          category=RuntimeWarning)
+
+
+def _newest_readable(steps: list[int], read: Callable[[int], T],
+                     on_damage: Callable[[int, Optional[Exception]], None]
+                     ) -> Optional[tuple[int, T]]:
+  """(step, read(step)) of the newest of `steps` that every process reads; None if none.
+
+  Any exception from `read` counts as damage (orbax re-raises tensorstore's read
+  failures as a bare `Exception`); `on_damage(step, error)` is called for each
+  damaged step, newest first (error None where only another process failed).
+  """
+  _contain_read_leftovers()
+  for candidate in reversed(steps):
+    error, value = None, None
+    try:
+      value = read(candidate)
+    except Exception as e:  # pylint: disable=broad-except
+      error = e
+      gc.collect()  # finalizes the failed read's dropped coroutines now, under the hook
+    if _all_processes(error is None):
+      return candidate, value
+    on_damage(candidate, error)
+  return None
+
+
 class Checkpointer:
   """Saves and restores training checkpoints, keeping the newest `keep`."""
 
@@ -96,7 +208,7 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                              cleanup_tmp_directories=True),
-        item_names=("state", "data", "config", "checksums"))
+        item_names=ITEMS)
 
   def save(self, step: int, *, state: Any, data_state: dict, config_json: dict) -> None:
     """Writes a checkpoint for `step` with its checksums and waits until it is on disk."""
@@ -115,7 +227,7 @@ class Checkpointer:
   def _discard_unfinished(self, step: int) -> None:
     """Removes the temporary folder of `step`'s failed save (frees what it took)."""
     if jax.process_index() == 0:
-      for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+      for tmp in self.directory.glob(f"{step}{_TMP_SUFFIX}*"):
         shutil.rmtree(tmp, ignore_errors=True)
 
   def steps(self) -> list[int]:
@@ -141,12 +253,8 @@ class Checkpointer:
       logging.warning("checkpoint at step %d has no checksums (saved by an older version):"
                       " not verified", step)
       return restored["state"], restored["data"]
-    saved = restored["checksums"]
-    actual = state_checksums(restored["state"])
-    bad = sorted(k for k in actual if saved["state"].get(k) != actual[k])
-    if bad or set(saved["state"]) != set(actual):
-      raise DamagedCheckpoint(f"checksum mismatch in {bad[:3] or 'the array list'}")
-    if saved["data"] != json_checksum(restored["data"]):
+    verify(restored["checksums"]["state"], restored["state"])
+    if restored["checksums"]["data"] != json_checksum(restored["data"]):
       raise DamagedCheckpoint("checksum mismatch in the data-iterator state")
     return restored["state"], restored["data"]
 
@@ -155,50 +263,174 @@ class Checkpointer:
                      ) -> Optional[tuple[int, Any, dict]]:
     """Newest intact checkpoint (or `step`'s) as (step, state, data state); None if none.
 
-    Without `step`, a checkpoint that fails to read, to verify, or to
-    `accept_data` (e.g. the data iterator's `set_state`) is quarantined and the
-    previous one tried; if every one is, CheckpointError. With `step`, its
-    checkpoint or the error.
+    First sets aside what in `checkpoints/` is not a checkpoint. Without `step`, a
+    checkpoint that fails to read, to verify, or to `accept_data` (e.g. the data
+    iterator's `set_state`) is quarantined and the previous one tried; if every
+    one is, CheckpointError. With `step`, its checkpoint or the error.
     """
+    self.set_aside_strays()
     if step is not None:
       state, data_state = self.restore(step, abstract_state)
       accept_data(data_state)
       return step, state, data_state
+
+    def read(candidate: int) -> tuple[Any, dict]:
+      state, data_state = self.restore(candidate, abstract_state)
+      accept_data(data_state)
+      return state, data_state
+
     steps = self.steps()
-    for candidate in reversed(steps):
-      try:
-        state, data_state = self.restore(candidate, abstract_state)
-        accept_data(data_state)
-        ok = True
-      except (ValueError, KeyError, TypeError, IndexError, OSError, RuntimeError) as e:
-        reason, ok = f"{type(e).__name__}: {str(e)[:300]}", False
-      if _all_processes(ok):
-        return candidate, state, data_state
-      self.quarantine(candidate, reason if not ok else "unreadable on another process")
+    found = _newest_readable(steps, read, self.quarantine)
+    if found is not None:
+      candidate, (state, data_state) = found
+      return candidate, state, data_state
     if steps:
       raise CheckpointError(
           f"every checkpoint in {self.directory} (steps {steps}) is damaged; they were moved"
-          f" to {self.directory / QUARANTINE}. Nothing was resumed; move one back, or start"
-          " over with --overwrite")
+          f" to {self.directory / QUARANTINE} (why: {self.directory / QUARANTINE / DAMAGE_LOG})."
+          " Nothing was resumed; move one back, or start over with --overwrite")
     return None
 
-  def quarantine(self, step: int, reason: str) -> None:
-    """Moves `step`'s checkpoint to `checkpoints/quarantine/<step>[.n]` (process 0 moves)."""
+  def set_aside_strays(self) -> None:
+    """Moves what in `checkpoints/` is not a checkpoint to quarantine, with a warning each.
+
+    A checkpoint is a step folder orbax lists; orbax's own entries (unfinished
+    saves, root metadata) and the quarantine stay. A file named like a step would
+    otherwise be replaced by that step's next save.
+    """
     if jax.process_index() == 0:
-      base = self.directory / QUARANTINE / str(step)
-      target, n = base, 0
-      while target.exists():
-        n += 1
-        target = base.with_name(f"{step}.{n}")
-      target.parent.mkdir(parents=True, exist_ok=True)
-      shutil.move(str(self.directory / str(step)), target)
-      logging.warning("checkpoint at step %d is damaged (%s): moved to %s", step, reason, target)
+      steps = {str(s) for s in self.steps()}
+      for entry in sorted(self.directory.iterdir()):
+        name = entry.name
+        if ((name in steps and entry.is_dir()) or (name == QUARANTINE and entry.is_dir())
+            or _TMP_SUFFIX in name or name in _ORBAX_ENTRIES):
+          continue
+        target = self._move_aside(name)
+        logging.warning("%s is not a checkpoint: moved to %s (nothing in it was read or"
+                        " changed)", entry, target)
+    self._synced_reload("strays set aside")
+
+  def quarantine(self, step: int, error: Optional[Exception]) -> None:
+    """Moves `step`'s checkpoint to `checkpoints/quarantine/<step>[.n]` (process 0 moves).
+
+    One warning line; `error`'s traceback goes to `checkpoints/quarantine/damage.log`.
+    """
+    if jax.process_index() == 0:
+      target = self._move_aside(str(step))
+      reason = describe_error(error) if error is not None else "unreadable on another process"
+      log = self.directory / QUARANTINE / DAMAGE_LOG
+      details = ("".join(traceback.format_exception(error)) if error is not None
+                 else "(this process read it; another did not)\n")
+      with log.open("a") as f:
+        f.write(f"=== {datetime.datetime.now().isoformat(timespec='seconds')} checkpoint at"
+                f" step {step} moved to {target}\n{details}\n")
+      logging.warning("checkpoint at step %d is damaged (%s): moved to %s; details in %s",
+                      step, reason, target, log)
+    self._synced_reload(f"quarantine {step}")
+
+  def _move_aside(self, name: str) -> pathlib.Path:
+    """Moves `checkpoints/<name>` to `checkpoints/quarantine/<name>[.n]`; returns where."""
+    base = self.directory / QUARANTINE / name
+    target, n = base, 0
+    while target.exists():
+      n += 1
+      target = base.with_name(f"{name}.{n}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(self.directory / name), target)
+    return target
+
+  def _synced_reload(self, name: str) -> None:
     if jax.process_count() > 1:
-      multihost_utils.sync_global_devices(f"quarantine {step}")
+      multihost_utils.sync_global_devices(name)
     self.manager.reload()
 
   def close(self) -> None:
     self.manager.close()
+
+
+def verify(saved: dict[str, str], state: Any, prefix: str = "") -> None:
+  """DamagedCheckpoint unless `state`'s checksums equal `saved`'s entries under `prefix`.
+
+  saved: `{tree path: checksum}` as `state_checksums` computed them at save;
+  prefix: the tree path `state` had there (e.g. "['params']" for the parameters alone).
+  """
+  actual = {prefix + k: v for k, v in state_checksums(state).items()}
+  expected = {k: v for k, v in saved.items() if k.startswith(prefix)}
+  bad = sorted(k for k in actual if expected.get(k) != actual[k])
+  if bad or set(expected) != set(actual):
+    raise DamagedCheckpoint(f"checksum mismatch in {bad[:3] or 'the array list'}")
+
+
+def abstract_params(model_cfg: Any, mesh: jax.sharding.Mesh
+                    ) -> tuple[nnx.GraphDef, nnx.State]:
+  """(graphdef, parameters as `jax.ShapeDtypeStruct`s with their shardings on `mesh`)."""
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
+  shardings = sharding.state_shardings(params, mesh)
+  return graphdef, jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), params, shardings)
+
+
+def load_model(run_dir: str | pathlib.Path, step: Optional[int] = None, *,
+               mesh: Optional[jax.sharding.Mesh] = None
+               ) -> tuple[ml_collections.ConfigDict, int, Transformer]:
+  """(experiment config, step, model) of a run folder's newest intact (or `step`'s) checkpoint.
+
+  Read-only: reads `config.json` and the parameters (not the optimizer state) of
+  one checkpoint, verified against its checksums; writes, moves and deletes
+  nothing. Without `step`, a checkpoint that cannot be read or verified is
+  skipped with one warning and the previous one read. mesh: where the
+  parameters land (default: the run's `mesh` config on this machine's devices,
+  or all of them on the fsdp axis when that config does not fit them).
+  Raises FileNotFoundError (no config.json, no such step, no checkpoint) or
+  CheckpointError (every checkpoint damaged).
+  """
+  run_dir = pathlib.Path(run_dir)
+  path = run_dir / "config.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} not found: {run_dir} is not a training run folder")
+  config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  model_cfg = experiment.model_config(config)
+  if mesh is None:
+    try:
+      mesh = sharding.make_mesh(config.mesh)
+    except ValueError:
+      mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1}))
+  graphdef, target = abstract_params(model_cfg, mesh)
+  directory = run_dir / "checkpoints"
+  steps = sorted(int(p.name) for p in directory.iterdir()
+                 if p.name.isdigit() and p.is_dir()) if directory.is_dir() else []
+  if step is not None:
+    if step not in steps:
+      raise FileNotFoundError(f"no checkpoint of step {step} in {directory} (steps: {steps})")
+    return config, step, nnx.merge(graphdef, _read_params(directory / str(step), target))
+
+  def skip(candidate: int, error: Optional[Exception]) -> None:
+    reason = describe_error(error) if error is not None else "unreadable on another process"
+    logging.warning("checkpoint at step %d of %s cannot be read (%s): skipped, reading the"
+                    " previous one", candidate, run_dir, reason)
+
+  found = _newest_readable(steps, lambda s: _read_params(directory / str(s), target), skip)
+  if found is None:
+    if steps:
+      raise CheckpointError(f"every checkpoint in {directory} (steps {steps}) is damaged:"
+                            " no model to load")
+    raise FileNotFoundError(f"no checkpoint in {directory}")
+  return config, found[0], nnx.merge(graphdef, found[1])
+
+
+def _read_params(step_dir: pathlib.Path, target: nnx.State) -> nnx.State:
+  """The parameters saved in `step_dir/state`, verified against `step_dir/checksums`."""
+  item = {"params": target}
+  restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(
+      sharding=s.sharding, global_shape=s.shape, dtype=s.dtype), item)
+  with ocp.PyTreeCheckpointer() as reader:
+    params = reader.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))["params"]
+  if (step_dir / "checksums").is_dir():
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as reader:
+      saved = reader.restore(step_dir / "checksums", args=ocp.args.JsonRestore())
+    verify(saved["state"], params, prefix="['params']")
+  return params
 
 
 def _all_processes(ok: bool) -> bool:

@@ -4,6 +4,7 @@
   owner's pid; the OS releases it when the process ends, however it ends.
 - `check_identity(workdir, config)`: the folder's `config.json` is the run's
   identity; a config that differs outside `experiment.RESUMABLE` is refused.
+- `check_layout(workdir)`: each file a run writes is a file (a folder), or absent.
 - `clear(workdir)`: `--overwrite`: removes what a run writes, nothing else.
 - `check_free_space(directory, needed)` and `disk_error(e)`: a full or
   read-only disk is one clear line, not a traceback.
@@ -26,6 +27,7 @@ import ml_collections
 from gated_attention_jax import experiment
 
 RUN_FILES = ("checkpoints", "tensorboard", "metrics.jsonl", "config.json", "summary.json")
+RUN_FOLDERS = ("checkpoints", "tensorboard")
 DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
                errno.EROFS: "the folder is read-only", errno.EACCES: "permission denied"}
 
@@ -38,6 +40,7 @@ class RunFolderError(RuntimeError):
 def lock(workdir: pathlib.Path) -> Iterator[None]:
   """Holds `workdir/.lock` for the block; RunFolderError if another process holds it."""
   path = workdir / ".lock"
+  _check_type(path, folder=False)
   try:
     f = open(path, "a+")  # pylint: disable=consider-using-with
   except OSError as e:
@@ -93,6 +96,22 @@ def check_identity(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> 
         f" Differences (saved -> now): {'; '.join(differences)}. Only"
         f" {', '.join(experiment.RESUMABLE)} may change on resume; use another --workdir,"
         " or --overwrite to delete that run and start over")
+
+
+def check_layout(workdir: pathlib.Path) -> None:
+  """RunFolderError naming the first of `RUN_FILES` that has the wrong type.
+
+  A folder where a run writes a file (or the reverse) would end the run with a
+  traceback when it is written; refused before anything is read or trained.
+  """
+  for name in RUN_FILES:
+    _check_type(workdir / name, folder=name in RUN_FOLDERS)
+
+
+def _check_type(path: pathlib.Path, folder: bool) -> None:
+  if os.path.lexists(path) and not (path.is_dir() if folder else path.is_file()):
+    raise RunFolderError(f"{path} is not {'a folder' if folder else 'a file'}, as the run writes"
+                         " it: move it out of the way and rerun (nothing was changed)")
 
 
 def clear(workdir: pathlib.Path) -> None:

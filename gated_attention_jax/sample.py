@@ -21,9 +21,9 @@ from typing import Optional, Sequence
 import jax
 from absl import app, flags
 
+from gated_attention_jax import checkpointing
 from gated_attention_jax import console
 from gated_attention_jax import interop
-from gated_attention_jax.analysis.run_analysis import load_run
 from gated_attention_jax.data import tokenizers
 from gated_attention_jax.sampler import generate
 from gated_attention_jax.transformer import Transformer
@@ -60,7 +60,7 @@ def load_model(workdir: Optional[str] = None, checkpoint: Optional[str] = None, 
     if tokenizer is not None:
       raise ValueError(f"tokenizer={tokenizer!r} applies to a checkpoint: a run (workdir) is"
                        " sampled with its own data.tokenizer")
-    config, _, model = load_run(workdir, step)
+    config, _, model = checkpointing.load_model(workdir, step)
     return (model, tokenizers.get_tokenizer(config.data.tokenizer, config.data.cache_dir or None),
             True)
   tok = (tokenizers.CheckpointTokenizer(checkpoint) if tokenizer is None

@@ -318,6 +318,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     if overwrite and is_chief:
       run_folder.clear(workdir)
     _sync("run folder cleared")
+    run_folder.check_layout(workdir)
     run_folder.check_identity(workdir, config)
     _sync("run folder checked")
     if is_chief:
@@ -344,8 +345,6 @@ def _train(config: ml_collections.ConfigDict, model_cfg: TransformerConfig,
   train_cfg = config.train
   ckpt = closers.enter_context(contextlib.closing(
       checkpointing.Checkpointer(workdir, keep=train_cfg.keep_checkpoints)))
-  writer = closers.enter_context(contextlib.closing(
-      metrics_writer.MetricsWriter(workdir, enabled=is_chief)))
 
   data_iter = pipeline.make_train_iterator(
       config.data, batch_size=train_cfg.batch_size // jax.process_count(),
@@ -359,6 +358,9 @@ def _train(config: ml_collections.ConfigDict, model_cfg: TransformerConfig,
   else:
     start, state, _ = restored
     say(f"resumed from step {start}", flush=True)
+  # Opened once the resume point is known: a resume that fails writes nothing.
+  writer = closers.enter_context(contextlib.closing(
+      metrics_writer.MetricsWriter(workdir, enabled=is_chief)))
   writer.truncate_after(start)
 
   tokens_per_step = train_cfg.batch_size * config.data.seq_len

@@ -1,5 +1,6 @@
-"""A run folder never loses data: changed configs, damaged checkpoints, torn metrics,
-kills, a second run, Ctrl-C, a full or read-only disk.
+"""A run folder never loses data: changed configs, damaged checkpoints, strays in
+checkpoints/, run files of the wrong type, torn metrics, kills, a second run, Ctrl-C,
+a full or read-only disk; and reading a run (load_run, sample, analyze) changes nothing.
 
 One tiny run (tests/_tiny_run_config.py, 8 steps, checkpoints at 4 and 8) is
 trained once per module; each test damages or reuses a copy of it.
@@ -15,8 +16,12 @@ import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
 import pytest
+from flax import nnx
 
+import gated_attention_jax as gaj
 from gated_attention_jax import checkpointing, run_folder, train
 from gated_attention_jax.data import pipeline
 from tests import _tiny_run_config
@@ -39,9 +44,16 @@ def losses(workdir):
 
 
 def snapshot(folder):
-  """{relative path: sha256} of every file in `folder`."""
+  """{relative path: sha256 of a file, "dir" for a folder} of everything in `folder`."""
   return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-          for p in sorted(folder.rglob("*")) if p.is_file()}
+          if p.is_file() else "dir" for p in sorted(folder.rglob("*"))}
+
+
+def package_warnings(caplog):
+  """The warning lines this package logged (what the CLI's console shows of the logs)."""
+  package = str(ROOT / "gated_attention_jax")
+  return [r.getMessage() for r in caplog.records
+          if r.levelname == "WARNING" and r.pathname.startswith(package)]
 
 
 @pytest.fixture(scope="module")
@@ -150,16 +162,155 @@ def test_a_bad_data_iterator_state_counts_as_damage(run):
   assert step == 4 and (run / "checkpoints" / "quarantine" / "8").is_dir()
 
 
-# orbax's reader leaves a closed event loop behind when a read fails: not this test's concern.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_when_every_checkpoint_is_damaged_the_run_stops(run):
-  for f in (run / "checkpoints").glob("*/state/d/*"):
-    _flip_bytes(f, count=64)
-  metrics = (run / "metrics.jsonl").read_bytes()
+def _array_files(state):
+  return [f for f in (state / "ocdbt.process_0" / "d").iterdir() if f.is_file()]
+
+
+def _zero(path):
+  path.write_bytes(bytes(path.stat().st_size))
+
+
+# The commonest real damage to a checkpoint's `state` (OCDBT) folder: each makes
+# orbax's read fail (tensorstore errors, re-raised as a bare Exception).
+DAMAGE = {
+    "truncated array data": lambda state: [os.truncate(f, 10) for f in _array_files(state)],
+    "zeroed array data": lambda state: [_zero(f) for f in _array_files(state)],
+    "deleted array data": lambda state: [f.unlink() for f in _array_files(state)],
+    "deleted OCDBT folder": lambda state: shutil.rmtree(state / "ocdbt.process_0"),
+    "deleted state/d": lambda state: shutil.rmtree(state / "d"),
+    "truncated manifests": lambda state: [os.truncate(f, 20)
+                                          for f in state.rglob("manifest.ocdbt")],
+}
+
+
+# No unraisable exception may reach the console (pytest turns them into these warnings).
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_an_unreadable_checkpoint_is_quarantined_with_one_line(run, trained, damage, caplog,
+                                                               capfd):
+  DAMAGE[damage](run / "checkpoints" / "8" / "state")
+  damaged = snapshot(run / "checkpoints" / "8")
+  summary = train.train_and_evaluate(config(), run)
+  assert summary["finished"] and summary["step"] == 8
+  assert losses(run) == losses(trained)  # steps 5-8 trained again from step 4, bit for bit
+  assert snapshot(run / "checkpoints" / "quarantine" / "8") == damaged  # moved, not lost
+  assert checkpointing.Checkpointer(run, keep=5).steps() == [4, 8]
+  [line] = package_warnings(caplog)
+  assert line.startswith("checkpoint at step 8 is damaged (") and "\n" not in line, line
+  assert "damage.log" in line
+  assert "Traceback" not in capfd.readouterr().err
+  assert "Traceback" in (run / "checkpoints" / "quarantine" / "damage.log").read_text()
+
+
+def test_the_commonest_damage_from_the_cli_is_one_line_and_the_run_finishes(run, trained):
+  DAMAGE["truncated array data"](run / "checkpoints" / "8" / "state")
+  result = subprocess.run(_cli(run), cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                          capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr
+  [line] = result.stderr.splitlines()
+  assert "checkpoint at step 8 is damaged (ValueError: OUT_OF_RANGE" in line, line
+  assert "run finished at step 8/8" in result.stdout
+  assert losses(run) == losses(trained)
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("damage", ["flipped bytes", "zeroed array data"])
+def test_when_every_checkpoint_is_damaged_the_run_stops(run, damage, caplog, capfd):
+  for state in (run / "checkpoints").glob("*/state"):
+    if damage == "flipped bytes":
+      for f in state.glob("d/*"):
+        _flip_bytes(f, count=64)
+    else:
+      DAMAGE[damage](state)
+  before = snapshot(run)
   with pytest.raises(checkpointing.CheckpointError, match="every checkpoint .* is damaged"):
     train.train_and_evaluate(config(), run)
-  assert sorted(p.name for p in (run / "checkpoints" / "quarantine").iterdir()) == ["4", "8"]
-  assert (run / "metrics.jsonl").read_bytes() == metrics
+  quarantine = run / "checkpoints" / "quarantine"
+  assert sorted(p.name for p in quarantine.iterdir()) == ["4", "8", "damage.log"]
+  after = snapshot(run)
+  for step in ("4", "8"):  # moved whole; nothing else changed
+    moved = {k.replace(f"checkpoints/quarantine/{step}", f"checkpoints/{step}", 1): v
+             for k, v in after.items() if k.startswith(f"checkpoints/quarantine/{step}")}
+    assert moved == {k: v for k, v in before.items() if k.startswith(f"checkpoints/{step}")}
+  assert {k: v for k, v in after.items() if "checkpoints/" not in k} == {
+      k: v for k, v in before.items() if "checkpoints/" not in k}
+  assert len(package_warnings(caplog)) == 2
+  assert "Traceback" not in capfd.readouterr().err
+
+
+def test_what_is_not_a_checkpoint_is_set_aside_never_overwritten(run, trained, caplog):
+  checkpoints = run / "checkpoints"
+  shutil.rmtree(checkpoints / "8")
+  (checkpoints / "8").write_text("a file where step 8's folder was")
+  (checkpoints / "notes.txt").write_text("mine")
+  summary = train.train_and_evaluate(config(), run)
+  assert summary["finished"] and summary["step"] == 8
+  assert losses(run) == losses(trained)
+  assert (checkpoints / "quarantine" / "8").read_text() == "a file where step 8's folder was"
+  assert (checkpoints / "quarantine" / "notes.txt").read_text() == "mine"
+  assert checkpointing.Checkpointer(run, keep=5).steps() == [4, 8]
+  lines = package_warnings(caplog)
+  assert len(lines) == 2 and all("is not a checkpoint: moved to" in l for l in lines), lines
+
+
+@pytest.mark.parametrize("name", ["summary.json", "metrics.jsonl", "config.json", ".lock"])
+def test_a_folder_where_the_run_writes_a_file_is_refused_before_anything(run, name):
+  (run / name).unlink()
+  (run / name).mkdir()
+  before = snapshot(run)
+  with pytest.raises(run_folder.RunFolderError, match=rf"{name} is not a file.*nothing was"):
+    train.train_and_evaluate(config(), run)
+  assert snapshot(run) == before
+
+
+def test_a_summary_folder_from_the_cli_is_one_error_line(run):
+  (run / "summary.json").unlink()
+  (run / "summary.json").mkdir()
+  result = subprocess.run(_cli(run), cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                          capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 1
+  assert result.stderr.splitlines() == [f"error: {run / 'summary.json'} is not a file, as the"
+                                        " run writes it: move it out of the way and rerun"
+                                        " (nothing was changed)"]
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_reading_a_run_with_a_damaged_newest_checkpoint_changes_nothing(run, trained, caplog):
+  DAMAGE["truncated array data"](run / "checkpoints" / "8" / "state")
+  before = snapshot(run)
+  config_, step, model = gaj.load_run(run)
+  assert step == 4 and config_.to_dict() == config().to_dict()
+  [line] = package_warnings(caplog)
+  assert line.startswith("checkpoint at step 8 of") and "cannot be read" in line, line
+  _, _, intact = checkpointing.load_model(trained, step=4)
+  for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(intact))):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(Exception):  # asked for by step: its error, nothing skipped or moved
+    checkpointing.load_model(run, step=8)
+  assert snapshot(run) == before
+
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  sample = subprocess.run(
+      [sys.executable, "-m", "gated_attention_jax.sample", f"--workdir={run}", "--prompt=ROMEO",
+       "--max_new_tokens=8"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+      check=False)
+  assert sample.returncode == 0, sample.stderr
+  assert "=== prompt 'ROMEO', sample 0" in sample.stdout
+  [line] = sample.stderr.splitlines()
+  assert "checkpoint at step 8 of" in line and "skipped" in line, line
+  assert snapshot(run) == before
+
+  analyze = subprocess.run(
+      [sys.executable, "-m", "gated_attention_jax.analyze", f"--workdir={run}", "--num_batches=1",
+       "--long_context_batches=1", "--multiples=1", "--selectivity_sequences=1",
+       "--rope_methods=none"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+      check=False)
+  assert analyze.returncode == 0, analyze.stderr
+  assert json.loads((run / "analysis.json").read_text())["step"] == 4
+  after = snapshot(run)
+  added = {k for k in after if k not in before}
+  assert added and all(k.split("/")[0] in ("analysis.json", "analysis") for k in added), added
+  assert {k: after[k] for k in before} == before
 
 
 def test_a_torn_metrics_line_is_dropped(run, trained, caplog):

@@ -48,9 +48,7 @@ import numpy as np
 from flax import nnx
 
 from gated_attention_jax import checkpointing
-from gated_attention_jax import experiment
 from gated_attention_jax import rope
-from gated_attention_jax import sharding
 from gated_attention_jax import train
 from gated_attention_jax.analysis import metrics
 from gated_attention_jax.analysis import plots
@@ -361,22 +359,8 @@ def analyze_model(model: Transformer, batches: Iterable[Batch], *,
   return result
 
 
-def load_run(workdir: PathLike, step: Optional[int] = None
-             ) -> tuple[ml_collections.ConfigDict, int, Transformer]:
-  """(experiment config, step, model) of a run folder's newest (or `step`'s) checkpoint."""
-  workdir = pathlib.Path(workdir)
-  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-  trainer = train.Trainer(config, experiment.model_config(config),
-                          sharding.make_mesh(config.mesh))
-  ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-  try:
-    restored = ckpt.restore_latest(trainer.abstract_state, step)
-  finally:
-    ckpt.close()
-  if restored is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
-  restored_step, state, _ = restored
-  return config, restored_step, nnx.merge(trainer.graphdef, state["params"])
+# The read-only, parameters-only load of a run folder (under its public name).
+load_run = checkpointing.load_model
 
 
 def analyze_run(workdir: PathLike, step: Optional[int] = None, *,
