@@ -17,6 +17,7 @@ import json
 
 from absl import app, flags
 
+from gated_attention_jax import checkpointing
 from gated_attention_jax import console
 from gated_attention_jax import rope
 from gated_attention_jax.analysis import retrieval
@@ -59,6 +60,13 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   console.quiet_libraries()
+  with console.one_line_errors(ValueError, FileNotFoundError, checkpointing.CheckpointError):
+    summary = _analyze()
+  print(json.dumps(summary, indent=2))
+
+
+def _analyze() -> dict:
+  """Runs what the flags ask for; returns the summary printed at the end."""
   summary = {}
   if not _RETRIEVAL_ONLY.value:
     result = run_analysis.analyze_run(
@@ -79,7 +87,7 @@ def main(argv: list[str]) -> None:
         _WORKDIR.value, _STEP.value, multiples=[int(k) for k in _MULTIPLES.value],
         methods=_METHODS.value, depths=[float(d) for d in _RETRIEVAL_DEPTHS.value],
         num_keys=_RETRIEVAL_KEYS.value)["mean"]
-  print(json.dumps(summary, indent=2))
+  return summary
 
 
 if __name__ == "__main__":

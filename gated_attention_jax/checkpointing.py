@@ -185,7 +185,6 @@ def _newest_readable(steps: list[int], read: Callable[[int], T],
   failures as a bare `Exception`); `on_damage(step, error)` is called for each
   damaged step, newest first (error None where only another process failed).
   """
-  _contain_read_leftovers()
   for candidate in reversed(steps):
     error, value = None, None
     try:
@@ -244,6 +243,7 @@ class Checkpointer:
     restored arrays land on those shardings, whatever mesh saved them. Raises
     DamagedCheckpoint when the checksums saved with it do not match.
     """
+    _contain_read_leftovers()
     items = {"state": ocp.args.StandardRestore(abstract_state), "data": ocp.args.JsonRestore()}
     verified = (self.directory / str(step) / "checksums").is_dir()
     if verified:
@@ -382,7 +382,7 @@ def load_model(run_dir: str | pathlib.Path, step: Optional[int] = None, *,
   parameters land (default: the run's `mesh` config on this machine's devices,
   or all of them on the fsdp axis when that config does not fit them).
   Raises FileNotFoundError (no config.json, no such step, no checkpoint) or
-  CheckpointError (every checkpoint damaged).
+  CheckpointError (the given step's checkpoint, or every one, cannot be read).
   """
   run_dir = pathlib.Path(run_dir)
   path = run_dir / "config.json"
@@ -402,7 +402,13 @@ def load_model(run_dir: str | pathlib.Path, step: Optional[int] = None, *,
   if step is not None:
     if step not in steps:
       raise FileNotFoundError(f"no checkpoint of step {step} in {directory} (steps: {steps})")
-    return config, step, nnx.merge(graphdef, _read_params(directory / str(step), target))
+    try:
+      params = _read_params(directory / str(step), target)
+    except Exception as e:  # pylint: disable=broad-except
+      gc.collect()  # finalizes the failed read's dropped coroutines now, under the hook
+      raise CheckpointError(f"checkpoint at step {step} of {run_dir} cannot be read"
+                            f" ({describe_error(e)})") from e
+    return config, step, nnx.merge(graphdef, params)
 
   def skip(candidate: int, error: Optional[Exception]) -> None:
     reason = describe_error(error) if error is not None else "unreadable on another process"
@@ -420,6 +426,7 @@ def load_model(run_dir: str | pathlib.Path, step: Optional[int] = None, *,
 
 def _read_params(step_dir: pathlib.Path, target: nnx.State) -> nnx.State:
   """The parameters saved in `step_dir/state`, verified against `step_dir/checksums`."""
+  _contain_read_leftovers()
   item = {"params": target}
   restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(
       sharding=s.sharding, global_shape=s.shape, dtype=s.dtype), item)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging as py_logging
 import os
+import sys
+from typing import Iterator
 
 from absl import flags, logging
 
@@ -19,3 +22,13 @@ def quiet_libraries() -> None:
   package = os.path.dirname(os.path.abspath(__file__))
   logging.get_absl_handler().addFilter(
       lambda record: record.pathname.startswith(package) or record.levelno >= py_logging.CRITICAL)
+
+
+@contextlib.contextmanager
+def one_line_errors(*kinds: type[BaseException]) -> Iterator[None]:
+  """Ends the program with `error: <message>` on stderr and exit status 1 on `kinds`."""
+  try:
+    yield
+  except kinds as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)

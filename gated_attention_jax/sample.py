@@ -98,8 +98,9 @@ def main(argv: list[str]) -> None:
                 if line]
   if not prompts:
     raise app.UsageError("pass --prompt (repeatable) or --prompt_file")
-  model, tokenizer, bos = load_model(_WORKDIR.value, _CHECKPOINT.value, step=_STEP.value,
-                                     tokenizer=_TOKENIZER.value)
+  with console.one_line_errors(ValueError, FileNotFoundError, checkpointing.CheckpointError):
+    model, tokenizer, bos = load_model(_WORKDIR.value, _CHECKPOINT.value, step=_STEP.value,
+                                       tokenizer=_TOKENIZER.value)
   samples = complete(model, tokenizer, prompts, bos=bos, num_samples=_NUM_SAMPLES.value,
                      max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
                      top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
