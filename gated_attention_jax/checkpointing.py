@@ -258,21 +258,17 @@ class Checkpointer:
       raise DamagedCheckpoint("checksum mismatch in the data-iterator state")
     return restored["state"], restored["data"]
 
-  def restore_latest(self, abstract_state: Any, step: Optional[int] = None,
+  def restore_latest(self, abstract_state: Any,
                      accept_data: Callable[[dict], None] = lambda d: None
                      ) -> Optional[tuple[int, Any, dict]]:
-    """Newest intact checkpoint (or `step`'s) as (step, state, data state); None if none.
+    """Newest intact checkpoint as (step, state, data state); None if there is none.
 
-    First sets aside what in `checkpoints/` is not a checkpoint. Without `step`, a
-    checkpoint that fails to read, to verify, or to `accept_data` (e.g. the data
-    iterator's `set_state`) is quarantined and the previous one tried; if every
-    one is, CheckpointError. With `step`, its checkpoint or the error.
+    First sets aside what in `checkpoints/` is not a checkpoint. A checkpoint that
+    fails to read, to verify, or to `accept_data` (e.g. the data iterator's
+    `set_state`) is quarantined and the previous one tried; if every one is,
+    CheckpointError.
     """
     self.set_aside_strays()
-    if step is not None:
-      state, data_state = self.restore(step, abstract_state)
-      accept_data(data_state)
-      return step, state, data_state
 
     def read(candidate: int) -> tuple[Any, dict]:
       state, data_state = self.restore(candidate, abstract_state)
