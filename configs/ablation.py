@@ -57,7 +57,7 @@ from typing import Any
 
 import ml_collections
 
-from gated_attention_jax import experiment
+from gated_attention_jax.training import experiment
 
 # variant -> (gate fields, query-head factor, kv-head factor)
 VARIANTS: dict[str, tuple[dict[str, Any], float, int]] = {

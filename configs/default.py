@@ -3,12 +3,12 @@
     python -m gated_attention_jax.main --config=configs/default.py --workdir=runs/default
     # overrides:  --config.train.num_steps=1000 --config.gate.position=none
 
-Sections: model, gate, data, train, mesh (see gated_attention_jax/experiment.py).
+Sections: model, gate, data, train, mesh (see gated_attention_jax/training/experiment.py).
 """
 
 import ml_collections
 
-from gated_attention_jax import experiment
+from gated_attention_jax.training import experiment
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -9,7 +9,7 @@ cuDNN attention (set --config.model.attention_impl=xla on CPU or TPU).
 
 import ml_collections
 
-from gated_attention_jax import experiment
+from gated_attention_jax.training import experiment
 
 
 def get_config() -> ml_collections.ConfigDict:

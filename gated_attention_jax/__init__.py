@@ -27,6 +27,6 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
   if name == "load_run":
-    from gated_attention_jax.checkpointing import load_model  # pylint: disable=g-import-not-at-top
+    from gated_attention_jax.training.checkpointing import load_model  # pylint: disable=g-import-not-at-top
     return load_model
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,7 +17,7 @@ import json
 
 from absl import app, flags
 
-from gated_attention_jax import checkpointing
+from gated_attention_jax.training import checkpointing
 from gated_attention_jax import console
 from gated_attention_jax import rope
 from gated_attention_jax.analysis import retrieval

@@ -16,7 +16,7 @@ such environments.
 
 Inside ``lowering_for(devices)`` (which ``compile_for`` enters) the trace knows the target's
 platform and device kind (an abstract mesh carrying an ``AbstractDevice``): the fused kernels
-read it (``kernels.api``) to lower for the target, not for the machine's default backend.
+read it (``kernels.platform``) to lower for the target, not for the machine's default backend.
 """
 
 from __future__ import annotations
@@ -112,12 +112,6 @@ def target_devices(target: str) -> tuple[Any, ...]:
   return tuple(topo.devices)
 
 
-def platform_of(devices: Sequence[Any]) -> str:
-  """"tpu" or "gpu" (jax's backend names) for a target's devices."""
-  platform = devices[0].platform
-  return "gpu" if platform in ("cuda", "rocm", "gpu") else platform
-
-
 @contextlib.contextmanager
 def lowering_for(devices: Sequence[Any], axis_names: Sequence[str] = ("x",),
                  axis_sizes: Sequence[int] | None = None):
@@ -137,28 +131,6 @@ def lowering_for(devices: Sequence[Any], axis_names: Sequence[str] = ("x",),
                                      platform=dev.platform))
   with jax.sharding.use_abstract_mesh(abstract):
     yield
-
-
-def target_platform() -> str:
-  """The platform the current trace lowers for: the abstract mesh's device (inside
-  ``lowering_for`` or a concrete mesh of target devices), else jax's default backend."""
-  mesh = jax.sharding.get_abstract_mesh()
-  device = getattr(mesh, "abstract_device", None)
-  if device is not None and getattr(device, "platform", None):
-    return "gpu" if device.platform in ("cuda", "rocm", "gpu") else device.platform
-  return jax.default_backend()
-
-
-def target_device_kind() -> str | None:
-  """Device kind of the target being lowered for (the abstract mesh's, else the first local
-  device's), e.g. "NVIDIA H100 80GB HBM3"; None when unknown."""
-  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
-  if device is not None and getattr(device, "device_kind", None):
-    return device.device_kind
-  try:
-    return jax.local_devices()[0].device_kind
-  except RuntimeError:
-    return None
 
 
 def compile_for(fn: Callable[..., Any], args: Sequence[Any], target: str, **jit_kwargs):

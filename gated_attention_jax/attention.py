@@ -14,13 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gated_attention_jax import aot
 from gated_attention_jax import attention_ops
 from gated_attention_jax import gate as gate_lib
 from gated_attention_jax import layers
 from gated_attention_jax import rope
 from gated_attention_jax import sharding
 from gated_attention_jax.gate import GateConfig
+from gated_attention_jax.kernels import platform
 
 Intermediates = dict[str, jax.Array]
 
@@ -315,7 +315,7 @@ class GatedAttention(nnx.Module):
     if decode:
       cached_k, cached_v, overflow = self._append_to_cache(k, v, start)
       if prefill:  # the queries see only this call's keys: a forward pass without a cache
-        if impl == "cudnn" and aot.target_platform() != "gpu":
+        if impl == "cudnn" and platform.target_platform() != "gpu":
           impl = "xla"  # cuDNN exists on GPUs only; generation elsewhere still works
       else:
         k, v, q_offset = cached_k, cached_v, start

@@ -31,11 +31,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh
 
-from gated_attention_jax import aot
 from gated_attention_jax import gate as gate_lib
 from gated_attention_jax import kernels
 from gated_attention_jax import layers
 from gated_attention_jax import sharding
+from gated_attention_jax.kernels import platform
 
 ATTENTION_IMPLS = ("xla", "cudnn", "pallas")
 # Logical axes of the op's inputs (the layer constrains q, k, v and the gate to the same).
@@ -173,11 +173,11 @@ def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, gate: Optional[ja
   """The fused kernel (`kernels.gated_flash_attention`), per shard under a context mesh.
 
   Shapes as in `attend`. On a TPU or GPU (the platform being lowered for, see
-  `aot.target_platform`) the kernel `impl="auto"` picks there (on Hopper the Mosaic GPU
+  `platform.target_platform`) the kernel `impl="auto"` picks there (on Hopper the Mosaic GPU
   kernel where it serves the inputs); elsewhere the TPU kernel in interpret mode. Without a
   (data, fsdp, tensor) context mesh of more than one device the kernel sees the whole arrays.
   """
-  kernel = "auto" if aot.target_platform() in ("tpu", "gpu") else "pallas_tpu"
+  kernel = "auto" if platform.target_platform() in ("tpu", "gpu") else "pallas_tpu"
   group = q.shape[2] // k.shape[2]
 
   def run(q, k, v, gate, q_seg, kv_seg, head_axes=(), slice_kv_head=False):

@@ -6,8 +6,10 @@ computed from the same pre-normed input X that feeds Q/K/V:
     multiplicative:  Y' = Y * act(X W_theta)
     additive:        Y' = Y + act(X W_theta)
 
-`GateConfig` names every axis the paper ablates; `GatedAttention` reads it in one
-place (`gate_shape`, `apply_gate`). See `shared/reference/gated_attention_paper.md`.
+`GateConfig` names every axis the paper ablates (the README's gate table maps each
+field to the paper); `GatedAttention` computes the score X W_theta and applies the
+math here: `activate` (act), `share_over_heads` (head-shared gates) and `combine`
+(multiply or add).
 """
 
 from __future__ import annotations

@@ -18,11 +18,11 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gated_attention_jax import checkpointing
+from gated_attention_jax.training import checkpointing
 from gated_attention_jax import console
-from gated_attention_jax import distributed
-from gated_attention_jax import run_folder
-from gated_attention_jax import train
+from gated_attention_jax.training import distributed
+from gated_attention_jax.training import run_folder
+from gated_attention_jax.training import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)

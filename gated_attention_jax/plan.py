@@ -50,9 +50,10 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from gated_attention_jax import aot
-from gated_attention_jax import experiment
+from gated_attention_jax.training import experiment
 from gated_attention_jax import sharding
-from gated_attention_jax import train
+from gated_attention_jax.training import train
+from gated_attention_jax.kernels import platform as platform_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -97,7 +98,7 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence[Any], *,
     of a TPU, or parameters + optimizer state + batch exceed `hbm_bytes`.
   """
   config = ml_collections.ConfigDict(config.to_dict())
-  platform = aot.platform_of(devices)
+  platform = platform_lib.platform_of(devices)
   planned_impl = config.model.attention_impl
   if platform == "cpu":
     config.model.attention_impl = "xla"  # cudnn / pallas kernels do not compile for CPU

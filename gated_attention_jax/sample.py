@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import jax
 from absl import app, flags
 
-from gated_attention_jax import checkpointing
+from gated_attention_jax.training import checkpointing
 from gated_attention_jax import console
 from gated_attention_jax import interop
 from gated_attention_jax.data import tokenizers

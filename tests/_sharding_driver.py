@@ -33,7 +33,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 
-from gated_attention_jax import attention_ops, checkpointing, experiment, sharding, train
+from gated_attention_jax import attention_ops, sharding
+from gated_attention_jax.training import checkpointing, experiment, train
 from gated_attention_jax.data import pipeline
 from tests import _sharding_config
 

@@ -50,7 +50,7 @@ def x64():
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
   """A run folder of a 6-step training run of a tiny byte-level model (seq_len 32)."""
-  from gated_attention_jax import train  # pylint: disable=g-import-not-at-top
+  from gated_attention_jax.training import train  # pylint: disable=g-import-not-at-top
   from tests.test_analyze import tiny_config  # pylint: disable=g-import-not-at-top
 
   workdir = tmp_path_factory.mktemp("tiny_run")

@@ -10,7 +10,8 @@ from flax import nnx
 
 from configs import ablation, stability
 from experiments import paper_results, run_grid
-from gated_attention_jax import experiment, params
+from gated_attention_jax import params
+from gated_attention_jax.training import experiment
 from gated_attention_jax.gate import GateConfig
 from gated_attention_jax.transformer import Transformer, TransformerConfig
 

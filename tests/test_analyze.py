@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import default
 from gated_attention_jax import analysis as an
-from gated_attention_jax import train
 from gated_attention_jax.analysis import run_analysis
 from gated_attention_jax.data import pipeline
 from gated_attention_jax.gate import GateConfig
+from gated_attention_jax.training import train
 from gated_attention_jax.transformer import Transformer, TransformerConfig
+from tests import test_train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BATCHES = 2
@@ -27,13 +27,9 @@ SELECTED = 2
 
 
 def tiny_config() -> ml_collections.ConfigDict:
-  config = default.get_config()
-  config.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-                      mlp_dim=64)
-  config.data.update(seq_len=32, prefetch=0)
-  config.train.update(num_steps=6, batch_size=4, warmup_steps=2, log_every=3, eval_every=6,
-                      eval_batches=BATCHES, checkpoint_every=6)
-  return config
+  """test_train's tiny model, 6 steps with one evaluation and one checkpoint at the end."""
+  return test_train.tiny_config(num_steps=6, log_every=3, eval_every=6, eval_batches=BATCHES,
+                                checkpoint_every=6)
 
 
 def intermediates(model: Transformer, batches) -> list[dict]:

@@ -1,6 +1,6 @@
 """Every kernel impl compiles for every target it claims, under each toolchain's jax.
 
-``gated_attention_jax.kernels.compile_check`` runs in each ``.toolchains/jax-<version>``
+``gated_attention_jax.compile_check`` runs in each ``.toolchains/jax-<version>``
 environment (started in the background by conftest): Mosaic TPU (libtpu) compiles
 ``pallas_tpu`` for v5e, v5p and v6e; XLA's GPU compiler, Triton, Mosaic GPU and ptxas compile
 ``pallas_gpu`` and ``pallas_mgpu`` for H100 and H200, forward and forward+backward, over its
@@ -18,7 +18,7 @@ import json
 
 import pytest
 
-from gated_attention_jax.kernels import compile_check
+from gated_attention_jax import compile_check
 from tests import toolchains
 
 REFUSED = {

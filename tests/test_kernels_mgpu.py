@@ -45,8 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gated_attention_jax import aot
-from gated_attention_jax.kernels import api, common, flash_mgpu, reference, tiles
+from gated_attention_jax.kernels import api, common, flash_mgpu, platform, reference, tiles
 
 _OLD_JAX = tiles.jax_version() < tiles.MGPU_MIN_JAX
 needs_mgpu_jax = pytest.mark.skipif(
@@ -186,7 +185,7 @@ def _hopper(kind="NVIDIA H100 80GB HBM3"):
 def test_auto_picks_by_target_and_inputs():
   bf16 = jnp.zeros((1, 64, 2, 64), jnp.bfloat16)
   with _hopper():
-    assert aot.target_platform() == "gpu"
+    assert platform.target_platform() == "gpu"
     assert api.resolve_impl("auto", bf16) == ("pallas_gpu" if _OLD_JAX else "pallas_mgpu")
     assert api.resolve_impl("auto", bf16.astype(jnp.float32)) == "pallas_gpu"  # no tf32
     assert api.resolve_impl("auto", jnp.zeros((1, 64, 2, 96), jnp.bfloat16)) == "xla"

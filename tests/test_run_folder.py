@@ -22,7 +22,7 @@ import pytest
 from flax import nnx
 
 import gated_attention_jax as gaj
-from gated_attention_jax import checkpointing, run_folder, train
+from gated_attention_jax.training import checkpointing, run_folder, train
 from gated_attention_jax.data import pipeline
 from tests import _tiny_run_config
 
@@ -402,3 +402,23 @@ def test_a_read_only_folder_is_named_and_left_alone(trained, small_disk):
   with pytest.raises(run_folder.RunFolderError, match="the folder is read-only"):
     train.train_and_evaluate(config(num_steps=12), run)
   assert snapshot(run) == before
+
+
+# Made by the package before training moved into gated_attention_jax/training/ (commit
+# 3694e53: `main --config=tests/_tiny_run_config.py --stop_at_step=4`).
+OLD_RUN = pathlib.Path(__file__).parent / "fixtures" / "run_0.1_flat_layout"
+
+
+def test_a_run_folder_of_the_flat_layout_resumes(tmp_path, trained, capsys):
+  run = pathlib.Path(shutil.copytree(OLD_RUN, tmp_path / "run"))
+  assert gaj.load_run(run)[1] == 4 and snapshot(run) == snapshot(OLD_RUN)  # read-only
+  summary = train.train_and_evaluate(config(), run)
+  assert "resumed from step 4" in capsys.readouterr().out
+  assert summary["finished"] and summary["step"] == 8
+  assert rows(run)[:2] == rows(OLD_RUN)  # its own rows kept, the new ones appended
+  assert [r["step"] for r in rows(run)] == [2, 4, 6, 8]
+  # The same losses as this machine's uninterrupted run (to float rounding: the
+  # fixture's first four steps ran on another machine's CPU).
+  np.testing.assert_allclose([r["loss"] for r in rows(run)], [r["loss"] for r in rows(trained)],
+                             rtol=1e-5)
+  assert checkpointing.Checkpointer(run, keep=5).steps() == [4, 8]

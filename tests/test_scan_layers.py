@@ -8,7 +8,8 @@ from flax import nnx
 
 import gated_attention_jax as gaj
 from configs import default
-from gated_attention_jax import checkpointing, experiment, layer_stack, sharding, train
+from gated_attention_jax import layer_stack, sharding
+from gated_attention_jax.training import checkpointing, experiment, train
 from tests.conftest import randomize_params
 
 SMALL = dict(vocab_size=61, d_model=32, num_layers=3, num_heads=4, num_kv_heads=2,

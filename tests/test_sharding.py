@@ -28,7 +28,8 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from gated_attention_jax import attention_ops, experiment, sharding
+from gated_attention_jax import attention_ops, sharding
+from gated_attention_jax.training import experiment
 from tests import _sharding_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -14,7 +14,8 @@ from flax import nnx
 
 import gated_attention_jax as gaj
 from configs import sinks
-from gated_attention_jax import experiment, layers, optim, train
+from gated_attention_jax import layers
+from gated_attention_jax.training import experiment, optim, train
 from gated_attention_jax.analysis import run_analysis
 from gated_attention_jax.data import pipeline
 from tests.conftest import randomize_params

@@ -17,7 +17,8 @@ import gated_attention_jax as gaj
 from configs import ablation, stability
 from experiments import paper_results
 from experiments.stability import summarize_stability
-from gated_attention_jax import attention_ops, experiment, train
+from gated_attention_jax import attention_ops
+from gated_attention_jax.training import experiment, train
 from tests.test_train import read_metrics, tiny_config
 
 RESULTS = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "results" / "stability"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import ablation, sinks
-from gated_attention_jax import experiment
+from gated_attention_jax.training import experiment
 from gated_attention_jax.data import config as config_lib
 from gated_attention_jax.data import pipeline
 from gated_attention_jax.data import prepare

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from configs import default
-from gated_attention_jax import checkpointing, train
+from gated_attention_jax.training import checkpointing, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -84,7 +84,7 @@ def compile_job(version: str) -> Job | None:
   if py is None:
     return None
   return start(f"compile_{version}",
-               [str(py), "-m", "gated_attention_jax.kernels.compile_check"], with_json=True)
+               [str(py), "-m", "gated_attention_jax.compile_check"], with_json=True)
 
 
 def newest_jax_job() -> Job | None:

@@ -30,7 +30,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from gated_attention_jax import experiment
+from gated_attention_jax.training import experiment
 from gated_attention_jax.sampler import generate
 from gated_attention_jax.transformer import DTYPES, Transformer
 

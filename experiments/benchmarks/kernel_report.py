@@ -38,7 +38,7 @@ _PTXAS = re.compile(
 
 def _worker(impl: str, target: str, head_dim: int, seq: int, dump: pathlib.Path) -> None:
   """Compiles one impl forward + backward (run in a subprocess with the dump switches set)."""
-  from gated_attention_jax.kernels import compile_check  # pylint: disable=g-import-not-at-top
+  from gated_attention_jax import compile_check  # pylint: disable=g-import-not-at-top
 
   case = compile_check.Case(f"report_hd{head_dim}", head_dim=head_dim, heads=8, kv_heads=8,
                             t=seq, s=seq, batch=2)

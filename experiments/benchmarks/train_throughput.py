@@ -33,7 +33,8 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from gated_attention_jax import attention_ops, experiment, sharding, train
+from gated_attention_jax import attention_ops, sharding
+from gated_attention_jax.training import experiment, train
 from gated_attention_jax.data import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.",

@@ -2,9 +2,12 @@
 softmax selectivity (Mudarisov et al.), passkey retrieval and the figures drawn from them.
 
 `analyze_model` / `analyze_run` run them all and write analysis.json and PNGs
-(`python -m gated_attention_jax.analyze --workdir=DIR`)."""
+(`python -m gated_attention_jax.analyze --workdir=DIR`). The sink, activation and gate
+metrics live in `gated_attention_jax.metrics` (below training, which logs them too);
+`analysis.metrics` still names that module."""
 
-from gated_attention_jax.analysis.metrics import (
+from gated_attention_jax import metrics
+from gated_attention_jax.metrics import (
     first_token_attention,
     gate_statistics,
     massive_activations,
@@ -56,6 +59,7 @@ __all__ = [
     "jacobian_norms",
     "load_run",
     "massive_activations",
+    "metrics",
     "plot_attention_maps",
     "plot_first_token_attention",
     "plot_gate_histogram",

@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
-from gated_attention_jax.analysis.metrics import PerLayer, stack_layers
+from gated_attention_jax.metrics import PerLayer, stack_layers
 
 PathLike = Union[str, Path]
 

@@ -47,13 +47,13 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from gated_attention_jax import checkpointing
+from gated_attention_jax import losses
+from gated_attention_jax import metrics
 from gated_attention_jax import rope
-from gated_attention_jax import train
-from gated_attention_jax.analysis import metrics
 from gated_attention_jax.analysis import plots
 from gated_attention_jax.analysis import selectivity
 from gated_attention_jax.data import pipeline
+from gated_attention_jax.training import checkpointing
 from gated_attention_jax.transformer import Transformer, TransformerConfig
 
 Batch = Mapping[str, Any]
@@ -96,7 +96,7 @@ def _intermediates(graphdef: nnx.GraphDef, state: nnx.State, batch: Batch) -> di
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _nll_sum(graphdef: nnx.GraphDef, use_segments: bool, state: nnx.State,
              batch: Batch) -> tuple[jax.Array, jax.Array]:
-  nll, _, _ = train.token_losses(nnx.merge(graphdef, state), batch, use_segments, False)
+  nll, _, _ = losses.token_losses(nnx.merge(graphdef, state), batch, use_segments, False)
   mask = batch["loss_mask"]
   return (nll * mask).sum(), mask.sum()
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from gated_attention_jax.analysis.metrics import PerLayer, stack_layers
+from gated_attention_jax.metrics import PerLayer, stack_layers
 
 
 def _topn_ranks(alpha: np.ndarray) -> np.ndarray:

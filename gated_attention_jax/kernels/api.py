@@ -4,7 +4,7 @@ Dimension names: B batch, T query length, S key length, N query heads, K kv head
 The kernel families (``flash_tpu``, ``flash_gpu``, ``flash_mgpu``) expose the same two functions,
 ``forward(q, k, v, gate, q_seg, kv_seg, cfg, save_residuals)`` and
 ``backward(q, k, v, q_seg, kv_seg, lse, dy, delta, cfg)``; one custom_vjp wires any of them.
-``impl="auto"`` picks by the platform being lowered for (``aot.target_platform``): TPU ->
+``impl="auto"`` picks by the platform being lowered for (``platform.target_platform``): TPU ->
 ``pallas_tpu``; a Hopper GPU (H100/H200) -> ``pallas_mgpu`` where it serves the inputs (jax >=
 0.11, bf16/f16, head_dim a multiple of 64 up to 256), else ``pallas_gpu`` (any GPU; head_dim a
 power of two up to 256), else ``xla``. An explicit impl that cannot serve the inputs is refused
@@ -23,8 +23,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from gated_attention_jax import aot
-from gated_attention_jax.kernels import common, flash_gpu, flash_mgpu, flash_tpu, reference, tiles
+from gated_attention_jax.kernels import common, flash_gpu, flash_mgpu, flash_tpu, platform, reference, tiles
 
 IMPLS = ("auto", "pallas_tpu", "pallas_gpu", "pallas_mgpu", "xla")
 _KERNELS = {"pallas_tpu": flash_tpu, "pallas_gpu": flash_gpu, "pallas_mgpu": flash_mgpu}
@@ -80,7 +79,7 @@ def gated_flash_attention(
   cfg = common.KernelConfig(
       impl=impl, causal=bool(causal), scale=scale, gate_activation=gate_activation,
       block_sizes=block_sizes or common.BlockSizes(),
-      interpret=(aot.target_platform() != _NATIVE_BACKEND[impl] if interpret is None
+      interpret=(platform.target_platform() != _NATIVE_BACKEND[impl] if interpret is None
                  else bool(interpret)))
   return _flash(cfg, q, k, v, gate, q_seg, kv_seg)
 
@@ -95,7 +94,7 @@ def resolve_impl(impl: str, q: jax.Array, gate: jax.Array | None = None,
   gate_kind = None if gate is None else ("elementwise" if gate.ndim == 4 else "headwise")
   has_segments = segment_ids is not None
   if impl == "auto":
-    impl = _auto_impl(aot.target_platform(), q, gate_kind, has_segments, block_sizes)
+    impl = _auto_impl(platform.target_platform(), q, gate_kind, has_segments, block_sizes)
   reason = _unsupported(impl, q, gate_kind, has_segments, block_sizes)
   if reason:
     raise ValueError(reason)
@@ -114,12 +113,12 @@ def _unsupported(impl: str, q, gate_kind, has_segments: bool,
   return None
 
 
-def _auto_impl(platform: str, q, gate_kind, has_segments: bool, block_sizes) -> str:
-  if platform == "tpu":
+def _auto_impl(target: str, q, gate_kind, has_segments: bool, block_sizes) -> str:
+  if target == "tpu":
     return "pallas_tpu"
-  if platform != "gpu":
+  if target != "gpu":
     return "xla"
-  kind = aot.target_device_kind() or ""
+  kind = platform.target_device_kind() or ""
   candidates = (("pallas_mgpu",) if any(h in kind for h in HOPPER_KINDS) else ()) + (
       "pallas_gpu",)
   for impl in candidates:

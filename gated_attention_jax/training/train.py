@@ -27,22 +27,23 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from gated_attention_jax import attention_ops
-from gated_attention_jax import checkpointing
-from gated_attention_jax import experiment
-from gated_attention_jax import metrics_writer
-from gated_attention_jax import optim
+from gated_attention_jax import losses
+from gated_attention_jax import metrics as sink_metrics_lib
 from gated_attention_jax import params as params_lib
-from gated_attention_jax import run_folder
 from gated_attention_jax import sharding
-from gated_attention_jax.analysis import metrics as sink_metrics_lib
 from gated_attention_jax.data import pipeline
+from gated_attention_jax.training import checkpointing
+from gated_attention_jax.training import experiment
+from gated_attention_jax.training import metrics_writer
+from gated_attention_jax.training import optim
+from gated_attention_jax.training import run_folder
 from gated_attention_jax.transformer import Transformer, TransformerConfig
 
 # Peak dense bf16 TFLOP/s per device, for the MFU estimate (substring of device_kind).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "TPU v6": 918.0,
                "TPU v5p": 459.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v4": 275.0}
 
-Batch = dict[str, jax.Array]
+Batch = losses.Batch
 # Per-layer training-batch metrics a step may return: the gate's mean, and with
 # train.track_activations the max |block output| and max attention logit.
 PER_LAYER_METRICS = ("gate_score_mean_per_layer", "activation_max_per_layer",
@@ -69,21 +70,6 @@ def peak_flops_per_device(train_cfg: ml_collections.ConfigDict) -> Optional[floa
     if name in kind:
       return tflops * 1e12
   return None
-
-
-def token_losses(model: Transformer, batch: Batch, use_segments: bool,
-                 want_intermediates: bool) -> tuple[jax.Array, jax.Array, dict[str, list]]:
-  """Per-token cross entropy and log-partition `(B, T)`, and the model's intermediates.
-
-  The intermediates (per-layer lists, see Transformer) are empty unless requested.
-  """
-  segment_ids = batch["segment_ids"] if use_segments else None
-  out = model(batch["inputs"], batch["positions"], segment_ids,
-              return_intermediates=want_intermediates)
-  logits, inter = out if want_intermediates else (out, {})
-  log_z = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-  return log_z - target_logit, log_z, inter
 
 
 def activation_stats(inter: dict[str, list[jax.Array]],
@@ -161,8 +147,8 @@ class Trainer:
 
     def loss_fn(params):
       model = nnx.merge(self.graphdef, params)
-      nll, log_z, inter = token_losses(model, batch, self.use_segments,
-                                       self.want_gates or self.track_activations)
+      nll, log_z, inter = losses.token_losses(model, batch, self.use_segments,
+                                              self.want_gates or self.track_activations)
       mask = batch["loss_mask"]
       count = jnp.maximum(mask.sum(), 1.0)
       ce = (nll * mask).sum() / count
@@ -186,7 +172,7 @@ class Trainer:
 
   def _eval_step(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
     model = nnx.merge(self.graphdef, params)
-    nll, _, _ = token_losses(model, batch, self.use_segments, False)
+    nll, _, _ = losses.token_losses(model, batch, self.use_segments, False)
     mask = batch["loss_mask"]
     return {"nll_sum": (nll * mask).sum(), "tokens": mask.sum()}
 

@@ -1,6 +1,6 @@
 """Compiles the fused kernels for their real targets (TPU v5e/v5p/v6e, H100/H200) from a CPU machine.
 
-    JAX_PLATFORMS=cpu .toolchains/jax-0.11.2/bin/python -m gated_attention_jax.kernels.compile_check \\
+    JAX_PLATFORMS=cpu .toolchains/jax-0.11.2/bin/python -m gated_attention_jax.compile_check \\
         --json=compile.json
 
 Every impl is compiled, forward and forward+backward, for every target it claims (``TARGETS``)

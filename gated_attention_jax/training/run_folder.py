@@ -24,7 +24,7 @@ from typing import Iterator, Optional
 
 import ml_collections
 
-from gated_attention_jax import experiment
+from gated_attention_jax.training import experiment
 
 RUN_FILES = ("checkpoints", "tensorboard", "metrics.jsonl", "config.json", "summary.json")
 RUN_FOLDERS = ("checkpoints", "tensorboard")

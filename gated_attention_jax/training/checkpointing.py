@@ -51,7 +51,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from gated_attention_jax import experiment
+from gated_attention_jax.training import experiment
 from gated_attention_jax import sharding
 from gated_attention_jax.transformer import Transformer
 
