@@ -17,11 +17,11 @@ import json
 
 from absl import app, flags
 
-from gated_attention_jax.training import checkpointing
 from gated_attention_jax import console
 from gated_attention_jax import rope
 from gated_attention_jax.analysis import retrieval
 from gated_attention_jax.analysis import run_analysis
+from gated_attention_jax.training import checkpointing
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (config.json, checkpoints/).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest readable).")

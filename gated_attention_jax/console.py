@@ -30,5 +30,10 @@ def one_line_errors(*kinds: type[BaseException]) -> Iterator[None]:
   try:
     yield
   except kinds as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    fail(str(e))
+
+
+def fail(message: str) -> None:
+  """Ends the program with `error: <message>` on stderr and exit status 1."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(1)

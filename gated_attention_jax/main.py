@@ -11,15 +11,14 @@ logs (orbax, ...) are off unless `--verbosity=0` (or higher) is given. Multi-hos
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gated_attention_jax.training import checkpointing
 from gated_attention_jax import console
+from gated_attention_jax.training import checkpointing
 from gated_attention_jax.training import distributed
 from gated_attention_jax.training import run_folder
 from gated_attention_jax.training import train
@@ -59,20 +58,15 @@ def main(argv: list[str]) -> None:
                                        stop_at_step=_STOP_AT.value, overwrite=_OVERWRITE.value)
   except (ValueError, FloatingPointError, run_folder.RunFolderError,
           checkpointing.CheckpointError) as e:
-    _fail(str(e))
+    console.fail(str(e))
   except OSError as e:
     disk = run_folder.disk_error(e)
     if disk is None:
       raise
-    _fail(f"{run_folder.describe_disk_error(disk, 'writing the run folder')}; rerun to"
-          " resume from the last checkpoint")
+    console.fail(f"{run_folder.describe_disk_error(disk, 'writing the run folder')}; rerun to"
+                 " resume from the last checkpoint")
   if jax.process_index() == 0:
     print(format_summary(summary, _WORKDIR.value))
-
-
-def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -50,10 +50,10 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from gated_attention_jax import aot
-from gated_attention_jax.training import experiment
 from gated_attention_jax import sharding
-from gated_attention_jax.training import train
 from gated_attention_jax.kernels import platform as platform_lib
+from gated_attention_jax.training import experiment
+from gated_attention_jax.training import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)

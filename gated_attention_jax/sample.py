@@ -21,11 +21,11 @@ from typing import Optional, Sequence
 import jax
 from absl import app, flags
 
-from gated_attention_jax.training import checkpointing
 from gated_attention_jax import console
 from gated_attention_jax import interop
 from gated_attention_jax.data import tokenizers
 from gated_attention_jax.sampler import generate
+from gated_attention_jax.training import checkpointing
 from gated_attention_jax.transformer import Transformer
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (config.json, checkpoints/).")

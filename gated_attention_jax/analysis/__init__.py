@@ -4,7 +4,7 @@ softmax selectivity (Mudarisov et al.), passkey retrieval and the figures drawn 
 `analyze_model` / `analyze_run` run them all and write analysis.json and PNGs
 (`python -m gated_attention_jax.analyze --workdir=DIR`). The sink, activation and gate
 metrics live in `gated_attention_jax.metrics` (below training, which logs them too);
-`analysis.metrics` still names that module."""
+`from gated_attention_jax.analysis import metrics` still gives that module."""
 
 from gated_attention_jax import metrics
 from gated_attention_jax.metrics import (

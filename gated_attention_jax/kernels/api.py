@@ -23,7 +23,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from gated_attention_jax.kernels import common, flash_gpu, flash_mgpu, flash_tpu, platform, reference, tiles
+from gated_attention_jax.kernels import (common, flash_gpu, flash_mgpu, flash_tpu, platform,
+                                         reference, tiles)
 
 IMPLS = ("auto", "pallas_tpu", "pallas_gpu", "pallas_mgpu", "xla")
 _KERNELS = {"pallas_tpu": flash_tpu, "pallas_gpu": flash_gpu, "pallas_mgpu": flash_mgpu}

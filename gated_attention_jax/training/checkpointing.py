@@ -51,8 +51,8 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from gated_attention_jax.training import experiment
 from gated_attention_jax import sharding
+from gated_attention_jax.training import experiment
 from gated_attention_jax.transformer import Transformer
 
 QUARANTINE = "quarantine"
@@ -127,6 +127,11 @@ def describe_error(e: BaseException) -> str:
   if len(first) > 200:
     first = first[:197] + "..."
   return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _damage_reason(error: Optional[Exception]) -> str:
+  """`describe_error(error)`, or why a step read here counts as damaged (None: elsewhere)."""
+  return describe_error(error) if error is not None else "unreadable on another process"
 
 
 def _from_orbax_read(tb: Any, obj: Any = None) -> bool:
@@ -313,7 +318,6 @@ class Checkpointer:
     """
     if jax.process_index() == 0:
       target = self._move_aside(str(step))
-      reason = describe_error(error) if error is not None else "unreadable on another process"
       log = self.directory / QUARANTINE / DAMAGE_LOG
       details = ("".join(traceback.format_exception(error)) if error is not None
                  else "(this process read it; another did not)\n")
@@ -321,7 +325,7 @@ class Checkpointer:
         f.write(f"=== {datetime.datetime.now().isoformat(timespec='seconds')} checkpoint at"
                 f" step {step} moved to {target}\n{details}\n")
       logging.warning("checkpoint at step %d is damaged (%s): moved to %s; details in %s",
-                      step, reason, target, log)
+                      step, _damage_reason(error), target, log)
     self._synced_reload(f"quarantine {step}")
 
   def _move_aside(self, name: str) -> pathlib.Path:
@@ -395,23 +399,20 @@ def load_model(run_dir: str | pathlib.Path, step: Optional[int] = None, *,
   directory = run_dir / "checkpoints"
   steps = sorted(int(p.name) for p in directory.iterdir()
                  if p.name.isdigit() and p.is_dir()) if directory.is_dir() else []
-  if step is not None:
-    if step not in steps:
-      raise FileNotFoundError(f"no checkpoint of step {step} in {directory} (steps: {steps})")
-    try:
-      params = _read_params(directory / str(step), target)
-    except Exception as e:  # pylint: disable=broad-except
-      gc.collect()  # finalizes the failed read's dropped coroutines now, under the hook
-      raise CheckpointError(f"checkpoint at step {step} of {run_dir} cannot be read"
-                            f" ({describe_error(e)})") from e
-    return config, step, nnx.merge(graphdef, params)
+  if step is not None and step not in steps:
+    raise FileNotFoundError(f"no checkpoint of step {step} in {directory} (steps: {steps})")
 
   def skip(candidate: int, error: Optional[Exception]) -> None:
-    reason = describe_error(error) if error is not None else "unreadable on another process"
     logging.warning("checkpoint at step %d of %s cannot be read (%s): skipped, reading the"
-                    " previous one", candidate, run_dir, reason)
+                    " previous one", candidate, run_dir, _damage_reason(error))
 
-  found = _newest_readable(steps, lambda s: _read_params(directory / str(s), target), skip)
+  def refuse(candidate: int, error: Optional[Exception]) -> None:
+    raise CheckpointError(f"checkpoint at step {candidate} of {run_dir} cannot be read"
+                          f" ({_damage_reason(error)})") from error
+
+  found = _newest_readable([step] if step is not None else steps,
+                           lambda s: _read_params(directory / str(s), target),
+                           skip if step is None else refuse)
   if found is None:
     if steps:
       raise CheckpointError(f"every checkpoint in {directory} (steps {steps}) is damaged:"
