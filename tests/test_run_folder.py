@@ -253,6 +253,15 @@ def test_what_is_not_a_checkpoint_is_set_aside_never_overwritten(run, trained, c
   assert len(lines) == 2 and all("is not a checkpoint: moved to" in l for l in lines), lines
 
 
+def test_a_file_where_the_quarantine_goes_stops_before_moving_anything(run):
+  (run / "checkpoints" / "quarantine").write_text("mine")
+  (run / "checkpoints" / "notes.txt").write_text("also mine")
+  before = snapshot(run)
+  with pytest.raises(checkpointing.CheckpointError, match=r"quarantine is not a folder"):
+    train.train_and_evaluate(config(), run)
+  assert snapshot(run) == before
+
+
 @pytest.mark.parametrize("name", ["summary.json", "metrics.jsonl", "config.json", ".lock"])
 def test_a_folder_where_the_run_writes_a_file_is_refused_before_anything(run, name):
   (run / name).unlink()

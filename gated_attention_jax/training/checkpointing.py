@@ -330,6 +330,9 @@ class Checkpointer:
 
   def _move_aside(self, name: str) -> pathlib.Path:
     """Moves `checkpoints/<name>` to `checkpoints/quarantine/<name>[.n]`; returns where."""
+    if not (self.directory / QUARANTINE).is_dir() and (self.directory / QUARANTINE).exists():
+      raise CheckpointError(f"{self.directory / QUARANTINE} is not a folder, and damaged"
+                            " checkpoints are moved there: move it out of the way and rerun")
     base = self.directory / QUARANTINE / name
     target, n = base, 0
     while target.exists():
