@@ -55,8 +55,12 @@ def test_scanned_matches_unrolled_with_intermediates_and_gradients(remat):
 
   grads = nnx.state(nnx.grad(loss)(unrolled))
   s_grads = layer_stack.relayout(nnx.state(nnx.grad(loss)(scanned)), grads)
+  # float32: the scan sums the layers' contributions in another order, so an element that
+  # cancels to near zero keeps an absolute error of ~1e-6 of its leaf's largest entries
+  # (measured 1.2e-7 on a 9e-5 entry of a leaf whose largest is 0.08, AMD EPYC AVX2);
+  # atol scales with each leaf. A gradient of the wrong layer or a dropped term is off by O(1).
   for a, b in zip(jax.tree.leaves(s_grads), jax.tree.leaves(grads)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
 
 
 def test_relayout_round_trip_and_refusals():
