@@ -8,14 +8,14 @@ from GAJ_NOTEBOOK_STEPS, set small here.
 
 from __future__ import annotations
 
-import os
 import pathlib
 import re
-import tempfile
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
+
+from tests import toolchains
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO / "colab"
@@ -29,10 +29,6 @@ NOT_INSTALLED = "gated_attention_jax is already importable: not installing"
 def _execute(name: str, monkeypatch: pytest.MonkeyPatch) -> str:
   """Runs the notebook; returns all its stdout text. nbclient raises on any cell error."""
   monkeypatch.setenv("GAJ_NOTEBOOK_STEPS", "6")
-  # The same persistent compilation cache as conftest.py, read by JAX from the environment.
-  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", os.environ.get(
-      "GAJ_TEST_COMPILATION_CACHE", os.path.join(tempfile.gettempdir(), "gaj_jax_cache")))
-  monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
   nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
   NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                  resources={"metadata": {"path": str(REPO)}}).execute()
@@ -66,7 +62,7 @@ def test_attention_sinks_runs(monkeypatch):
 
 
 def test_kernels_and_scale_runs(monkeypatch):
-  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  monkeypatch.setenv("XLA_FLAGS", toolchains.CPU_XLA_FLAGS)  # no device count: the notebook sets it
   text = _execute("03_kernels_and_scale.ipynb", monkeypatch)
   assert "no accelerator: 8 simulated CPU devices" in text
   assert NOT_INSTALLED in text

@@ -6,7 +6,6 @@ which builds it).
 """
 
 import json
-import os
 import subprocess
 
 import pytest
@@ -26,8 +25,7 @@ def _needs_toolchain():
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(toolchains.REPO)}
-  return subprocess.run([str(TOOLCHAIN), *args], env=env, cwd=toolchains.REPO,
+  return subprocess.run([str(TOOLCHAIN), *args], env=toolchains.env(), cwd=toolchains.REPO,
                         capture_output=True, text=True, timeout=600)
 
 

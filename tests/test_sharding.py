@@ -30,7 +30,7 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from gated_attention_jax import attention_ops, sharding
 from gated_attention_jax.training import experiment
-from tests import _sharding_config
+from tests import _sharding_config, toolchains
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RTOL = 1e-5
@@ -57,7 +57,8 @@ PALLAS_MESHES = [(8, 1, 1), (2, 2, 2), (1, 2, 4)]
 
 def _env(num_devices: int) -> dict:
   return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
-          "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices}"}
+          "XLA_FLAGS": f"{toolchains.CPU_XLA_FLAGS} "
+                       f"--xla_force_host_platform_device_count={num_devices}"}
 
 
 def _driver(mode: str, args: dict):

@@ -24,6 +24,14 @@ NEWEST_JAX_TESTS = ("tests/test_kernels.py", "tests/test_kernels_mgpu.py",
                     "tests/test_attention.py", "tests/test_model.py")
 
 
+# XLA flags for the suite's CPU programs (conftest puts them in XLA_FLAGS, which subprocesses
+# inherit): LLVM at optimisation level 0. The tests' programs are tiny, so optimising them
+# costs more time than it saves (a fresh test_scan_layers.py: 73 s -> 38 s; test_kernels.py
+# with test_attention.py: 232 s -> 178 s), and both sides of every comparison compile with the
+# same flags. The toolchain jobs drop them: what they compile for TPU and GPU stays as users get it.
+CPU_XLA_FLAGS = "--xla_backend_optimization_level=0"
+
+
 def python(version: str) -> pathlib.Path | None:
   root = pathlib.Path(os.environ.get("GAJ_TOOLCHAINS", REPO / ".toolchains"))
   path = root / f"jax-{version}" / "bin" / "python"
@@ -59,11 +67,13 @@ class Job:
 _JOBS: dict[str, Job] = {}
 
 
-def _env() -> dict[str, str]:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+def env() -> dict[str, str]:
+  """The environment of a toolchain subprocess: CPU platform, this repository importable."""
+  out = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
              PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3")
-  env.pop("XLA_FLAGS", None)
-  return env
+  for name in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR"):  # real compiles, as users get them
+    out.pop(name, None)
+  return out
 
 
 def start(name: str, argv: list[str], with_json: bool = False) -> Job:
@@ -74,7 +84,7 @@ def start(name: str, argv: list[str], with_json: bool = False) -> Job:
   log = out / "log.txt"
   with open(log, "w") as f:
     process = subprocess.Popen(argv + ([f"--json={json_path}"] if json_path else []),
-                               cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT)
+                               cwd=REPO, env=env(), stdout=f, stderr=subprocess.STDOUT)
   _JOBS[name] = Job(name, process, log, json_path, time.time())
   return _JOBS[name]
 
