@@ -23,11 +23,13 @@ os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {toolchains.CPU_XL
 
 
 # The compile checks (tests/test_compile_targets.py) and the newest-jax run
-# (tests/test_newest_jax.py) are subprocesses in other Python environments: start them as soon
-# as they are collected so they overlap with the rest of the suite, and run their tests last.
+# (tests/test_newest_jax.py) are subprocesses in other Python environments, the 8-device drivers
+# of tests/test_sharding.py subprocesses in this one: start them as soon as their tests are
+# collected so they overlap with the rest of the suite; the toolchain tests run last.
 _BACKGROUND = ("test_compile_targets.py", "test_newest_jax.py")
 
 
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection: start only what will be waited for
 def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
   files = {item.path.name for item in items}
   if "test_compile_targets.py" in files:
@@ -35,6 +37,14 @@ def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argu
       toolchains.compile_job(version)
   if "test_newest_jax.py" in files:
     toolchains.newest_jax_job()
+  sharding_fixtures = {name for item in items if item.path.name == "test_sharding.py"
+                       for name in item.fixturenames}
+  if sharding_fixtures & {"runs", "attend_runs"}:
+    from tests import test_sharding  # pylint: disable=g-import-not-at-top
+    if "runs" in sharding_fixtures:
+      test_sharding.runs_job()
+    if "attend_runs" in sharding_fixtures:
+      test_sharding.attend_job()
   items.sort(key=lambda item: item.path.name in _BACKGROUND)
 
 

@@ -22,6 +22,7 @@ import pathlib
 import socket
 import subprocess
 import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -56,22 +57,27 @@ PALLAS_MESHES = [(8, 1, 1), (2, 2, 2), (1, 2, 4)]
 
 
 def _env(num_devices: int) -> dict:
-  return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
+  return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1",
           "XLA_FLAGS": f"{toolchains.CPU_XLA_FLAGS} "
                        f"--xla_force_host_platform_device_count={num_devices}"}
 
 
-def _driver(mode: str, args: dict):
-  proc = subprocess.run([sys.executable, str(ROOT / "tests" / "_sharding_driver.py"), mode,
-                         json.dumps(args)], env=_env(8), cwd=ROOT, capture_output=True,
-                        text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+def _driver_job(mode: str, args: dict) -> toolchains.Job:
+  """The driver started in the background (conftest starts it at collection; once a session)."""
+  return toolchains.start(f"sharding_{mode}", [sys.executable, str(ROOT / "tests" /
+                                                               "_sharding_driver.py"), mode,
+                                               json.dumps(args)], environ=_env(8))
+
+
+def _result(job: toolchains.Job):
+  """What the driver printed after RESULT (unbuffered: one write, never split by stderr)."""
+  rc, log, _ = job.result(timeout=900)
+  assert rc == 0, log[-4000:]
+  line = next(l for l in log.splitlines() if l.startswith("RESULT "))
   return json.loads(line[len("RESULT "):])
 
 
-@pytest.fixture(scope="module")
-def runs():
+def runs_job() -> toolchains.Job:
   """Every mesh and variant, with its one-device reference, in one subprocess."""
   plan = [{"mesh": [1, 1, 1]}] + [{"mesh": list(m)} for m in MESHES]
   for gate, mesh in VARIANTS:
@@ -79,9 +85,13 @@ def runs():
   plan += [{"model": {"remat": r}, "mesh": [2, 2, 2]} for r in REMATS]
   plan += [{"model": {"attention_impl": "pallas"}, "mesh": list(m), "hlo": True}
            for m in PALLAS_MESHES]
-  results = _driver("losses", {"runs": plan, "steps": STEPS})
+  return _driver_job("losses", {"runs": plan, "steps": STEPS})
+
+
+@pytest.fixture(scope="module")
+def runs():
   key = lambda r: json.dumps([r.get("gate", {}), r.get("model", {}), r["mesh"]], sort_keys=True)
-  return {key(r): r for r in results}, key
+  return {key(r): r for r in _result(runs_job())}, key
 
 
 def _get(runs, mesh, gate=None, model=None):
@@ -141,10 +151,19 @@ ATTEND_CASES = [
 ]
 
 
+# Where the attend driver writes its arrays: one folder per test session.
+ATTEND_OUT = pathlib.Path(tempfile.gettempdir()) / f"gaj_attend_{os.getpid()}"
+
+
+def attend_job() -> toolchains.Job:
+  """The Pallas-per-shard cases in one subprocess, their arrays in ATTEND_OUT."""
+  ATTEND_OUT.mkdir(exist_ok=True)
+  return _driver_job("attend", {"cases": ATTEND_CASES, "out": str(ATTEND_OUT)})
+
+
 @pytest.fixture(scope="module")
-def attend_runs(tmp_path_factory):
-  out = tmp_path_factory.mktemp("attend")
-  return _driver("attend", {"cases": ATTEND_CASES, "out": str(out)}), out
+def attend_runs():
+  return _result(attend_job()), ATTEND_OUT
 
 
 @pytest.mark.parametrize("index", range(len(ATTEND_CASES)),
@@ -226,8 +245,8 @@ def test_parameters_and_optimizer_state_are_sharded_as_the_rules_say(runs):
 
 
 def test_checkpoint_saved_on_one_mesh_restores_onto_another(tmp_path):
-  out = _driver("restore", {"save_mesh": [8, 1, 1], "restore_mesh": [1, 2, 4],
-                            "workdir": str(tmp_path), "steps": STEPS})
+  out = _result(_driver_job("restore", {"save_mesh": [8, 1, 1], "restore_mesh": [1, 2, 4],
+                                        "workdir": str(tmp_path), "steps": STEPS}))
   assert out["step"] == STEPS
   assert out["layout"]["['blocks'][0]['attn']['q_proj'].value"]["spec"] == [
       "fsdp", "tensor", None]

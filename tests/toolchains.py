@@ -1,9 +1,10 @@
-"""The ahead-of-time toolchains (``tools/aot_toolchains.sh``) and jobs run in them in the background.
+"""The ahead-of-time toolchains (``tools/aot_toolchains.sh``) and the suite's background jobs.
 
 Each toolchain is a Python 3.12 environment ``.toolchains/jax-<version>/`` with libtpu, the CUDA
-plugin and ptxas. The compile checks and the newest-jax test run are slow subprocesses; conftest
-starts them when the test session starts (only if their tests were collected), so they overlap
-with the rest of the suite on the second core, and their tests wait for them at the end.
+plugin and ptxas. The compile checks and the newest-jax test run are slow subprocesses in them,
+as are the 8-device drivers of tests/test_sharding.py in this Python; conftest starts them when
+the test session starts (only if their tests were collected), so they overlap with the rest of
+the suite on the second core, and their tests wait for them.
 """
 
 from __future__ import annotations
@@ -76,7 +77,12 @@ def env() -> dict[str, str]:
   return out
 
 
-def start(name: str, argv: list[str], with_json: bool = False) -> Job:
+def start(name: str, argv: list[str], with_json: bool = False,
+          environ: dict[str, str] | None = None) -> Job:
+  """Starts `argv` once per session (a second call returns the same job); output in its log.
+
+  `environ` defaults to a toolchain's (`env()`); the job's folder is `job.log.parent`.
+  """
   if name in _JOBS:
     return _JOBS[name]
   out = pathlib.Path(tempfile.mkdtemp(prefix=f"gaj_{name}_"))
@@ -84,7 +90,7 @@ def start(name: str, argv: list[str], with_json: bool = False) -> Job:
   log = out / "log.txt"
   with open(log, "w") as f:
     process = subprocess.Popen(argv + ([f"--json={json_path}"] if json_path else []),
-                               cwd=REPO, env=env(), stdout=f, stderr=subprocess.STDOUT)
+                               cwd=REPO, env=environ or env(), stdout=f, stderr=subprocess.STDOUT)
   _JOBS[name] = Job(name, process, log, json_path, time.time())
   return _JOBS[name]
 
