@@ -19,7 +19,9 @@ os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE, JAX_PERSISTENT_CACHE_MIN_COM
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 # Read when the CPU backend starts (no test has run yet), and by every subprocess.
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {toolchains.CPU_XLA_FLAGS}".strip()
+if toolchains.CPU_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):  # xdist workers inherit it
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {toolchains.CPU_XLA_FLAGS}".strip()
+toolchains.open_session()
 
 
 # The compile checks (tests/test_compile_targets.py) and the newest-jax run
@@ -49,7 +51,7 @@ def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argu
 
 
 def pytest_sessionfinish(session, exitstatus):  # pylint: disable=unused-argument
-  toolchains.stop_all()
+  toolchains.close_session()
 
 
 @pytest.fixture
@@ -62,14 +64,17 @@ def x64():
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-  """A run folder of a 6-step training run of a tiny byte-level model (seq_len 32)."""
+def tiny_run():
+  """A run folder of a 6-step training run of a tiny byte-level model (seq_len 32).
+
+  Trained once per session (with xdist, by the first worker that needs it). Tests read it or
+  add their own outputs; one that changes what is there works on a copy.
+  """
   from gated_attention_jax.training import train  # pylint: disable=g-import-not-at-top
   from tests.test_analyze import tiny_config  # pylint: disable=g-import-not-at-top
 
-  workdir = tmp_path_factory.mktemp("tiny_run")
-  train.train_and_evaluate(tiny_config(), workdir)
-  return workdir
+  return toolchains.built_once("tiny_run", lambda workdir: train.train_and_evaluate(
+      tiny_config(), workdir))
 
 
 def randomize_params(module: nnx.Module, seed: int, scale: float = 0.3) -> None:

@@ -17,7 +17,6 @@ from gated_attention_jax import analysis as an
 from gated_attention_jax.analysis import run_analysis
 from gated_attention_jax.data import pipeline
 from gated_attention_jax.gate import GateConfig
-from gated_attention_jax.training import train
 from gated_attention_jax.transformer import Transformer, TransformerConfig
 from tests import test_train
 
@@ -46,10 +45,12 @@ def cat(inters: list[dict], key: str) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("run")
+def run(tmp_path_factory, tiny_run):
+  """tiny_config's run (conftest's session run, copied), analysed."""
+  workdir = tmp_path_factory.mktemp("run") / "run"
+  shutil.copytree(tiny_run, workdir, ignore=shutil.ignore_patterns("analysis*", "retrieval*"))
   config = tiny_config()
-  summary = train.train_and_evaluate(config, workdir)
+  summary = json.loads((workdir / "summary.json").read_text())
   result = run_analysis.analyze_run(workdir, num_batches=BATCHES, long_context_batches=BATCHES,
                                     selectivity_sequences=SELECTED)
   return config, workdir, summary, result

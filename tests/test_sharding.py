@@ -22,7 +22,6 @@ import pathlib
 import socket
 import subprocess
 import sys
-import tempfile
 
 import jax
 import numpy as np
@@ -151,19 +150,16 @@ ATTEND_CASES = [
 ]
 
 
-# Where the attend driver writes its arrays: one folder per test session.
-ATTEND_OUT = pathlib.Path(tempfile.gettempdir()) / f"gaj_attend_{os.getpid()}"
-
-
 def attend_job() -> toolchains.Job:
-  """The Pallas-per-shard cases in one subprocess, their arrays in ATTEND_OUT."""
-  ATTEND_OUT.mkdir(exist_ok=True)
-  return _driver_job("attend", {"cases": ATTEND_CASES, "out": str(ATTEND_OUT)})
+  """The Pallas-per-shard cases in one subprocess, their arrays in the job's folder."""
+  return _driver_job("attend", {"cases": ATTEND_CASES,
+                                "out": str(toolchains.job_folder("sharding_attend"))})
 
 
 @pytest.fixture(scope="module")
 def attend_runs():
-  return _result(attend_job()), ATTEND_OUT
+  job = attend_job()
+  return _result(job), job.folder
 
 
 @pytest.mark.parametrize("index", range(len(ATTEND_CASES)),

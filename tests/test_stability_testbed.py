@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import pathlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -117,7 +116,7 @@ def test_summarizer_counts_divergence_and_gaps(tmp_path: pathlib.Path):
   assert cells[("sdpa_elementwise", 0.03)]["delta_vs_baseline"] is None  # no baseline left
   assert base["delta_vs_baseline"] is None
   assert "| testbed | sdpa_elementwise | 0.01 | 0/2 | 2 | 1.75 |" in md
-  assert f"| 48L, 400B tokens | baseline | 0.008 | 9.195 |" in md
+  assert "| 48L, 400B tokens | baseline | 0.008 | 9.195 |" in md
   assert len(paper_results.TABLE2) == 6
   assert (tmp_path / "out" / "stability_testbed.png").stat().st_size > 10_000
 

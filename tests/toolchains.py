@@ -3,16 +3,22 @@
 Each toolchain is a Python 3.12 environment ``.toolchains/jax-<version>/`` with libtpu, the CUDA
 plugin and ptxas. The compile checks and the newest-jax test run are slow subprocesses in them,
 as are the 8-device drivers of tests/test_sharding.py in this Python; conftest starts them when
-the test session starts (only if their tests were collected), so they overlap with the rest of
-the suite on the second core, and their tests wait for them.
+their tests are collected, so they overlap with the rest of the suite, and their tests wait for
+them. Under pytest-xdist each job still starts once per session (see ``open_session``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import dataclasses
+import fcntl
 import os
 import pathlib
+import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -49,50 +55,113 @@ def must_run() -> bool:
   return os.environ.get("CI", "").lower() in ("1", "true")
 
 
+# The background jobs of one test session live in one folder, named in the environment by the
+# session's first pytest process (the only one without xdist, the controller with it) before any
+# worker starts: workers see the same folder, so each job starts once per session, whichever
+# worker collects it first, and any worker can wait for it.
+JOBS_ENV = "GAJ_TEST_JOBS"
+_JOB_SETTINGS = ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR", JOBS_ENV, "PYTEST_XDIST_WORKER",
+                 "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID")
+# Runs argv[2:], then writes "<return code> <seconds>" to argv[1] in one rename.
+_WRAPPER = ("import os, subprocess, sys, time; t = time.time(); rc = subprocess.call(sys.argv[2:]);"
+            " open(sys.argv[1] + '.tmp', 'w').write(f'{rc} {time.time() - t:.0f}');"
+            " os.replace(sys.argv[1] + '.tmp', sys.argv[1])")
+
+
+def open_session() -> None:
+  """Called by conftest in the session's first process: a fresh folder for its jobs."""
+  if "PYTEST_XDIST_WORKER" not in os.environ:
+    os.environ[JOBS_ENV] = tempfile.mkdtemp(prefix="gaj_test_jobs_")
+
+
+def close_session() -> None:
+  """Called by conftest when the first process ends: kills what still runs, removes the folder."""
+  if "PYTEST_XDIST_WORKER" in os.environ or JOBS_ENV not in os.environ:
+    return
+  root = pathlib.Path(os.environ[JOBS_ENV])
+  for pid_file in root.glob("*/pid"):
+    if not (pid_file.parent / "rc").exists():
+      try:
+        os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+      except (ProcessLookupError, ValueError):
+        pass
+  shutil.rmtree(root, ignore_errors=True)
+
+
+def job_folder(name: str) -> pathlib.Path:
+  """Where job `name` keeps its log, result files and whatever else it writes."""
+  return pathlib.Path(os.environ[JOBS_ENV]) / name
+
+
+def built_once(name: str, build: Callable[[pathlib.Path], None]) -> pathlib.Path:
+  """A folder `build` fills once per session, whichever process of it asks first; the others
+  wait for it (a session fixture of each xdist worker would build its own)."""
+  folder, done = job_folder(name), job_folder(f"{name}.built")
+  with open(job_folder(f"{name}.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    if not done.exists():
+      shutil.rmtree(folder, ignore_errors=True)  # what a failed attempt left
+      folder.mkdir()
+      build(folder)
+      done.touch()
+  return folder
+
+
 @dataclasses.dataclass
 class Job:
-  """A subprocess started in the background; ``result()`` waits for it."""
+  """A subprocess started in the background by some process of this session."""
 
   name: str
-  process: subprocess.Popen
-  log: pathlib.Path
-  json: pathlib.Path | None
-  started: float
+  folder: pathlib.Path
+
+  @property
+  def log(self) -> pathlib.Path:
+    return self.folder / "log.txt"
+
+  @property
+  def json(self) -> pathlib.Path:
+    return self.folder / "result.json"
 
   def result(self, timeout: float = 1800) -> tuple[int, str, float]:
-    """(return code, output, seconds from start to end)."""
-    rc = self.process.wait(timeout=timeout)
-    return rc, self.log.read_text(errors="replace"), time.time() - self.started
-
-
-_JOBS: dict[str, Job] = {}
+    """Waits for the job: (return code, output, seconds it ran)."""
+    deadline = time.time() + timeout
+    while not (self.folder / "rc").exists():
+      if time.time() > deadline:
+        raise TimeoutError(f"background job {self.name} still running after {timeout:.0f} s; "
+                           f"its output so far:\n{self.log.read_text(errors='replace')[-3000:]}")
+      time.sleep(0.5)
+    rc, seconds = (self.folder / "rc").read_text().split()
+    return int(rc), self.log.read_text(errors="replace"), float(seconds)
 
 
 def env() -> dict[str, str]:
   """The environment of a toolchain subprocess: CPU platform, this repository importable."""
   out = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
              PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3")
-  for name in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR"):  # real compiles, as users get them
+  for name in _JOB_SETTINGS:  # real compiles, as users get them; a session of its own
     out.pop(name, None)
   return out
 
 
 def start(name: str, argv: list[str], with_json: bool = False,
           environ: dict[str, str] | None = None) -> Job:
-  """Starts `argv` once per session (a second call returns the same job); output in its log.
+  """Starts `argv` once per session (any later call, from any process, gets the same job).
 
-  `environ` defaults to a toolchain's (`env()`); the job's folder is `job.log.parent`.
+  `environ` defaults to a toolchain's (`env()`); output goes to `job.log`, and with `with_json`
+  the command gets `--json=<job.json>`.
   """
-  if name in _JOBS:
-    return _JOBS[name]
-  out = pathlib.Path(tempfile.mkdtemp(prefix=f"gaj_{name}_"))
-  json_path = out / "result.json" if with_json else None
-  log = out / "log.txt"
-  with open(log, "w") as f:
-    process = subprocess.Popen(argv + ([f"--json={json_path}"] if json_path else []),
-                               cwd=REPO, env=environ or env(), stdout=f, stderr=subprocess.STDOUT)
-  _JOBS[name] = Job(name, process, log, json_path, time.time())
-  return _JOBS[name]
+  job = Job(name, job_folder(name))
+  try:
+    job.folder.mkdir()
+  except FileExistsError:
+    return job  # started by this or another process of the session
+  argv = argv + ([f"--json={job.json}"] if with_json else [])
+  with open(job.log, "w") as f:
+    process = subprocess.Popen([sys.executable, "-c", _WRAPPER, str(job.folder / "rc"), *argv],
+                               cwd=REPO, env=environ or env(), stdout=f,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+  (job.folder / "pid").write_text(str(process.pid))
+  return job
 
 
 def compile_job(version: str) -> Job | None:
@@ -109,9 +178,3 @@ def newest_jax_job() -> Job | None:
     return None
   return start("newest_jax", [str(py), "-m", "pytest", "-q", "-p", "no:cacheprovider",
                               *NEWEST_JAX_TESTS])
-
-
-def stop_all() -> None:
-  for job in _JOBS.values():
-    if job.process.poll() is None:
-      job.process.kill()
