@@ -86,7 +86,7 @@ def test_gradients(name, x64):
 
   # JAX's float64 gradient tolerance (1e-5): the finite differences it compares
   # against carry O(eps^2) truncation error.
-  check_grads(f, (x, params), order=1, modes=["rev"])
+  check_grads(jax.jit(f), (x, params), order=1, modes=["rev"])
 
 
 def test_gqa_equals_mha_with_repeated_kv_heads(x64):
@@ -136,10 +136,11 @@ def test_positions_from_segments():
 def test_decode_matches_full_forward(name, x64):
   layer = make_layer(VARIANTS[name], qk_norm=True)
   x = jnp.asarray(np.random.default_rng(7).normal(size=(2, 9, D)))
-  full = layer(x)
+  full = nnx.jit(lambda layer, x: layer(x))(layer, x)
   layer.init_cache(2, 12)
-  steps = [layer(x[:, :5], decode=True)]
-  steps += [layer(x[:, t:t + 1], decode=True) for t in range(5, 9)]
+  decode = nnx.jit(lambda layer, x: layer(x, decode=True))  # updates the cache
+  steps = [decode(layer, x[:, :5])]
+  steps += [decode(layer, x[:, t:t + 1]) for t in range(5, 9)]
   np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, axis=1)), np.asarray(full),
                              rtol=1e-10, atol=1e-10)
   assert layer.cache_index[...].tolist() == [9, 9]
@@ -194,9 +195,11 @@ def test_pallas_impl_matches_xla(name):
   def loss(layer):
     return jnp.sum(jnp.sin(layer(x, segment_ids=segments)))
 
-  np.testing.assert_allclose(np.asarray(pallas(x, segment_ids=segments)),
-                             np.asarray(xla(x, segment_ids=segments)), rtol=1e-5, atol=1e-5)
-  grads_xla, grads_pallas = nnx.grad(loss)(xla), nnx.grad(loss)(pallas)
+  forward = nnx.jit(lambda layer: layer(x, segment_ids=segments))
+  np.testing.assert_allclose(np.asarray(forward(pallas)), np.asarray(forward(xla)), rtol=1e-5,
+                             atol=1e-5)
+  grad = nnx.jit(nnx.grad(loss))
+  grads_xla, grads_pallas = grad(xla), grad(pallas)
   for a, b in zip(jax.tree.leaves(grads_xla), jax.tree.leaves(grads_pallas)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
 
