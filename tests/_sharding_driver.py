@@ -5,7 +5,8 @@ XLA_FLAGS=--xla_force_host_platform_device_count=8 (the device count must be
 set before JAX starts). Usage: `python tests/_sharding_driver.py MODE JSON_ARGS`.
 
   losses   {"runs": [{"gate": {...}, "model": {...}, "mesh": [d, f, t]}, ...], "steps": n}
-           -> per run: losses of n steps, and every parameter's spec and shard shape;
+           -> per run: losses of n steps (a run's own "steps" overrides n), and every
+           parameter's spec and shard shape;
            a run with "hlo": true also lists the shapes of every all-gather in the
            compiled train step ("all_gathers": [[result shape, operand shapes...], ...])
   restore  {"save_mesh": [...], "restore_mesh": [...], "workdir": path, "steps": n}
@@ -103,7 +104,7 @@ def losses_mode(args: dict[str, Any]) -> list[dict[str, Any]]:
           config.data, batch_size=config.train.batch_size, seed=0)))
       step_fn = trainer.train_step.lower(state, batch).compile()
       extra["all_gathers"] = _all_gathers(step_fn.as_text())
-    state, losses = _train(trainer, state, data_iter, args["steps"], step_fn)
+    state, losses = _train(trainer, state, data_iter, run.get("steps", args["steps"]), step_fn)
     results.append({**run, "losses": losses, "layout": _layout(state), **extra})
   return results
 
