@@ -26,9 +26,14 @@ CELL_TIMEOUT_S = 300
 NOT_INSTALLED = "gated_attention_jax is already importable: not installing"
 
 
-def _execute(name: str, monkeypatch: pytest.MonkeyPatch) -> str:
-  """Runs the notebook; returns all its stdout text. nbclient raises on any cell error."""
+def _execute(name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> str:
+  """Runs the notebook; returns all its stdout text. nbclient raises on any cell error.
+
+  The kernel's TMPDIR is the test's, so the run folders a notebook makes with tempfile go
+  where pytest cleans up.
+  """
   monkeypatch.setenv("GAJ_NOTEBOOK_STEPS", "6")
+  monkeypatch.setenv("TMPDIR", str(tmp_path))
   nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
   NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                  resources={"metadata": {"path": str(REPO)}}).execute()
@@ -37,8 +42,8 @@ def _execute(name: str, monkeypatch: pytest.MonkeyPatch) -> str:
   return "".join(o.text for o in outputs if o.output_type == "stream" and o.name == "stdout")
 
 
-def test_quickstart_runs(monkeypatch):
-  text = _execute("01_quickstart.ipynb", monkeypatch)
+def test_quickstart_runs(monkeypatch, tmp_path):
+  text = _execute("01_quickstart.ipynb", monkeypatch, tmp_path)
   assert NOT_INSTALLED in text
   assert re.search(r"G1 elementwise \(best\)\s+G1 sdpa elementwise sigmoid multiply\s+229,440\s+65,536",
                    text)
@@ -47,8 +52,8 @@ def test_quickstart_runs(monkeypatch):
   assert diff < 1e-4
 
 
-def test_attention_sinks_runs(monkeypatch):
-  text = _execute("02_attention_sinks.ipynb", monkeypatch)
+def test_attention_sinks_runs(monkeypatch, tmp_path):
+  text = _execute("02_attention_sinks.ipynb", monkeypatch, tmp_path)
   assert NOT_INSTALLED in text
   assert "baseline: no gate, 836,992 params" in text
   assert "G1 gated: G1 sdpa elementwise sigmoid multiply, 902,528 params" in text
@@ -61,9 +66,9 @@ def test_attention_sinks_runs(monkeypatch):
     assert f"'{png}.png'" in text
 
 
-def test_kernels_and_scale_runs(monkeypatch):
+def test_kernels_and_scale_runs(monkeypatch, tmp_path):
   monkeypatch.setenv("XLA_FLAGS", toolchains.CPU_XLA_FLAGS)  # no device count: the notebook sets it
-  text = _execute("03_kernels_and_scale.ipynb", monkeypatch)
+  text = _execute("03_kernels_and_scale.ipynb", monkeypatch, tmp_path)
   assert "no accelerator: 8 simulated CPU devices" in text
   assert NOT_INSTALLED in text
   errors = re.findall(r"(pallas_\w+)\s+(\w+)\s+max \|fused - reference\| / max \|reference\| = (\S+)",
