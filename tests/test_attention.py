@@ -98,7 +98,9 @@ def test_gqa_equals_mha_with_repeated_kv_heads(x64):
   mha.k_proj[...] = jnp.repeat(gqa.k_proj[...], N // K, axis=1)
   mha.v_proj[...] = jnp.repeat(gqa.v_proj[...], N // K, axis=1)
   x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 9, D)))
-  np.testing.assert_allclose(np.asarray(gqa(x)), np.asarray(mha(x)), rtol=1e-12, atol=1e-12)
+  forward = nnx.jit(lambda layer, x: layer(x))
+  np.testing.assert_allclose(np.asarray(forward(gqa, x)), np.asarray(forward(mha, x)),
+                             rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["sdpa_elementwise", "key_elementwise", "dense_elementwise"])
@@ -108,7 +110,8 @@ def test_causality(name, x64):
   x = rng.normal(size=(1, 10, D))
   changed = x.copy()
   changed[:, 6:] = rng.normal(size=(1, 4, D))
-  a, b = layer(jnp.asarray(x)), layer(jnp.asarray(changed))
+  forward = nnx.jit(lambda layer, x: layer(x))
+  a, b = forward(layer, jnp.asarray(x)), forward(layer, jnp.asarray(changed))
   np.testing.assert_array_equal(np.asarray(a[:, :6]), np.asarray(b[:, :6]))
   assert np.abs(np.asarray(a[:, 6:] - b[:, 6:])).max() > 1e-3
 
@@ -118,9 +121,10 @@ def test_segments_are_isolated(x64):
   rng = np.random.default_rng(6)
   x = rng.normal(size=(1, 10, D))
   segments = jnp.asarray([[1] * 4 + [2] * 6])
-  packed = layer(jnp.asarray(x), segment_ids=segments)
-  alone_first = layer(jnp.asarray(x[:, :4]))
-  alone_second = layer(jnp.asarray(x[:, 4:]))  # positions restart at 0 in each document
+  forward = nnx.jit(lambda layer, x, segment_ids=None: layer(x, segment_ids=segment_ids))
+  packed = forward(layer, jnp.asarray(x), segments)
+  alone_first = forward(layer, jnp.asarray(x[:, :4]))
+  alone_second = forward(layer, jnp.asarray(x[:, 4:]))  # positions restart at 0 in each document
   np.testing.assert_allclose(np.asarray(packed[:, :4]), np.asarray(alone_first), atol=1e-12)
   np.testing.assert_allclose(np.asarray(packed[:, 4:]), np.asarray(alone_second), atol=1e-12)
 
@@ -212,10 +216,11 @@ def test_bf16_compute_close_to_f32():
   nnx.update(bf16, nnx.state(f32, nnx.Param))
   assert bf16.q_proj[...].dtype == jnp.float32  # parameters stay float32
   x = jnp.asarray(np.random.default_rng(10).normal(size=(2, 8, D)), jnp.float32)
-  out = bf16(x)
+  forward = nnx.jit(lambda layer, x: layer(x))
+  out = forward(bf16, x)
   assert out.dtype == jnp.bfloat16
   # bf16 has an 8-bit mantissa: ~1e-2 relative error through a few matmuls.
-  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(f32(x)), rtol=0.1,
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(forward(f32, x)), rtol=0.1,
                              atol=0.05)
 
 
