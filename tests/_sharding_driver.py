@@ -92,19 +92,23 @@ def _layout(state: Any) -> dict[str, dict[str, Any]]:
 
 
 def losses_mode(args: dict[str, Any]) -> list[dict[str, Any]]:
+  # Every run trains on the same first batches (the runs change the model and the mesh, never
+  # config.data or the batch size): read once.
+  config = _config({})
+  data_iter = pipeline.make_train_iterator(config.data, batch_size=config.train.batch_size,
+                                           seed=0)
+  batches = [next(data_iter) for _ in range(max(run.get("steps", args["steps"])
+                                                for run in args["runs"]))]
   results = []
   for run in args["runs"]:
     config = _config(run)
     trainer = _trainer(config, run["mesh"])
-    data_iter = pipeline.make_train_iterator(config.data, batch_size=config.train.batch_size,
-                                             seed=0)
     state, extra, step_fn = trainer.init_state(), {}, None
     if run.get("hlo"):  # the same executable that trains: compiled once, inspected
-      batch = trainer.global_batch(next(pipeline.make_train_iterator(
-          config.data, batch_size=config.train.batch_size, seed=0)))
-      step_fn = trainer.train_step.lower(state, batch).compile()
+      step_fn = trainer.train_step.lower(state, trainer.global_batch(batches[0])).compile()
       extra["all_gathers"] = _all_gathers(step_fn.as_text())
-    state, losses = _train(trainer, state, data_iter, run.get("steps", args["steps"]), step_fn)
+    state, losses = _train(trainer, state, iter(batches), run.get("steps", args["steps"]),
+                           step_fn)
     results.append({**run, "losses": losses, "layout": _layout(state), **extra})
   return results
 
