@@ -34,6 +34,9 @@ refuses the impl (``test_refused_before_jax_0_11``) and the interpreter tests sk
 them under the newest jax (tests/test_newest_jax.py).
 
 Runtime: about 110 s for the whole file on 2 CPU cores (cold compilation cache).
+The comparisons run op by op, not under one outer jit: the interpreter runs each warpgroup's
+jaxpr on its own thread from inside a host callback, and under an outer jit on a 2-core
+machine those inner runs waited on XLA's busy CPU threads and the suite deadlocked (2026-12-07).
 """
 
 from __future__ import annotations
@@ -107,15 +110,12 @@ def test_forward_matches_reference(name):
   q, k, v, gate, q_seg, kv_seg, _ = _inputs(name)
   cfg = _cfg(causal, activation)
 
-  @jax.jit
-  def run(q, k, v, gate, q_seg, kv_seg):
-    ref_kw = dict(causal=causal, scale=cfg.scale, gate_activation=activation,
-                  q_segment_ids=q_seg, kv_segment_ids=kv_seg)
-    return (flash_mgpu.forward(q, k, v, gate, q_seg, kv_seg, cfg, save_residuals=True),
-            reference.gated_attention(q, k, v, gate, **ref_kw),
-            reference.gated_attention(q, k, v, None, **ref_kw), _ref_lse(q, k, cfg, q_seg, kv_seg))
-
-  (o, y, lse), o_ref, y_ref, lse_ref = run(q, k, v, gate, q_seg, kv_seg)
+  o, y, lse = flash_mgpu.forward(q, k, v, gate, q_seg, kv_seg, cfg, save_residuals=True)
+  ref_kw = dict(causal=causal, scale=cfg.scale, gate_activation=activation,
+                q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+  o_ref = reference.gated_attention(q, k, v, gate, **ref_kw)
+  y_ref = reference.gated_attention(q, k, v, None, **ref_kw)
+  lse_ref = _ref_lse(q, k, cfg, q_seg, kv_seg)
 
   assert o.shape == o_ref.shape and o.dtype == dtype
   assert y.shape == y_ref.shape and lse.shape == (b, t, n) and lse.dtype == jnp.float32
@@ -161,13 +161,10 @@ def _check_vjp(q, k, v, gate, q_seg, kv_seg, do, *, causal, activation, blocks, 
                                      scale=1.0 / math.sqrt(h), gate_activation=activation,
                                      q_segment_ids=q_seg, kv_segment_ids=kv_seg)
 
-  @jax.jit
-  def run(q, k, v, gate, do):
-    o, vjp = jax.vjp(kernel, q, k, v, gate)
-    o_ref, vjp_ref = jax.vjp(ref, q, k, v, gate)
-    return o, vjp(do), o_ref, vjp_ref(do.astype(jnp.float32))
-
-  o, got, o_ref, want = run(q, k, v, gate, do)
+  o, vjp = jax.vjp(kernel, q, k, v, gate)
+  got = vjp(do)
+  o_ref, vjp_ref = jax.vjp(ref, q, k, v, gate)
+  want = vjp_ref(do.astype(jnp.float32))
   for name, g, w, x in zip(("o", "dq", "dk", "dv", "dgate"), (o, *got), (o_ref, *want),
                            (q, q, k, v, gate)):
     if x is None:
