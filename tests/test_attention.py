@@ -55,6 +55,10 @@ def make_layer(gate, *, kv_heads=K, qk_norm=False, rotary=1.0, dtype=jnp.float64
   return layer
 
 
+# The layer's plain forward pass, compiled once per layer structure and input shape.
+forward = nnx.jit(lambda layer, x, segment_ids=None: layer(x, segment_ids=segment_ids))
+
+
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_matches_numpy_reference(name, x64):
   gate = VARIANTS[name]
@@ -98,7 +102,6 @@ def test_gqa_equals_mha_with_repeated_kv_heads(x64):
   mha.k_proj[...] = jnp.repeat(gqa.k_proj[...], N // K, axis=1)
   mha.v_proj[...] = jnp.repeat(gqa.v_proj[...], N // K, axis=1)
   x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 9, D)))
-  forward = nnx.jit(lambda layer, x: layer(x))
   np.testing.assert_allclose(np.asarray(forward(gqa, x)), np.asarray(forward(mha, x)),
                              rtol=1e-12, atol=1e-12)
 
@@ -110,7 +113,6 @@ def test_causality(name, x64):
   x = rng.normal(size=(1, 10, D))
   changed = x.copy()
   changed[:, 6:] = rng.normal(size=(1, 4, D))
-  forward = nnx.jit(lambda layer, x: layer(x))
   a, b = forward(layer, jnp.asarray(x)), forward(layer, jnp.asarray(changed))
   np.testing.assert_array_equal(np.asarray(a[:, :6]), np.asarray(b[:, :6]))
   assert np.abs(np.asarray(a[:, 6:] - b[:, 6:])).max() > 1e-3
@@ -121,7 +123,6 @@ def test_segments_are_isolated(x64):
   rng = np.random.default_rng(6)
   x = rng.normal(size=(1, 10, D))
   segments = jnp.asarray([[1] * 4 + [2] * 6])
-  forward = nnx.jit(lambda layer, x, segment_ids=None: layer(x, segment_ids=segment_ids))
   packed = forward(layer, jnp.asarray(x), segments)
   alone_first = forward(layer, jnp.asarray(x[:, :4]))
   alone_second = forward(layer, jnp.asarray(x[:, 4:]))  # positions restart at 0 in each document
@@ -140,7 +141,7 @@ def test_positions_from_segments():
 def test_decode_matches_full_forward(name, x64):
   layer = make_layer(VARIANTS[name], qk_norm=True)
   x = jnp.asarray(np.random.default_rng(7).normal(size=(2, 9, D)))
-  full = nnx.jit(lambda layer, x: layer(x))(layer, x)
+  full = forward(layer, x)
   layer.init_cache(2, 12)
   decode = nnx.jit(lambda layer, x: layer(x, decode=True))  # updates the cache
   steps = [decode(layer, x[:, :5])]
@@ -199,8 +200,8 @@ def test_pallas_impl_matches_xla(name):
   def loss(layer):
     return jnp.sum(jnp.sin(layer(x, segment_ids=segments)))
 
-  forward = nnx.jit(lambda layer: layer(x, segment_ids=segments))
-  np.testing.assert_allclose(np.asarray(forward(pallas)), np.asarray(forward(xla)), rtol=1e-5,
+  np.testing.assert_allclose(np.asarray(forward(pallas, x, segments)),
+                             np.asarray(forward(xla, x, segments)), rtol=1e-5,
                              atol=1e-5)
   grad = nnx.jit(nnx.grad(loss))
   grads_xla, grads_pallas = grad(xla), grad(pallas)
@@ -216,7 +217,6 @@ def test_bf16_compute_close_to_f32():
   nnx.update(bf16, nnx.state(f32, nnx.Param))
   assert bf16.q_proj[...].dtype == jnp.float32  # parameters stay float32
   x = jnp.asarray(np.random.default_rng(10).normal(size=(2, 8, D)), jnp.float32)
-  forward = nnx.jit(lambda layer, x: layer(x))
   out = forward(bf16, x)
   assert out.dtype == jnp.bfloat16
   # bf16 has an 8-bit mantissa: ~1e-2 relative error through a few matmuls.
