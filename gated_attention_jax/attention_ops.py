@@ -6,7 +6,7 @@
   - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (GPU only).
   - "pallas": `gated_attention_jax.kernels.gated_flash_attention`, which can also
     fuse a G1 output gate into the kernel's epilogue: the Pallas GPU kernel on GPUs,
-    the Pallas TPU kernel elsewhere (in TPU interpret mode on CPU: slow, for tests).
+    the Pallas TPU kernel elsewhere (in Pallas' interpreter on CPU: slow, for tests).
 
 Under a (data, fsdp, tensor) context mesh (`sharding.under_mesh`), the "pallas"
 kernel runs per shard (`jax.shard_map`): a `pallas_call` is opaque to XLA's
@@ -207,7 +207,7 @@ def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, gate: Optional[ja
   # transpose then sums the cotangents of inputs a shard holds whole (k, v when each
   # shard slices its kv head, a batch that does not divide) over the devices that
   # share them (over a size-1 axis that is an all-reduce within one device: a no-op).
-  # Every axis is manual: partly-automatic shard_maps refuse interpret mode's callbacks.
+  # Every axis is manual, so the kernel only ever sees whole local shards.
   return jax.shard_map(local, mesh=mesh, in_specs=tuple(plan.in_specs[i] for i in present),
                        out_specs=plan.in_specs[0], check_vma=False)(*(args[i] for i in present))
 

@@ -3,7 +3,7 @@
     python experiments/benchmarks/train_throughput.py --config=configs/gpt_125m.py
     # = --impls=cudnn,pallas,xla: cuDNN + an XLA gate is the baseline, the fused
     #   Pallas kernel and plain XLA are divided by it
-    # CPU smoke test (no cuDNN there; Pallas runs in TPU interpret mode, slowly):
+    # CPU smoke test (no cuDNN there; Pallas runs in its interpreter, slowly):
     python experiments/benchmarks/train_throughput.py --config=configs/default.py \
         --impls=xla,pallas --steps=2 --warmup=1 --matmul_size=512 \
         --config.train.batch_size=2 --config.data.seq_len=64 --config.model.num_layers=1

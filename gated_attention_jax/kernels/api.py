@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
 
 from gated_attention_jax.kernels import (common, flash_gpu, flash_mgpu, flash_tpu, platform,
                                          reference, tiles)
@@ -30,7 +31,8 @@ IMPLS = ("auto", "pallas_tpu", "pallas_gpu", "pallas_mgpu", "xla")
 _KERNELS = {"pallas_tpu": flash_tpu, "pallas_gpu": flash_gpu, "pallas_mgpu": flash_mgpu}
 # Off its native backend a Pallas impl runs in interpret mode (cfg.interpret = True): pallas_mgpu
 # then uses the Mosaic GPU interpreter (``flash_mgpu._interpret_params``), the others
-# ``pallas_call(interpret=True)``.
+# ``pallas_call(interpret=True)`` (the kernel body as XLA ops on the host); pallas_tpu also takes a
+# ``pltpu.InterpretParams`` (jax's TPU emulator).
 _NATIVE_BACKEND = {"pallas_tpu": "tpu", "pallas_gpu": "gpu", "pallas_mgpu": "gpu"}
 HOPPER_KINDS = ("H100", "H200", "H800", "H20", "GH200")
 
@@ -47,7 +49,7 @@ def gated_flash_attention(
     gate_activation: str = "sigmoid",
     impl: str = "auto",
     block_sizes: common.BlockSizes | None = None,
-    interpret: bool | None = None,
+    interpret: bool | pltpu.InterpretParams | None = None,
 ) -> jax.Array:
   """softmax(scale · q kᵀ + mask) v ⊙ act(gate).
 
@@ -66,7 +68,12 @@ def gated_flash_attention(
     interpret: run a Pallas impl in its interpreter (True) or compile it (False). None: compile
       when the platform being lowered for is the impl's own — the abstract mesh's device inside
       ``aot.lowering_for`` (ahead-of-time compiles for a TPU or GPU from a CPU machine), else
-      jax's default backend — and interpret otherwise.
+      jax's default backend — and interpret otherwise. True runs pallas_tpu and pallas_gpu in
+      Pallas' interpreter (the kernel body as XLA ops over the grid; uninitialised scratch and
+      padding read as NaN) and pallas_mgpu in the Mosaic GPU interpreter. For pallas_tpu a
+      ``pltpu.InterpretParams`` runs jax's TPU emulator instead (VMEM, DMAs and semaphores
+      simulated with host callbacks; it can shuffle parallel grid axes and detect races;
+      ~3x slower).
   Returns:
     (B, T, N, H) array in q.dtype.
   """
@@ -80,9 +87,19 @@ def gated_flash_attention(
   cfg = common.KernelConfig(
       impl=impl, causal=bool(causal), scale=scale, gate_activation=gate_activation,
       block_sizes=block_sizes or common.BlockSizes(),
-      interpret=(platform.target_platform() != _NATIVE_BACKEND[impl] if interpret is None
-                 else bool(interpret)))
+      interpret=_interpret_mode(impl, interpret))
   return _flash(cfg, q, k, v, gate, q_seg, kv_seg)
+
+
+def _interpret_mode(impl: str, interpret) -> bool | pltpu.InterpretParams:
+  """``interpret`` checked and resolved for ``impl`` (see ``gated_flash_attention``)."""
+  if interpret is None:
+    return platform.target_platform() != _NATIVE_BACKEND[impl]
+  if isinstance(interpret, bool) or (impl == "pallas_tpu" and
+                                     isinstance(interpret, pltpu.InterpretParams)):
+    return interpret
+  allowed = "None, True, False" + (" or a pltpu.InterpretParams" if impl == "pallas_tpu" else "")
+  raise ValueError(f"interpret must be {allowed} for impl={impl!r}, got {interpret!r}.")
 
 
 def resolve_impl(impl: str, q: jax.Array, gate: jax.Array | None = None,

@@ -11,6 +11,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 # Smallest tile edge: Triton's dot needs >= 16, and 16 rows fill a bf16 TPU sublane tile.
 MIN_BLOCK = 16
@@ -63,7 +64,7 @@ class KernelConfig:
   scale: float
   gate_activation: str
   block_sizes: BlockSizes
-  interpret: bool
+  interpret: bool | pltpu.InterpretParams  # see api.gated_flash_attention
 
 
 def round_up(x: int, multiple: int) -> int:

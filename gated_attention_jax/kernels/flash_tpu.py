@@ -8,8 +8,9 @@ forward and dq walk kv tiles, dk/dv walk (query head in the group, q tile), so G
 materialises repeated K/V. Causal tiles above the diagonal are skipped with ``pl.when`` and
 their index maps are clamped to the last live tile, so no DMA is issued for them either.
 
-On a non-TPU backend ``api`` passes ``interpret=True`` and the kernels run under
-``pltpu.InterpretParams()`` (TPU semantics emulated on the host; slow, for tests).
+On a non-TPU backend ``api`` passes ``interpret=True`` and the kernels run in Pallas'
+interpreter (the body as XLA ops over the grid), or under a ``pltpu.InterpretParams`` the caller
+gave (jax's TPU emulator); both are for tests.
 The custom_vjp wiring lives in ``api``; this module supplies ``forward`` and ``backward``.
 """
 
@@ -37,10 +38,6 @@ def _heads_major(x: jax.Array, length: int) -> jax.Array:
 def _segment_inputs(q_seg, kv_seg, tp: int, sp: int):
   """Segment ids as (B, Tp, 1) and (B, 1, Sp) so tiles have legal TPU minor dims."""
   return common.pad_axis(q_seg, 1, tp)[:, :, None], common.pad_axis(kv_seg, 1, sp)[:, None, :]
-
-
-def _interpret(cfg: common.KernelConfig):
-  return pltpu.InterpretParams() if cfg.interpret else False
 
 
 # ----------------------------------------------------------------------------- forward
@@ -158,7 +155,7 @@ def forward(q, k, v, gate, q_seg, kv_seg, cfg: common.KernelConfig, *, save_resi
                       pltpu.VMEM((block_q, h), jnp.float32)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=(_PARALLEL, _PARALLEL, _PARALLEL, _ARBITRARY)),
-      interpret=_interpret(cfg),
+      interpret=cfg.interpret,
       name="gated_flash_fwd_tpu",
   )(*inputs)
   o = jnp.swapaxes(outs[0], 1, 2)[:, :t]
@@ -304,7 +301,7 @@ def backward(q, k, v, q_seg, kv_seg, lse, dy, delta, cfg: common.KernelConfig):
       scratch_shapes=[pltpu.VMEM((block_q, h), jnp.float32)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=(_PARALLEL, _PARALLEL, _PARALLEL, _ARBITRARY)),
-      interpret=_interpret(cfg),
+      interpret=cfg.interpret,
       name="gated_flash_dq_tpu",
   )(*inputs, *segments)
 
@@ -335,7 +332,7 @@ def backward(q, k, v, q_seg, kv_seg, lse, dy, delta, cfg: common.KernelConfig):
                       pltpu.VMEM((block_kv, h), jnp.float32)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=(_PARALLEL, _PARALLEL, _PARALLEL, _ARBITRARY, _ARBITRARY)),
-      interpret=_interpret(cfg),
+      interpret=cfg.interpret,
       name="gated_flash_dkv_tpu",
   )(*inputs, *segments)
 
