@@ -13,6 +13,8 @@ from typing import Any
 
 from absl import logging
 
+from gated_attention_jax.training import tensorboard_events
+
 
 class MetricsWriter:
   """Appends one JSON object per line (`{"step": ..., "loss": ...}`) and TensorBoard scalars.
@@ -27,8 +29,7 @@ class MetricsWriter:
     self.path = pathlib.Path(workdir) / "metrics.jsonl"
     self._tb = None
     if enabled:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+      self._tb = tensorboard_events.ScalarEventWriter(pathlib.Path(workdir) / "tensorboard")
 
   def truncate_after(self, step: int) -> None:
     if not self.enabled or not self.path.exists():
@@ -56,13 +57,13 @@ class MetricsWriter:
       return
     with self.path.open("a") as f:
       f.write(json.dumps({"step": step, **metrics}) + "\n")
+    scalars = {}
     for name, value in metrics.items():
       if isinstance(value, (int, float)):
-        self._tb.add_scalar(name, value, step)
+        scalars[name] = value
       elif isinstance(value, list):
-        for i, v in enumerate(value):
-          self._tb.add_scalar(f"{name}/{i}", v, step)
-    self._tb.flush()
+        scalars.update((f"{name}/{i}", v) for i, v in enumerate(value))
+    self._tb.write(step, scalars)
 
   def close(self) -> None:
     if self._tb is not None:
