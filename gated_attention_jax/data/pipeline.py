@@ -91,17 +91,18 @@ class PackedWindows:
       first = np.cumsum(per_doc) - per_doc
       self._piece_start = (np.arange(len(self._piece_doc)) - np.repeat(first, per_doc)) * seq_len
       self._piece_len = np.minimum(seq_len, n[self._piece_doc] - self._piece_start)
-      full = np.flatnonzero(self._piece_len == seq_len)
+      # Window w < len(full) is the full piece full[w]; the others pack the tails, best fit.
+      self._full = np.flatnonzero(self._piece_len == seq_len)
       tails = np.flatnonzero(self._piece_len < seq_len)
-      bins = _best_fit_decreasing(self._piece_len[tails], seq_len)
-      self._windows = [[int(p)] for p in full] + [[int(tails[i]) for i in b] for b in bins]
+      self._bins = [[int(tails[i]) for i in b]
+                    for b in _best_fit_decreasing(self._piece_len[tails], seq_len)]
     else:
       self._doc_offset = np.concatenate([[0], np.cumsum(split.length + 1)])
       total = int(self._doc_offset[-1])
       self._num = -(-total // seq_len) if include_partial else total // seq_len
 
   def __len__(self) -> int:
-    return len(self._windows) if self._packing == "segments" else self._num
+    return len(self._full) + len(self._bins) if self._packing == "segments" else self._num
 
   def _stream(self, a: int, b: int) -> np.ndarray:
     """Tokens a..b-1 of the stream [BOS] doc_0 [BOS] doc_1 ... (clipped at its end)."""
@@ -129,7 +130,8 @@ class PackedWindows:
       inputs = [np.concatenate([[self._bos], pieces[0][:-1]])]
     else:
       pieces, inputs = [], []
-      for p in self._windows[w]:
+      for p in ([int(self._full[w])] if w < len(self._full) else
+                self._bins[w - len(self._full)]):
         doc = self._split.document(self._piece_doc[p])
         a, n = int(self._piece_start[p]), int(self._piece_len[p])
         pieces.append(np.asarray(doc[a:a + n], np.int32))
