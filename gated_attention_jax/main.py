@@ -42,7 +42,7 @@ def format_summary(summary: dict[str, Any], workdir: str) -> str:
                  f" {summary['eval_perplexity']:.2f}")
   lines.append(f"  parameters {summary['num_params']:,} ({summary['gate_params']:,} in gates,"
                f" {summary['gate']})")
-  lines.append(f"  files in {workdir}: metrics.jsonl, summary.json, checkpoints/")
+  lines.append(f"  files in {workdir}: metrics.jsonl, summary.json, checkpoints/, tensorboard/")
   return "\n".join(lines)
 
 
