@@ -33,12 +33,27 @@ def _events(path: pathlib.Path) -> list[Event]:
   return events
 
 
+def _tagged(metrics: dict) -> list[tuple[str, float]]:
+  """(tag, value) as TensorBoard should show a metrics row: lists per index, strings not at all."""
+  out = []
+  for name, value in metrics.items():
+    if isinstance(value, float):
+      out.append((name, value))
+    elif isinstance(value, list):
+      out += [(f"{name}/{i}", x) for i, x in enumerate(value)]
+  return out
+
+
 def _scalars(events: list[Event]) -> list[tuple[int, str, float]]:
   return sorted((e.step, v.tag, v.simple_value) for e in events for v in e.summary.value)
 
 
 def test_crc32c_check_value():
   assert tensorboard_events.crc32c(b"123456789") == 0xE3069283  # the standard check value
+
+
+def test_negative_step_encodes_like_protobuf():
+  assert Event.FromString(tensorboard_events.event(1.0, -3)).step == -3
 
 
 def test_metrics_writer_files_decode_like_tensorboardx(tmp_path):
@@ -50,11 +65,8 @@ def test_metrics_writer_files_decode_like_tensorboardx(tmp_path):
   theirs = SummaryWriter(str(tmp_path / "theirs"))
   for step, metrics in rows:
     ours.write(step, metrics)
-    for name, value in metrics.items():
-      for tag, v in ([(name, value)] if isinstance(value, float) else
-                     [(f"{name}/{i}", x) for i, x in enumerate(value)]
-                     if isinstance(value, list) else []):
-        theirs.add_scalar(tag, v, step)
+    for tag, value in _tagged(metrics):
+      theirs.add_scalar(tag, value, step)
   ours.close()
   theirs.close()
 

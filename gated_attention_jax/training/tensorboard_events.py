@@ -42,6 +42,8 @@ def _masked_crc(data: bytes) -> bytes:
 
 
 def _varint(n: int) -> bytes:
+  """Base-128 varint; a negative int64 as its 64-bit two's complement (as protobuf does)."""
+  n &= (1 << 64) - 1
   out = bytearray()
   while True:
     byte, n = n & 0x7F, n >> 7
