@@ -26,7 +26,7 @@ SCALE:
                   150 steps of 16 windows (307k tokens). Shows the pipeline, not the paper.
   small           one GPU, sized after Gu et al.'s 60M model in which sinks emerge (10
                   layers, D 768, 8 heads): 8 q / 2 kv heads x 96, SwiGLU 2048, seq 1024,
-                  bf16, cuDNN attention, 256 x 1024 = 262k tokens/step, 4000 steps = 1.05B
+                  bf16, attention "auto" (cuDNN on a GPU), 256 x 1024 = 262k tokens/step, 4000 steps = 1.05B
                   tokens. Cost: ~62M non-embedding params, ~0.6M tokens/s on an H100
                   (extrapolated from 1.45M tokens/s measured for a 27M model), so ~30 min a
                   run and ~10 GPU-hours for the 19 variants per seed. Gu et al. trained
@@ -44,8 +44,9 @@ SCALE:
                   tokens), lr 4e-3, 1k warmup, cosine to 3e-5, bf16, FSDP over all devices,
                   layers under nnx.scan (scan_layers: minutes less compiling; decode and the
                   PyTorch export need the checkpoint unrolled by layer_stack.relayout).
-                  attention_impl cudnn is for GPUs: on TPUs pass
-                  --config.model.attention_impl=pallas.
+                  attention_impl "auto": the fused Pallas kernel on TPUs, cuDNN (gate in
+                  XLA) on GPUs where it serves the inputs, XLA on CPU; `plan` and the run's
+                  start line say which it chose and why.
   paper_1p7b_48l  Table 2's 48-layer model, lr 8e-3 (where the baseline is unstable).
 Point the paper scales at real data with `--config.data.corpus=token_shards
 --config.data.path=DIR`.
@@ -86,7 +87,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], float, int]] = {
 _PAPER_1P7B = {
     "model": dict(vocab_size=151936, d_model=2048, num_layers=28, num_heads=16,
                   num_kv_heads=8, head_dim=128, mlp_dim=6144, tie_embeddings=True,
-                  qk_norm=True, attention_impl="cudnn", dtype="bfloat16", remat="full",
+                  qk_norm=True, attention_impl="auto", dtype="bfloat16", remat="full",
                   scan_layers=True),
     "data": dict(tokenizer="gpt2", seq_len=4096),
     "train": dict(num_steps=100_000, batch_size=1024, learning_rate=4e-3, warmup_steps=1000,
@@ -106,7 +107,7 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
     },
     "small": {
         "model": dict(d_model=768, num_layers=10, num_heads=8, num_kv_heads=2, head_dim=96,
-                      mlp_dim=2048, attention_impl="cudnn", dtype="bfloat16"),
+                      mlp_dim=2048, attention_impl="auto", dtype="bfloat16"),
         "data": dict(seq_len=1024),
         "train": dict(num_steps=4000, batch_size=256, learning_rate=2e-3, warmup_steps=200,
                       log_every=20, eval_every=250, eval_batches=16, checkpoint_every=500),

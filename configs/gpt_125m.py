@@ -4,7 +4,7 @@
     python experiments/benchmarks/train_throughput.py --config=configs/gpt_125m.py
 
 GPT-2 BPE tokens (vocab 50257 padded to 50304); bf16 compute, float32 parameters,
-cuDNN attention (set --config.model.attention_impl=xla on CPU or TPU).
+attention "auto" (cuDNN on a GPU, the fused Pallas kernel on a TPU, XLA on CPU).
 """
 
 import ml_collections
@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
   config = experiment.base_config()
   config.model.update(vocab_size=50304, d_model=768, num_layers=12, num_heads=12,
                       num_kv_heads=12, head_dim=64, mlp_dim=2048, dtype="bfloat16",
-                      attention_impl="cudnn")
+                      attention_impl="auto")
   config.gate.update(position="sdpa", granularity="elementwise")
   config.data.update(tokenizer="gpt2", seq_len=2048, packing="segments")
   config.train.update(num_steps=5000, batch_size=16, learning_rate=1e-3, warmup_steps=500,

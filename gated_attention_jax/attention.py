@@ -62,6 +62,11 @@ class GatedAttention(nnx.Module):
   layers: the gate values after activation and sharing, `(B, T, heads[, H])` or
   `(B, T, D)`.
 
+  `attention_impl`: "xla" (the reference; the only one with `attention_probs`), "cudnn",
+  "pallas" (the fused kernel) or "auto": chosen per call for the platform being compiled for
+  (`attention_ops.choose_impl`: the kernel on TPU, cuDNN on GPU where it serves the inputs,
+  "xla" on CPU), so a layer traced for a TPU from a CPU machine gets the TPU's choice.
+
   KV-cache decoding: `layer.init_cache(batch, max_length)`, then calls with
   `decode=True` (a prompt first, then one token at a time) append to the cache.
   `prefill=True` (with `decode=True`) marks a call whose tokens start every row at
@@ -319,13 +324,14 @@ class GatedAttention(nnx.Module):
           impl = "xla"  # cuDNN exists on GPUs only; generation elsewhere still works
       else:
         k, v, q_offset = cached_k, cached_v, start
+    impl = attention_ops.resolve_impl(impl, q, k, segment_ids is not None)
 
     fused = logits if self.fuses_gate() else None
     y, probs = attention_ops.attend(
         q, k, v, impl=impl, scale=self.head_dim ** -0.5, causal=self.causal,
         q_offset=q_offset, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
         fused_gate=fused, gate_activation=g.activation,
-        return_probs=return_intermediates and self.attention_impl == "xla")
+        return_probs=return_intermediates and impl == "xla")
 
     if g.sdpa_transform == "rmsnorm":
       y = self.sdpa_norm(y)

@@ -1,6 +1,8 @@
 """Attention math, separate from the layer that owns the parameters.
 
 `attend` dispatches on an implementation string:
+  - "auto": resolved by `choose_impl` for the platform being lowered for (TPU: "pallas";
+    GPU: "cudnn" where cuDNN serves the inputs, else "pallas"; anything else: "xla").
   - "xla": a plain einsum/softmax reference (float32 logits and softmax); the only
     path that can also return the attention probabilities (for analysis).
   - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (GPU only).
@@ -37,7 +39,7 @@ from gated_attention_jax import layers
 from gated_attention_jax import sharding
 from gated_attention_jax.kernels import platform
 
-ATTENTION_IMPLS = ("xla", "cudnn", "pallas")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 # Logical axes of the op's inputs (the layer constrains q, k, v and the gate to the same).
 Q_AXES = ("batch", "seq", "q_heads", "head_dim")  # q, the output, an elementwise gate
 KV_AXES = ("batch", "seq", "kv_heads", "head_dim")  # k, v
@@ -48,6 +50,52 @@ _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 def check_impl(impl: str) -> None:
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+
+
+def cudnn_unsupported(device_kind: str | None, dtype, head_dim: int, q_len: int, kv_len: int,
+                      segments: bool) -> Optional[str]:
+  """Why `jax.nn.dot_product_attention(implementation="cudnn")` cannot serve these inputs
+  on a GPU of `device_kind` (None if it can): its flash-attention checks, made before tracing."""
+  max_head_dim = 256 if platform.is_hopper_or_newer(device_kind) else 128
+  if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    return f"it takes bfloat16 or float16, the model computes in {jnp.dtype(dtype).name}"
+  if head_dim > max_head_dim or head_dim % 8:
+    return (f"head_dim must be a multiple of 8 up to {max_head_dim} on"
+            f" {device_kind or 'this GPU'}, got {head_dim}")
+  if segments and (q_len % 2 or kv_len % 2):  # a mask is a bias to cuDNN: even lengths only
+    return f"packed segments need even sequence lengths, got {q_len} and {kv_len}"
+  return None
+
+
+def choose_impl(impl: str, platform_name: str, device_kind: str | None, *, dtype,
+                head_dim: int, q_len: int, kv_len: int, segments: bool) -> tuple[str, str]:
+  """(the impl that runs, why) for `impl` on a `platform_name` ("tpu", "gpu", "cpu") device.
+
+  Only "auto" is resolved: the fused Pallas kernel on TPU; on GPU cuDNN with the gate in
+  XLA (no GPU measurement yet shows the fused kernel faster there), and the fused kernel
+  where cuDNN cannot serve the inputs (`cudnn_unsupported`); the XLA reference elsewhere
+  (the kernels and cuDNN compile for TPU and GPU only). Other impls are returned as given.
+  """
+  check_impl(impl)
+  if impl != "auto":
+    return impl, "set by attention_impl"
+  if platform_name == "tpu":
+    return "pallas", "the fused Pallas kernel (Mosaic TPU) on TPU"
+  if platform_name == "gpu":
+    reason = cudnn_unsupported(device_kind, dtype, head_dim, q_len, kv_len, segments)
+    if reason:
+      return "pallas", f"the fused Pallas kernel on GPU: cuDNN cannot serve the inputs ({reason})"
+    return "cudnn", ("cuDNN flash attention with the gate in XLA on GPU: no GPU measurement"
+                     " yet shows the fused Pallas kernel faster")
+  return "xla", (f"the XLA reference on {platform_name}: the Pallas kernels and cuDNN compile"
+                 " for TPU and GPU only")
+
+
+def resolve_impl(impl: str, q: jax.Array, k: jax.Array, segments: bool) -> str:
+  """`impl` with "auto" resolved (`choose_impl`) for the platform being lowered for."""
+  return choose_impl(impl, platform.target_platform(), platform.target_device_kind(),
+                     dtype=q.dtype, head_dim=q.shape[-1], q_len=q.shape[1], kv_len=k.shape[1],
+                     segments=segments)[0]
 
 
 def make_mask(batch: int, q_len: int, kv_len: int, *, causal: bool,
@@ -232,7 +280,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str, scale: float,
   Returns:
     `(out (B, T, N, H), probs or None)`.
   """
-  check_impl(impl)
+  impl = resolve_impl(impl, q, k, q_segment_ids is not None)
   b, t = q.shape[:2]
   s = k.shape[1]
   decoding = not (isinstance(q_offset, int) and q_offset == 0)

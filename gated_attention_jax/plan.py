@@ -1,7 +1,7 @@
 """Per-device memory, FLOPs and compile time of a config's train step on a target, without it.
 
     python -m gated_attention_jax.plan --config=configs/ablation.py:baseline,paper_1p7b \\
-        --topology=v5p:4x4x2 --config.model.attention_impl=pallas --out=plan.json
+        --topology=v5p:4x4x2 --out=plan.json
     python -m gated_attention_jax.plan --config=... --topology=h100      # one GPU
     python -m gated_attention_jax.plan --config=... --num_devices=256 --device_memory_gib=95
 
@@ -16,6 +16,12 @@ of time on `jax.ShapeDtypeStruct`s, nothing allocated, for a mesh laid out as th
 - neither: `num_devices` fake CPU devices, attention compiled as "xla" (the cuDNN and Pallas
   kernels do not compile for CPU); the CPU compiler's temporaries are then at best a loose
   upper bound for an accelerator.
+
+`attention_impl="auto"` (the paper-scale configs' default) is resolved for the target as the
+layers resolve it when the step is traced for it (`attention_ops.choose_impl`), and the report
+says what it chose and why: the fused Pallas kernel on a TPU; cuDNN on a GPU where it serves
+the inputs, which the deviceless toolchain cannot compile, so the step is then compiled with
+the fused kernel (similar memory) and the report says so.
 
 Reported per device: parameters, optimizer state and the batch (exact, from the shardings),
 the compiler's arguments, outputs, donated bytes and temporaries (activations kept for the
@@ -99,17 +105,23 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence[Any], *,
   """
   config = ml_collections.ConfigDict(config.to_dict())
   platform = platform_lib.platform_of(devices)
-  planned_impl = config.model.attention_impl
-  if platform == "cpu":
-    config.model.attention_impl = "xla"  # cudnn / pallas kernels do not compile for CPU
-  elif platform == "tpu" and planned_impl == "cudnn":
-    raise ValueError("attention_impl='cudnn' is a GPU library; for a TPU use"
-                     " --config.model.attention_impl=pallas (the Mosaic kernel) or xla")
   try:
     _single_mesh(config, len(devices))
   except ValueError as e:
     raise ValueError(f"{topology} has {len(devices)} devices: {e}") from e
-  model_cfg = experiment.validate(config, len(devices))
+  model_cfg = experiment.validate(config, len(devices), devices)
+  requested = config.model.attention_impl
+  chosen, why = experiment.attention_choice(config, model_cfg, devices)
+  if platform == "tpu" and chosen == "cudnn":
+    raise ValueError("attention_impl='cudnn' is a GPU library; for a TPU use"
+                     " --config.model.attention_impl=auto or pallas (the Mosaic kernel) or xla")
+  compiled_impl = chosen
+  if platform == "cpu":
+    compiled_impl = "xla"  # cudnn / pallas kernels do not compile for CPU
+  elif requested == "auto" and chosen == "cudnn":
+    compiled_impl = "pallas"  # the deviceless toolchain has no cuDNN; its memory is alike
+  config.model.attention_impl = compiled_impl
+  model_cfg = model_cfg.replace(attention_impl=compiled_impl)
   trainer = train.Trainer(config, model_cfg, sharding.make_mesh(config.mesh, devices))
   shape = (config.train.batch_size, config.data.seq_len)
   batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=trainer.batch_sharding)
@@ -129,7 +141,8 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence[Any], *,
       "device_kind": devices[0].device_kind, "compiler": platform,
       "mesh": {a: config.mesh[a] for a in sharding.MESH_AXES},
       "batch_size": config.train.batch_size, "seq_len": config.data.seq_len,
-      "attention_impl": planned_impl, "compiled_attention_impl": config.model.attention_impl,
+      "attention_impl": requested, "attention_choice": chosen, "attention_reason": why,
+      "compiled_attention_impl": compiled_impl,
       "scan_layers": model_cfg.scan_layers, "remat": model_cfg.remat,
       "num_params": trainer.num_params, "hbm_bytes_per_device": hbm_bytes,
   }
@@ -169,7 +182,7 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence[Any], *,
       "flops_per_device": cost.get("flops"),
       "estimated_step_seconds": estimate if estimate and estimate > 0 else None,
   })
-  if config.model.attention_impl == "pallas" and platform in KERNEL_CALLS:
+  if compiled_impl == "pallas" and platform in KERNEL_CALLS:
     text = compiled.as_text()
     calls = {name: text.count(f'custom_call_target="{name}') for name in KERNEL_CALLS[platform]}
     numbers["kernel_custom_calls"] = sum(calls.values())
@@ -177,14 +190,31 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence[Any], *,
   return numbers
 
 
+def _attention_lines(numbers: dict[str, Any]) -> list[str]:
+  """What "auto" attention chose and why, and what was compiled instead where it differs."""
+  chosen, compiled = numbers["attention_choice"], numbers["compiled_attention_impl"]
+  lines = []
+  if numbers["attention_impl"] == "auto":
+    lines.append(f"attention_impl 'auto' chose {chosen!r} for {numbers['device_kind']}:"
+                 f" {numbers['attention_reason']}")
+  if compiled == "xla" != chosen:
+    lines.append(f"attention compiled as 'xla', not {chosen!r}: it keeps the"
+                 " (B, N, T, S) probabilities, so temporaries are an upper bound")
+  elif compiled != chosen:
+    lines.append(f"attention compiled as {compiled!r}, not {chosen!r}: jax's cuDNN attention"
+                 " needs the cuDNN library, which the deviceless toolchain lacks (its memory"
+                 " is like the fused kernel's)")
+  return lines
+
+
 def report(numbers: dict[str, Any]) -> str:
   """A readable table of `plan`'s numbers, with the verdict when the device memory is known."""
   mesh = " ".join(f"{a}={size}" for a, size in numbers["mesh"].items())
   b = numbers["per_device_bytes"]
   if "compiler_error" in numbers:
-    return (f"{numbers['topology']}: mesh {mesh}, batch {numbers['batch_size']} x"
-            f" {numbers['seq_len']}: does NOT fit, the compiler refused it:\n"
-            f"  {numbers['compiler_error']}")
+    return "\n".join([f"{numbers['topology']}: mesh {mesh}, batch {numbers['batch_size']} x"
+                      f" {numbers['seq_len']}: does NOT fit, the compiler refused it:",
+                      f"  {numbers['compiler_error']}", *_attention_lines(numbers)])
   compiler = {"cpu": "CPU compiler (fake devices)", "tpu": "libtpu",
               "gpu": "XLA GPU, deviceless"}[numbers["compiler"]]
   lines = [f"{numbers['topology']}: {numbers['num_devices']} x {numbers['device_kind']},"
@@ -213,9 +243,7 @@ def report(numbers: dict[str, Any]) -> str:
     targets = ", ".join(f"{n} {name}" for name, n in numbers["kernel_call_targets"].items())
     lines.append(f"Pallas kernel calls compiled for {numbers['compiler']}:"
                  f" {numbers['kernel_custom_calls']}{f' ({targets})' if targets else ''}")
-  if numbers["compiled_attention_impl"] != numbers["attention_impl"]:
-    lines.append(f"attention compiled as 'xla', not {numbers['attention_impl']!r}: it keeps the"
-                 " (B, N, T, S) probabilities, so temporaries are an upper bound")
+  lines += _attention_lines(numbers)
   if numbers["fits"] is not None:
     verdict = "fits" if numbers["fits"] else "does NOT fit"
     lines.append(f"{verdict} in {_gib(numbers['hbm_bytes_per_device'])} per device"

@@ -95,6 +95,11 @@ def test_paper_scales_are_the_papers_models():
   deep = ablation.get_config("baseline,paper_1p7b_48l")
   assert deep.model.num_layers == 48 and deep.train.learning_rate == 8e-3
   assert ablation.get_config("baseline,paper_1p7b").train.learning_rate == 4e-3
+  # Attention as the platform allows: the kernel on TPU, cuDNN on GPU, XLA on this CPU.
+  for scale in ("small", "paper_1p7b", "paper_1p7b_48l"):
+    config = ablation.get_config(f"sdpa_elementwise,{scale}")
+    assert config.model.attention_impl == "auto", scale
+    assert experiment.attention_choice(config, experiment.model_config(config))[0] == "xla"
 
 
 def test_every_paper_row_is_a_variant_and_gates_differ():

@@ -209,6 +209,51 @@ def test_pallas_impl_matches_xla(name):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
 
 
+H100, A100 = "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"
+
+
+@pytest.mark.parametrize("platform, kind, dtype, head_dim, length, segments, want, why", [
+    ("tpu", "TPU v5p", jnp.float32, 128, 4096, True, "pallas", "Mosaic TPU"),
+    ("cpu", "cpu", jnp.bfloat16, 128, 4096, False, "xla", "TPU and GPU only"),
+    ("gpu", H100, jnp.bfloat16, 128, 4096, True, "cudnn", "no GPU measurement yet"),
+    ("gpu", H100, jnp.bfloat16, 256, 4096, False, "cudnn", "no GPU measurement yet"),
+    ("gpu", H100, jnp.float32, 128, 4096, False, "pallas", "takes bfloat16 or float16"),
+    ("gpu", H100, jnp.bfloat16, 260, 4096, False, "pallas", "multiple of 8 up to 256"),
+    ("gpu", A100, jnp.bfloat16, 256, 4096, False, "pallas", "multiple of 8 up to 128"),
+    ("gpu", H100, jnp.bfloat16, 64, 4095, True, "pallas", "even sequence lengths"),
+    ("gpu", H100, jnp.bfloat16, 64, 4095, False, "cudnn", "no GPU measurement yet"),
+])
+def test_auto_impl_choice(platform, kind, dtype, head_dim, length, segments, want, why):
+  """"auto": the kernel on TPU, cuDNN on GPU where its flash-attention checks pass (bf16/f16,
+  head_dim <= 256 from Hopper on, else 128, even lengths with a mask), else the kernel."""
+  impl, reason = attention_ops.choose_impl("auto", platform, kind, dtype=dtype,
+                                           head_dim=head_dim, q_len=length, kv_len=length,
+                                           segments=segments)
+  assert (impl, why in reason) == (want, True), reason
+  assert attention_ops.choose_impl("cudnn", platform, kind, dtype=dtype, head_dim=head_dim,
+                                   q_len=length, kv_len=length, segments=segments)[0] == "cudnn"
+
+
+def test_auto_layer_resolves_for_the_platform_it_is_traced_for():
+  """On CPU "auto" runs the XLA reference (probabilities included); traced for a TPU (an
+  abstract mesh's device, as in an ahead-of-time compile) the same layer calls the kernel."""
+  gate = VARIANTS["sdpa_elementwise"]
+  auto = make_layer(gate, dtype=jnp.float32, impl="auto")
+  xla = make_layer(gate, dtype=jnp.float32)
+  x = jnp.asarray(np.random.default_rng(12).normal(size=(2, 8, D)), jnp.float32)
+  out, inter = auto(x, return_intermediates=True)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(xla(x)))
+  assert "attention_probs" in inter
+  assert "pallas_call" not in str(jax.make_jaxpr(lambda x: auto(x))(x))
+  tpu = jax.sharding.AbstractDevice(device_kind="TPU v5p", num_cores=None, platform="tpu")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,),
+                                   abstract_device=tpu)
+  with jax.sharding.use_abstract_mesh(mesh):
+    jaxpr = str(jax.make_jaxpr(lambda x: auto(x))(x))
+    _, inter = jax.eval_shape(lambda x: auto(x, return_intermediates=True), x)
+  assert jaxpr.count("pallas_call") == 1 and "attention_probs" not in inter
+
+
 def test_bf16_compute_close_to_f32():
   gate = GateConfig(position="sdpa")
   f32 = make_layer(gate, dtype=jnp.float32)

@@ -192,6 +192,11 @@ def test_auto_picks_by_target_and_inputs():
     assert api.resolve_impl("auto", bf16) == ("pallas_gpu" if _OLD_JAX else "pallas_mgpu")
     assert api.resolve_impl("auto", bf16.astype(jnp.float32)) == "pallas_gpu"  # no tf32
     assert api.resolve_impl("auto", jnp.zeros((1, 64, 2, 96), jnp.bfloat16)) == "xla"
+    # head_dim 256: Mosaic GPU spills registers there and Triton does not, so Triton first;
+    # 192 (not a power of two) only Mosaic GPU serves.
+    assert api.resolve_impl("auto", jnp.zeros((1, 64, 2, 256), jnp.bfloat16)) == "pallas_gpu"
+    assert api.resolve_impl("auto", jnp.zeros((1, 64, 2, 192), jnp.bfloat16)) == (
+        "xla" if _OLD_JAX else "pallas_mgpu")
   with _hopper("NVIDIA A100-SXM4-80GB"):
     assert api.resolve_impl("auto", bf16) == "pallas_gpu"  # Mosaic GPU kernels are Hopper-only
   assert api.resolve_impl("auto", bf16) == {"tpu": "pallas_tpu"}.get(jax.default_backend(),

@@ -30,16 +30,20 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
 
 
 def test_tpu_plan_compiles_the_pallas_kernel_and_the_scanned_stack(tmp_path):
+  """attention_impl "auto" (the paper configs' default) resolves to the kernel for a TPU."""
   out = tmp_path / "plan.json"
   proc = _run(["-m", "gated_attention_jax.plan", "--config=tests/_sharding_config.py",
                "--topology=v5e:2x2", "--config.mesh.data=1", "--config.mesh.fsdp=2",
-               "--config.mesh.tensor=2", "--config.model.attention_impl=pallas",
+               "--config.mesh.tensor=2", "--config.model.attention_impl=auto",
                "--config.model.scan_layers=True", "--config.model.num_layers=2",
                "--config.model.remat=full", f"--out={out}"])
   assert proc.returncode == 0, proc.stderr[-4000:]
   n = json.loads(out.read_text())
   assert (n["topology"], n["num_devices"], n["compiler"]) == ("v5e:2x2", 4, "tpu")
   assert n["device_kind"].startswith("TPU v5") and n["hbm_bytes_per_device"] == 16 * 2**30
+  assert (n["attention_impl"], n["attention_choice"], n["compiled_attention_impl"]) == (
+      "auto", "pallas", "pallas")
+  assert "'auto' chose 'pallas' for TPU v5" in proc.stdout and "Mosaic TPU" in proc.stdout
   assert n["kernel_custom_calls"] >= 1  # Mosaic, not the interpreter (which leaves none)
   b = n["per_device_bytes"]
   # The compiled step's arguments hold the shards the rules give, padded to TPU tiles.
@@ -93,18 +97,25 @@ print('OOM', oom['fits'], oom['compiler_error'])
   assert lines["OOM"].startswith("False RESOURCE_EXHAUSTED") and "HBM" in lines["OOM"]
 
 
-@pytest.mark.parametrize("head_dim,kernel", [(64, "mosaic_gpu"), (16, "__gpu$xla.gpu.triton")])
-def test_h100_plan_compiles_the_pallas_kernel_and_the_scanned_step(tmp_path, head_dim, kernel):
-  """`auto` picks Mosaic GPU on Hopper where it serves the shape (head_dim a multiple of 64),
-  else Triton: either one's custom call must be in the compiled step."""
+@pytest.mark.parametrize("impl,head_dim,kernel", [("auto", 64, "mosaic_gpu"),
+                                                   ("pallas", 16, "__gpu$xla.gpu.triton")])
+def test_h100_plan_compiles_the_pallas_kernel_and_the_scanned_step(tmp_path, impl, head_dim,
+                                                                   kernel):
+  """The kernel's `auto` picks Mosaic GPU on Hopper where it serves the shape (head_dim a
+  multiple of 64), else Triton: either one's custom call must be in the compiled step. The
+  model's "auto" chooses cuDNN for bf16 on a GPU, which the deviceless toolchain lacks: the
+  plan compiles the fused kernel instead and says so."""
   out = tmp_path / "plan.json"
   proc = _run(["-m", "gated_attention_jax.plan", "--config=tests/_sharding_config.py",
-               "--topology=h100", "--config.mesh.data=1", "--config.model.attention_impl=pallas",
+               "--topology=h100", "--config.mesh.data=1", f"--config.model.attention_impl={impl}",
                f"--config.model.head_dim={head_dim}", "--config.model.dtype=bfloat16",
                "--config.model.scan_layers=True",
                f"--out={out}"])
   assert proc.returncode == 0, proc.stderr[-4000:]
   n = json.loads(out.read_text())
+  chosen = "cudnn" if impl == "auto" else "pallas"
+  assert (n["attention_choice"], n["compiled_attention_impl"]) == (chosen, "pallas"), n
+  assert ("attention compiled as 'pallas', not 'cudnn'" in proc.stdout) == (impl == "auto")
   assert (n["num_devices"], n["compiler"], n["device_kind"]) == (1, "gpu", "NVIDIA H100 80GB HBM3")
   assert n["hbm_bytes_per_device"] == 84942979072 and n["fits"] is True  # the target config's
   assert n["per_device_bytes"]["temporaries"] > 0

@@ -421,8 +421,12 @@ OLD_RUN = pathlib.Path(__file__).parent / "fixtures" / "run_0.1_flat_layout"
 def test_a_run_folder_of_the_flat_layout_resumes(tmp_path, trained, capsys):
   run = pathlib.Path(shutil.copytree(OLD_RUN, tmp_path / "run"))
   assert gaj.load_run(run)[1] == 4 and snapshot(run) == snapshot(OLD_RUN)  # read-only
-  summary = train.train_and_evaluate(config(), run)
-  assert "resumed from step 4" in capsys.readouterr().out
+  resumed = config()
+  resumed.model.attention_impl = "auto"  # a run may resume with another attention impl
+  summary = train.train_and_evaluate(resumed, run)
+  out = capsys.readouterr().out
+  assert "resumed from step 4" in out
+  assert "attention: xla (model.attention_impl 'auto': the XLA reference on cpu" in out, out
   assert summary["finished"] and summary["step"] == 8
   assert rows(run)[:2] == rows(OLD_RUN)  # its own rows kept, the new ones appended
   assert [r["step"] for r in rows(run)] == [2, 4, 6, 8]

@@ -209,6 +209,11 @@ def test_pallas_refuses_meshes_it_cannot_serve_before_compiling(tensor, error):
   config.model.attention_impl = "pallas"
   with pytest.raises(ValueError, match=error + ".*split 6 query heads over 3 kv heads 1, 3, 6"):
     experiment.validate(config, 8)
+  config.model.attention_impl = "auto"
+  experiment.validate(config, 8)  # on these CPU devices "auto" is "xla": fine
+  tpu = [jax.sharding.AbstractDevice(device_kind="TPU v5p", num_cores=None, platform="tpu")]
+  with pytest.raises(ValueError, match="model.attention_impl='auto' chose 'pallas' .*" + error):
+    experiment.validate(config, 8, tpu)  # for a TPU "auto" is the kernel
   # Traced under such a mesh (no devices needed, nothing compiled), attend says the same.
   q = jax.ShapeDtypeStruct((8, 32, 6, 8), np.float32)
   kv = jax.ShapeDtypeStruct((8, 32, 3, 8), np.float32)

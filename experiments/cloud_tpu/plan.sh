@@ -3,7 +3,7 @@
 # here, without the TPUs (needs the toolchain of tools/aot_toolchains.sh, or PYTHON= one with
 # libtpu). Usage: plan.sh CONFIG TOPOLOGY [--config.field=value ...]
 #   plan.sh configs/ablation.py:sdpa_elementwise,paper_1p7b v5p:4x4x2 \
-#       --config.model.attention_impl=pallas
+#       --config.train.batch_size=256
 set -euo pipefail
 CONFIG="$1"; TOPOLOGY="$2"; shift 2
 cd "$(dirname "$0")/../.."

@@ -6,8 +6,9 @@ The kernel families (``flash_tpu``, ``flash_gpu``, ``flash_mgpu``) expose the sa
 ``backward(q, k, v, q_seg, kv_seg, lse, dy, delta, cfg)``; one custom_vjp wires any of them.
 ``impl="auto"`` picks by the platform being lowered for (``platform.target_platform``): TPU ->
 ``pallas_tpu``; a Hopper GPU (H100/H200) -> ``pallas_mgpu`` where it serves the inputs (jax >=
-0.11, bf16/f16, head_dim a multiple of 64 up to 256), else ``pallas_gpu`` (any GPU; head_dim a
-power of two up to 256), else ``xla``. An explicit impl that cannot serve the inputs is refused
+0.11, bf16/f16, head_dim a multiple of 64 up to 256) and its registers do not spill (head_dim <=
+128), else ``pallas_gpu`` (any GPU; head_dim a power of two up to 256; first at head_dim 256,
+where Mosaic GPU spills), else ``xla``. An explicit impl that cannot serve the inputs is refused
 with the reason before anything compiles (``tiles``).
 The gate is applied in the forward kernel's epilogue; the backward's preprocessing pass turns
 dO into dy = dO ⊙ act(g), dgate = dO ⊙ y ⊙ act'(g) (summed over H when headwise) and
@@ -34,7 +35,6 @@ _KERNELS = {"pallas_tpu": flash_tpu, "pallas_gpu": flash_gpu, "pallas_mgpu": fla
 # ``pallas_call(interpret=True)`` (the kernel body as XLA ops on the host); pallas_tpu also takes a
 # ``pltpu.InterpretParams`` (jax's TPU emulator).
 _NATIVE_BACKEND = {"pallas_tpu": "tpu", "pallas_gpu": "gpu", "pallas_mgpu": "gpu"}
-HOPPER_KINDS = ("H100", "H200", "H800", "H20", "GH200")
 
 
 def gated_flash_attention(
@@ -136,9 +136,12 @@ def _auto_impl(target: str, q, gate_kind, has_segments: bool, block_sizes) -> st
     return "pallas_tpu"
   if target != "gpu":
     return "xla"
-  kind = platform.target_device_kind() or ""
-  candidates = (("pallas_mgpu",) if any(h in kind for h in HOPPER_KINDS) else ()) + (
-      "pallas_gpu",)
+  candidates = ("pallas_gpu",)
+  if platform.is_hopper(platform.target_device_kind()):
+    # Mosaic GPU first where its kernels keep within 255 registers (head_dim <= 128); at head_dim
+    # 256 they spill 328-1,344 B and Triton's do not (kernel_report), so Triton goes first.
+    mgpu_first = q.shape[-1] <= tiles.MGPU_SPILL_FREE_HEAD_DIM
+    candidates = ("pallas_mgpu", "pallas_gpu") if mgpu_first else ("pallas_gpu", "pallas_mgpu")
   for impl in candidates:
     if _unsupported(impl, q, gate_kind, has_segments, block_sizes) is None:
       return impl

@@ -13,6 +13,18 @@ from typing import Any
 import jax
 
 _GPU_PLATFORMS = ("cuda", "rocm", "gpu")
+HOPPER_KINDS = ("H100", "H200", "H800", "H20", "GH200")  # compute capability 9.0
+BLACKWELL_KINDS = ("B100", "B200", "B300")  # 10.x
+
+
+def is_hopper(device_kind: str | None) -> bool:
+  """Whether a GPU's device kind (e.g. "NVIDIA H100 80GB HBM3") names a Hopper GPU."""
+  return any(k in (device_kind or "") for k in HOPPER_KINDS)
+
+
+def is_hopper_or_newer(device_kind: str | None) -> bool:
+  """Hopper or Blackwell: compute capability 9.0 or above."""
+  return is_hopper(device_kind) or any(k in (device_kind or "") for k in BLACKWELL_KINDS)
 
 
 def platform_of(devices: Sequence[Any]) -> str:

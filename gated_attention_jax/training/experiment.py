@@ -16,7 +16,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import ml_collections
@@ -27,6 +27,7 @@ from gated_attention_jax import sharding
 from gated_attention_jax.data import config as data_config
 from gated_attention_jax.data import pipeline
 from gated_attention_jax.gate import GateConfig
+from gated_attention_jax.kernels import platform
 from gated_attention_jax.transformer import TransformerConfig
 
 VOCAB_MULTIPLE = 128
@@ -124,8 +125,25 @@ def model_config(config: ml_collections.ConfigDict) -> TransformerConfig:
   return TransformerConfig.from_dict(model, config.gate.to_dict())
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int) -> TransformerConfig:
-  """Checks every section before anything is compiled; returns the model config."""
+def attention_choice(config: ml_collections.ConfigDict, model: TransformerConfig,
+                     devices: Sequence[Any] | None = None) -> tuple[str, str]:
+  """(the attention impl the train step runs on `devices`, why): `model.attention_impl`
+  with "auto" resolved as the layers resolve it when the step is traced for those devices
+  (`attention_ops.choose_impl`). devices: the target's (default: this process's)."""
+  devices = jax.devices() if devices is None else devices
+  t = config.data.seq_len
+  return attention_ops.choose_impl(
+      model.attention_impl, platform.platform_of(devices), devices[0].device_kind,
+      dtype=model.dtype, head_dim=model.head_dim, q_len=t, kv_len=t,
+      segments=config.data.packing == "segments")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int,
+             devices: Sequence[Any] | None = None) -> TransformerConfig:
+  """Checks every section before anything is compiled; returns the model config.
+
+  devices: the devices the step is compiled for, where "auto" attention is resolved
+  (default: this process's)."""
   for section in ("model", "gate", "data", "train", "mesh"):
     if section not in config:
       raise ValueError(f"config has no section {section!r}")
@@ -138,11 +156,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> Transformer
                      f" the data x fsdp mesh size ({batch_shards})")
   model = model_config(config)
   _validate_model_numbers(model)
-  if model.attention_impl == "pallas":  # the kernel runs per shard: can this mesh serve it?
+  impl, why = attention_choice(config, model, devices)
+  if impl == "pallas":  # the kernel runs per shard: can this mesh serve it?
     b, t = config.train.batch_size, config.data.seq_len
-    attention_ops.pallas_shard_plan((b, t, model.num_heads, model.head_dim),
-                                    (b, t, model.num_kv_heads, model.head_dim),
-                                    AbstractMesh(shape, sharding.MESH_AXES))
+    try:
+      attention_ops.pallas_shard_plan((b, t, model.num_heads, model.head_dim),
+                                      (b, t, model.num_kv_heads, model.head_dim),
+                                      AbstractMesh(shape, sharding.MESH_AXES))
+    except ValueError as e:
+      if model.attention_impl != "auto":
+        raise
+      raise ValueError(f"model.attention_impl='auto' chose 'pallas' ({why}), but {e}") from e
   if model.position_embedding == "learned" and config.data.seq_len > model.max_positions:
     raise ValueError(f"data.seq_len ({config.data.seq_len}) exceeds model.max_positions"
                      f" ({model.max_positions}) of the learned position embedding")
@@ -166,7 +190,7 @@ def min_device_bytes(config: ml_collections.ConfigDict, model: TransformerConfig
                 + 3 * model.mlp_dim))
   need = {"parameters and optimizer state": 16 * params // (fsdp * tensor),
           "logits": 2 * 4 * rows * t * model.vocab_size // tensor}
-  if model.attention_impl == "xla":
+  if attention_choice(config, model)[0] == "xla":
     need["attention probabilities"] = (4 * rows * model.num_heads * t * t * model.num_layers
                                        // tensor)
   return need

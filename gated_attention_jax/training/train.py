@@ -344,6 +344,9 @@ def _train(config: ml_collections.ConfigDict, model_cfg: TransformerConfig,
   else:
     start, state, _ = restored
     say(f"resumed from step {start}", flush=True)
+  impl, why = experiment.attention_choice(config, model_cfg)
+  say(f"attention: {impl}" + (f" (model.attention_impl 'auto': {why})"
+                              if model_cfg.attention_impl == "auto" else ""), flush=True)
   # Opened once the resume point is known: a resume that fails writes nothing.
   writer = closers.enter_context(contextlib.closing(
       metrics_writer.MetricsWriter(workdir, enabled=is_chief)))
