@@ -10,10 +10,11 @@ Stages, each a subprocess with a time limit (90, 210 and 150 s; time a stage lea
 to the next, so all three end within 7.5 minutes):
 
   kernels     experiments/kernel_check.py: pallas_mgpu and pallas_gpu compiled, values and
-              dq/dk/dv/dgate against a float32 reference (head_dim 64/128/256, GQA, headwise,
-              segment ids, odd lengths)
-  attention   experiments/benchmarks/attention.py: the five shapes × two gates, both kernels vs
-              cuDNN + XLA gate vs XLA, forward and forward+backward, in one process
+              dq/dk/dv/dgate against a float32 reference (head_dim 64/128/256, the last with
+              Qwen3-Next's and Qwen3.5's heads, GQA, headwise, segment ids, odd lengths)
+  attention   experiments/benchmarks/attention.py: seven shapes (Qwen3-Next's and Qwen3.5's,
+              head_dim 256, among them) × two gates, both kernels vs cuDNN + XLA gate vs XLA,
+              forward and forward+backward, in one process
   throughput  experiments/benchmarks/train_throughput.py --config=configs/gpt_125m.py
               --impls=cudnn,pallas,xla: tokens/s, model TFLOP/s, ratio to a bf16 matmul
 

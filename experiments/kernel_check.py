@@ -53,7 +53,10 @@ class Case:
 CASES = (
     Case("h64_causal", 2, 1024, 1024, 8, 8, 64),
     Case("h128_gqa4", 2, 2048, 2048, 16, 4, 128),
-    Case("h256_gqa2", 1, 1024, 1024, 8, 4, 256),
+    # The released gated models' attention: Qwen3-Next (16 query / 2 kv heads of 256), Qwen3.5
+    # (8 / 2).
+    Case("h256_qwen3_next_16x2", 1, 1024, 1024, 16, 2, 256),
+    Case("h256_qwen3p5_8x2", 1, 1024, 1024, 8, 2, 256),
     Case("h128_headwise", 2, 1024, 1024, 8, 8, 128, gate="headwise"),
     Case("h128_gqa2_segments", 2, 1024, 1024, 8, 4, 128, segments=True),
     Case("h128_odd_noncausal_headwise", 1, 999, 999, 8, 8, 128, causal=False, gate="headwise"),

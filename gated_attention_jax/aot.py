@@ -133,6 +133,19 @@ def lowering_for(devices: Sequence[Any], axis_names: Sequence[str] = ("x",),
     yield
 
 
+# Custom-call targets of compiled Pallas kernels in the optimised HLO, per platform (GPU:
+# Triton, and Mosaic GPU, which the kernels' "auto" picks on Hopper).
+KERNEL_CALLS = {"tpu": ("tpu_custom_call",), "gpu": ("__gpu$xla.gpu.triton", "mosaic_gpu")}
+
+
+def kernel_calls(compiled: Any, platform: str) -> dict[str, int]:
+  """{custom-call target: count} of the Pallas kernels in a ``Compiled``'s optimised HLO
+  (only the targets that occur)."""
+  text = compiled.as_text()
+  calls = {name: text.count(f'custom_call_target="{name}') for name in KERNEL_CALLS[platform]}
+  return {name: n for name, n in calls.items() if n}
+
+
 def compile_for(fn: Callable[..., Any], args: Sequence[Any], target: str, **jit_kwargs):
   """``jax.jit(fn, **jit_kwargs).lower(*args).compile()`` for ``target`` on one device.
 

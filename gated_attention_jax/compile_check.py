@@ -5,10 +5,13 @@
 
 Every impl is compiled, forward and forward+backward, for every target it claims (``TARGETS``)
 over ``CASES``: head_dim 32/64/96/128/256, MHA/GQA/MQA, elementwise/headwise/no gate, segment
-ids, causal and not, lengths that are not tile multiples, T != S, bf16 and float32. All cases
-run on each impl's first target; its other targets (the same compiler with other memory sizes:
-H200 beside H100, v5p and v6e beside v5e) get ``SPOT_CASES``, the largest tiles, unless
-``--all_cases``. A case the API
+ids, causal and not, lengths that are not tile multiples, T != S, bf16 and float32, and
+Qwen3-Next's heads. All cases run on each impl's first target; its other targets (the same
+compiler with other memory sizes: H200 beside H100, v5p and v6e beside v5e) get
+``SPOT_CASES``, the largest tiles, unless ``--all_cases``. The released gated models'
+attention layers (``LAYER_CASES``: ``GatedAttention`` as in Qwen3-Next and Qwen3.5, partial
+rotary included) are compiled forward and backward through the model's ``attention_impl``
+(``LAYER_TARGETS``), recording which kernel the program calls. A case the API
 refuses (``ValueError`` before compiling, e.g. an impl the installed jax cannot serve) is
 recorded as refused with its message; anything else that fails is a failure. Needs an
 environment from ``tools/aot_toolchains.sh`` (libtpu, the CUDA plugin and ptxas).
@@ -60,8 +63,42 @@ CASES = (
     Case("hd64_f32", head_dim=64, t=300, s=300, dtype="float32"),
     Case("hd96_gqa_headwise", head_dim=96, heads=4, kv_heads=2, t=256, s=256, gate="headwise"),
     Case("hd32_mqa_segments", head_dim=32, heads=8, kv_heads=1, t=128, s=128, segments=True),
+    # Qwen3-Next's attention: 16 query / 2 kv heads of 256, elementwise gate.
+    Case("qwen3_next_hd256_gqa16x2", head_dim=256, heads=16, kv_heads=2, t=1024, s=1024,
+         batch=1),
 )
 SPOT_CASES = ("hd256_mqa_ungated_noncausal_odd", "hd128_gqa_headwise_segments")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCase:
+  """A released gated model's attention layer (``GatedAttention``, G1 elementwise gate, QK-norm,
+  bf16 compute, float32 parameters) on x (batch, t, d_model)."""
+
+  name: str
+  d_model: int
+  heads: int
+  kv_heads: int
+  head_dim: int = 256
+  partial_rotary_factor: float = 0.25
+  t: int = 256
+  batch: int = 1
+
+
+# The attention layers of the released gated models: Qwen3-Next's 16 query / 2 kv heads and
+# Qwen3.5's 8 / 2, head_dim 256, partial rotary 0.25. d_model and length are small here (the
+# kernel's tiles do not depend on them; the kernel case above has Qwen3-Next's heads at 1024
+# tokens), as libtpu's compile of the layer's backward grows with both (30 s at d_model 2048 x
+# 1024 tokens, 11 s at 256 x 256).
+LAYER_CASES = (
+    LayerCase("qwen3_next_attention_16x2_hd256", d_model=256, heads=16, kv_heads=2),
+    LayerCase("qwen3p5_attention_8x2_hd256", d_model=256, heads=8, kv_heads=2),
+)
+# The model's attention_impl per target: "auto" is the fused kernel on a TPU; on a GPU it is
+# cuDNN, which the deviceless toolchain lacks, so "pallas" (the kernels' own "auto": Triton at
+# head_dim 256 on Hopper). One target per compiler (v5p / v6e and H200 share them), forward
+# and backward in one program (the gradient of the parameters and the input).
+LAYER_TARGETS = {"v5e:2x2": "auto", "h100": "pallas"}
 
 
 def _shapes(case: Case):
@@ -122,13 +159,64 @@ def compile_case(impl: str, target: str, case: Case, backward: bool) -> dict:
   return record
 
 
+def compile_layer_case(target: str, case: LayerCase) -> dict:
+  """Compiles one released model's attention layer for ``target``: the gradient of its
+  parameters and input (forward and backward); returns {status: ok|failed, seconds,
+  kernel_calls (the Pallas kernels' custom calls in the compiled program), error?}."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  from gated_attention_jax import aot  # pylint: disable=g-import-not-at-top
+  from gated_attention_jax.attention import GatedAttention  # pylint: disable=g-import-not-at-top
+  from gated_attention_jax.gate import GateConfig  # pylint: disable=g-import-not-at-top
+
+  impl = LAYER_TARGETS[target]
+  record = {"impl": f"layer:{impl}", "target": target, "case": case.name, "pass": "fwd+bwd"}
+  start = time.perf_counter()
+  try:
+    abstract = nnx.eval_shape(lambda: GatedAttention(
+        case.d_model, case.heads, case.kv_heads, case.head_dim, GateConfig(position="sdpa"),
+        partial_rotary_factor=case.partial_rotary_factor, qk_norm=True, norm_style="offset",
+        attention_impl=impl, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    leaves, treedef = jax.tree.flatten(state)
+
+    def loss(x, leaves):
+      layer = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+      return jnp.sum(layer(x).astype(jnp.float32))
+
+    x = jax.ShapeDtypeStruct((case.batch, case.t, case.d_model), jnp.bfloat16)
+    compiled = aot.compile_for(lambda x, *leaves: jax.grad(loss, argnums=(0, 1))(x, leaves),
+                               (x, *leaves), target)
+    record["kernel_calls"] = aot.kernel_calls(compiled, "gpu" if aot.is_gpu_target(target)
+                                              else "tpu")
+    record["status"] = "ok"
+  except Exception as e:  # pylint: disable=broad-except
+    record["status"] = "failed"
+    record["error"] = f"{type(e).__name__}: {e}"[:2000]
+  record["seconds"] = round(time.perf_counter() - start, 2)
+  return record
+
+
+def _log(r: dict, log) -> None:
+  print(f"{r['status']:8s} {r['seconds']:6.1f}s  {r['impl']:11s} {r['target']:10s} {r['pass']:7s} "
+        f"{r['case']}" + (f"\n         {r['error'][:300]}" if "error" in r else ""),
+        file=log, flush=True)
+
+
 def run(impls, targets=None, cases=CASES, passes=("fwd", "fwd+bwd"), all_cases=False,
-        log=sys.stderr) -> dict:
-  """Compiles every (impl, target, case, pass); returns {jax, jaxlib, results: [...]}."""
+        layer_cases=LAYER_CASES, log=sys.stderr) -> dict:
+  """Compiles every (impl, target, case, pass) and every layer case on its ``LAYER_TARGETS``
+  (within ``targets``); returns {jax, jaxlib, results: [...]}."""
   import jax  # pylint: disable=g-import-not-at-top
   import jaxlib  # pylint: disable=g-import-not-at-top
 
   results = []
+  for target in LAYER_TARGETS:
+    for case in layer_cases if not targets or target in targets else ():
+      results.append(compile_layer_case(target, case))
+      _log(results[-1], log)
   for impl in impls:
     for target in TARGETS[impl]:
       if targets and target not in targets:
@@ -138,11 +226,8 @@ def run(impls, targets=None, cases=CASES, passes=("fwd", "fwd+bwd"), all_cases=F
         if spot and case.name not in SPOT_CASES:
           continue
         for p in passes:
-          r = compile_case(impl, target, case, backward=p == "fwd+bwd")
-          results.append(r)
-          print(f"{r['status']:8s} {r['seconds']:6.1f}s  {impl:11s} {target:10s} {p:7s} "
-                f"{case.name}" + (f"\n         {r['error'][:300]}" if "error" in r else ""),
-                file=log, flush=True)
+          results.append(compile_case(impl, target, case, backward=p == "fwd+bwd"))
+          _log(results[-1], log)
   return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "results": results}
 
 
@@ -153,6 +238,9 @@ def main(argv=None) -> int:
   parser.add_argument("--cases", default="", help="comma-separated case names (default: all)")
   parser.add_argument("--all_cases", action="store_true",
                       help="every case on every target (default: SPOT_CASES beyond the first)")
+  parser.add_argument("--layer_cases", default=",".join(c.name for c in LAYER_CASES),
+                      help="comma-separated released models' attention layers to compile"
+                           " (default: all; empty: none)")
   parser.add_argument("--json", default="", help="write the results here")
   args = parser.parse_args(argv)
   if os.environ.get("JAX_PLATFORMS") != "cpu":
@@ -166,8 +254,14 @@ def main(argv=None) -> int:
   if unknown:
     parser.error(f"--cases: unknown {sorted(unknown)}; known: {[c.name for c in CASES]}")
   cases = tuple(c for c in CASES if not names or c.name in names)
+  layer_names = {n for n in args.layer_cases.split(",") if n}
+  unknown = layer_names - {c.name for c in LAYER_CASES}
+  if unknown:
+    parser.error(f"--layer_cases: unknown {sorted(unknown)}; known:"
+                 f" {[c.name for c in LAYER_CASES]}")
   report = run(impls, {t for t in args.targets.split(",") if t}, cases,
-               all_cases=args.all_cases)
+               all_cases=args.all_cases,
+               layer_cases=tuple(c for c in LAYER_CASES if c.name in layer_names))
   if args.json:
     with open(args.json, "w") as f:
       json.dump(report, f, indent=1)

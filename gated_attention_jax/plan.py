@@ -75,9 +75,6 @@ _OUT = flags.DEFINE_string("out", "", "Also write the plan as JSON to this file.
 
 BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.int32,
                 "positions": jnp.int32, "loss_mask": jnp.float32}
-# Custom-call targets of compiled Pallas kernels in the optimised HLO, per platform (GPU:
-# Triton, and Mosaic GPU, which `auto` picks on Hopper).
-KERNEL_CALLS = {"tpu": ("tpu_custom_call",), "gpu": ("__gpu$xla.gpu.triton", "mosaic_gpu")}
 
 
 def _single_mesh(config: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -182,11 +179,10 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence[Any], *,
       "flops_per_device": cost.get("flops"),
       "estimated_step_seconds": estimate if estimate and estimate > 0 else None,
   })
-  if compiled_impl == "pallas" and platform in KERNEL_CALLS:
-    text = compiled.as_text()
-    calls = {name: text.count(f'custom_call_target="{name}') for name in KERNEL_CALLS[platform]}
+  if compiled_impl == "pallas" and platform in aot.KERNEL_CALLS:
+    calls = aot.kernel_calls(compiled, platform)
     numbers["kernel_custom_calls"] = sum(calls.values())
-    numbers["kernel_call_targets"] = {name: n for name, n in calls.items() if n}
+    numbers["kernel_call_targets"] = calls
   return numbers
 
 

@@ -26,6 +26,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # The GPU machine's jax and the newest on the registry; 0.10.2 is the default Python's jax.
 VERSIONS = ("0.10.2", "0.11.2", "0.12.0.1")
 NEWEST = VERSIONS[-1]
+LAYER_VERSION = "0.11.2"  # the GPU machine's jax: compile_check's LAYER_CASES run under it
 # Kernel, attention and model tests, run again under the newest jax (what Colab users get).
 NEWEST_JAX_TESTS = ("tests/test_kernels.py", "tests/test_kernels_mgpu.py",
                     "tests/test_attention.py", "tests/test_model.py")
@@ -165,11 +166,14 @@ def start(name: str, argv: list[str], with_json: bool = False,
 
 
 def compile_job(version: str) -> Job | None:
+  """compile_check under ``version``'s toolchain; the released models' attention layers only
+  under ``LAYER_VERSION`` (the kernels they call are compiled under every version)."""
   py = python(version)
   if py is None:
     return None
+  layers = [] if version == LAYER_VERSION else ["--layer_cases="]
   return start(f"compile_{version}",
-               [str(py), "-m", "gated_attention_jax.compile_check"], with_json=True)
+               [str(py), "-m", "gated_attention_jax.compile_check", *layers], with_json=True)
 
 
 def newest_jax_job() -> Job | None:
