@@ -186,6 +186,11 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence[Any], *,
   return numbers
 
 
+def _batch_shards(numbers: dict[str, Any]) -> int:
+  """The devices the batch is split over: mesh data x fsdp."""
+  return numbers["mesh"]["data"] * numbers["mesh"]["fsdp"]
+
+
 def _attention_lines(numbers: dict[str, Any]) -> list[str]:
   """What "auto" attention chose and why, and what was compiled instead where it differs."""
   chosen, compiled = numbers["attention_choice"], numbers["compiled_attention_impl"]
@@ -210,7 +215,10 @@ def report(numbers: dict[str, Any]) -> str:
   if "compiler_error" in numbers:
     return "\n".join([f"{numbers['topology']}: mesh {mesh}, batch {numbers['batch_size']} x"
                       f" {numbers['seq_len']}: does NOT fit, the compiler refused it:",
-                      f"  {numbers['compiler_error']}", *_attention_lines(numbers)])
+                      f"  {numbers['compiler_error']}",
+                      f"  ({numbers['batch_size'] // _batch_shards(numbers)} sequences per"
+                      " device: lower --config.train.batch_size, or use more devices)",
+                      *_attention_lines(numbers)])
   compiler = {"cpu": "CPU compiler (fake devices)", "tpu": "libtpu",
               "gpu": "XLA GPU, deviceless"}[numbers["compiler"]]
   lines = [f"{numbers['topology']}: {numbers['num_devices']} x {numbers['device_kind']},"

@@ -83,11 +83,12 @@ small.data.seq_len, small.train.batch_size = 8192, 32
 oom = plan.plan(small, aot.target_devices('v5e:2x2'), topology='v5e:2x2',
                 hbm_bytes=aot.hbm_bytes('v5e:2x2'))
 print('OOM', oom['fits'], oom['compiler_error'])
+print('ADVICE', plan.report(oom).splitlines()[2])
 """
   proc = _run(["-c", code])
   assert proc.returncode == 0, proc.stderr[-4000:]
   lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines()
-               if line.split(" ", 1)[0] in ("UNKNOWN", "MESH", "FIT", "CUDNN", "OOM"))
+               if line.split(" ", 1)[0] in ("UNKNOWN", "MESH", "FIT", "CUDNN", "OOM", "ADVICE"))
   assert "libtpu cannot compile for TPU topology 'v5e:3x7'" in lines["UNKNOWN"]
   assert "v5e:2x2 has 4 devices" in lines["MESH"] and "needs 3 devices" in lines["MESH"]
   # 1.7B float32 parameters and two Adam moments on every chip: ~19 GiB > 16 GiB.
@@ -95,6 +96,7 @@ print('OOM', oom['fits'], oom['compiler_error'])
   assert "GPU library" in lines["CUDNN"]
   # Past the exact parts, libtpu itself refuses a step that needs more than the HBM.
   assert lines["OOM"].startswith("False RESOURCE_EXHAUSTED") and "HBM" in lines["OOM"]
+  assert "(8 sequences per device: lower --config.train.batch_size" in lines["ADVICE"]
 
 
 @pytest.mark.parametrize("impl,head_dim,kernel", [("auto", 64, "mosaic_gpu"),
