@@ -82,6 +82,25 @@ VARIANTS: dict[str, tuple[dict[str, Any], float, int]] = {
                                 "activation": "identity"}, 1, 1),
     "sdpa_input_independent": ({"position": "sdpa", "input_dependent": False}, 1, 1),
     "sdpa_ns_sigmoid": ({"position": "sdpa", "activation": "ns_sigmoid"}, 1, 1),
+    "baseline_plus_4_experts": ({}, 1, 1),
+}
+# Variants that add routed experts (MoE scales only): Table 1 row 4, the 15B model + 4 experts.
+EXTRA_EXPERTS = {"baseline_plus_4_experts": 4}
+
+_PAPER_MOE_15B = {
+    "model": dict(vocab_size=151936, d_model=2048, num_layers=24, num_heads=32, num_kv_heads=4,
+                  head_dim=128, mlp_dim=6144, tie_embeddings=False, qk_norm=True,
+                  mlp_type="moe",
+                  moe=dict(num_experts=128, experts_per_token=8, expert_dim=704,
+                           num_shared_experts=1, shared_expert_dim=4096,
+                           shared_expert_gate=True, balance_loss_weight=0.001,
+                           router_z_loss_weight=0.001),
+                  attention_impl="auto", dtype="bfloat16", remat="full", scan_layers=True),
+    "data": dict(tokenizer="gpt2", seq_len=4096),
+    "train": dict(num_steps=100_000, batch_size=1024, learning_rate=2e-3, warmup_steps=1000,
+                  min_lr_ratio=0.01, log_every=50, eval_every=2000, eval_batches=16,
+                  checkpoint_every=1000),
+    "mesh": dict(data=1, fsdp=-1),
 }
 
 _PAPER_1P7B = {
@@ -112,12 +131,40 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
         "train": dict(num_steps=4000, batch_size=256, learning_rate=2e-3, warmup_steps=200,
                       log_every=20, eval_every=250, eval_batches=16, checkpoint_every=500),
     },
+    "moe_smoke": {
+        "model": dict(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                      mlp_dim=192, mlp_type="moe",
+                      moe=dict(num_experts=8, experts_per_token=2, expert_dim=64)),
+        "data": dict(seq_len=128),
+        "train": dict(num_steps=150, batch_size=16, learning_rate=3e-3, warmup_steps=15,
+                      log_every=10, eval_every=50, eval_batches=4, checkpoint_every=150,
+                      keep_checkpoints=1),
+    },
+    "moe_small": {
+        "model": dict(d_model=768, num_layers=10, num_heads=8, num_kv_heads=2, head_dim=96,
+                      mlp_dim=2048, mlp_type="moe",
+                      moe=dict(num_experts=32, experts_per_token=4, expert_dim=512),
+                      attention_impl="auto", dtype="bfloat16"),
+        "data": dict(seq_len=1024),
+        "train": dict(num_steps=4000, batch_size=256, learning_rate=2e-3, warmup_steps=200,
+                      log_every=20, eval_every=250, eval_batches=16, checkpoint_every=500),
+    },
+    "paper_moe_15b": _PAPER_MOE_15B,
     "paper_1p7b": _PAPER_1P7B,
     "paper_1p7b_48l": {**_PAPER_1P7B,
                        "model": {**_PAPER_1P7B["model"], "num_layers": 48},
                        "train": {**_PAPER_1P7B["train"], "learning_rate": 8e-3,
                                  "min_lr_ratio": 3e-5 / 8e-3}},
 }
+
+
+def is_moe_scale(scale: str) -> bool:
+  return SCALES[scale].get("model", {}).get("mlp_type") == "moe"
+
+
+def variants(scale: str) -> list[str]:
+  """The variants that apply at `scale`: all but the expert-adding ones on a dense scale."""
+  return [v for v in VARIANTS if v not in EXTRA_EXPERTS or is_moe_scale(scale)]
 
 
 def parse_cell(arg: str, variants, second: str, seconds) -> tuple[str, str]:
@@ -165,6 +212,11 @@ def make_config(variant: str, scale: str) -> ml_collections.ConfigDict:
                      " is not a whole number")
   config.model.num_heads = int(num_heads)
   config.model.num_kv_heads *= kv_factor
+  if variant in EXTRA_EXPERTS:
+    if not is_moe_scale(scale):
+      raise ValueError(f"{variant} adds routed experts: it needs a MoE scale"
+                       f" ({', '.join(s for s in SCALES if is_moe_scale(s))}), not {scale!r}")
+    config.model.moe.num_experts += EXTRA_EXPERTS[variant]
   return config
 
 

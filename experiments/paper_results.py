@@ -29,6 +29,7 @@ ROWS: dict[str, PaperRow] = {
     "baseline": PaperRow("1.1", 0, 6.026, None, 1053, 0.467),
     "baseline_kv_heads_x2": PaperRow("1.2", 50, 5.979),
     "baseline_q_heads_x1p5": PaperRow("1.3", 201, 5.953),
+    "baseline_plus_4_experts": PaperRow("1.4", 400, 5.964),
     "sdpa_elementwise": PaperRow("1.5", 201, 5.761, 0.116, 94, 0.048),
     "value_elementwise": PaperRow("1.6", 25, 5.820, 0.221, 125, 0.297),
     "key_elementwise": PaperRow("1.7", 25, 6.016),

@@ -99,7 +99,7 @@ def main() -> None:
   if args.scale not in scales:
     parser.error(f"--scale for --grid={args.grid} must be one of {list(scales)},"
                  f" got {args.scale!r}")
-  default = list({"ablation": ablation.VARIANTS, "stability": stability.VARIANTS,
+  default = list({"ablation": ablation.variants(args.scale), "stability": stability.VARIANTS,
                   "sinks": sinks.VARIANTS, "long_context": long_context.VARIANTS}[args.grid])
   variants = args.variants.split(",") if args.variants else default
   cells = runs(args.grid, args.scale, variants, [int(s) for s in args.seeds.split(",")],

@@ -40,8 +40,10 @@ def format_summary(summary: dict[str, Any], workdir: str) -> str:
   if "eval_loss" in summary:
     lines.append(f"  eval loss {summary['eval_loss']:.4f}  perplexity"
                  f" {summary['eval_perplexity']:.2f}")
+  active = summary.get("active_params", summary["num_params"])
   lines.append(f"  parameters {summary['num_params']:,} ({summary['gate_params']:,} in gates,"
-               f" {summary['gate']})")
+               f" {summary['gate']})" + (f", {active:,} active per token"
+                                          if active != summary["num_params"] else ""))
   lines.append(f"  files in {workdir}: metrics.jsonl, summary.json, checkpoints/, tensorboard/")
   return "\n".join(lines)
 

@@ -15,6 +15,19 @@ def count_params(module: nnx.Module) -> int:
   return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
 
 
+def count_active_params(module: nnx.Module) -> int:
+  """Parameters one token uses: all of them but, in each mixture-of-experts block, the routed
+  experts it is not sent to (k of E used); equal to `count_params` for a dense model."""
+  from gated_attention_jax import moe  # pylint: disable=g-import-not-at-top
+  unused = 0
+  for _, node in nnx.iter_graph(module):
+    if isinstance(node, moe.MoE):
+      experts = sum(math.prod(p.shape) for p in (node.gate_proj, node.up_proj, node.down_proj))
+      e, k = node.cfg.num_experts, node.cfg.experts_per_token
+      unused += experts * (e - k) // e
+  return count_params(module) - unused
+
+
 def gate_params_per_layer(d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
                           gate: GateConfig) -> int:
   """Parameters one attention layer gains from its gate, by the paper's formulas.

@@ -40,6 +40,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
+    ("experts", None),  # MoE expert weights (split over fsdp / tensor by their other axes)
     ("dense_gate", "tensor"),
     ("norm", None),
     ("layers", None),  # scan_layers: the leading axis of the stacked blocks' parameters

@@ -22,6 +22,7 @@ from flax import nnx
 
 from gated_attention_jax import attention_ops
 from gated_attention_jax import layers
+from gated_attention_jax import moe as moe_lib
 from gated_attention_jax import rope
 from gated_attention_jax import sharding
 from gated_attention_jax.attention import GatedAttention, check_positive_floats, default_positions
@@ -31,6 +32,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
           "float64": jnp.float64}  # float64 for reference tests (needs jax_enable_x64)
 REMAT_POLICIES = ("none", "full", "save_matmuls")
 POSITION_EMBEDDINGS = ("rope", "learned", "none")
+MLP_TYPES = layers.MLP_TYPES + ("moe",)  # "moe": routed experts where `moe` makes a layer sparse
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +60,8 @@ class TransformerConfig:
   position_embedding: str = "rope"  # one of POSITION_EMBEDDINGS
   max_positions: int = 0  # rows of the learned position table (position_embedding "learned")
   norm_type: str = "rmsnorm"  # one of layers.NORM_TYPES (block and final norms)
-  mlp_type: str = "swiglu"  # one of layers.MLP_TYPES
+  mlp_type: str = "swiglu"  # one of MLP_TYPES
+  moe: moe_lib.MoEConfig = moe_lib.MoEConfig()  # the sparse layers' experts (mlp_type "moe")
   gate: GateConfig = GateConfig()
   attention_impl: str = "xla"
   dtype: str = "float32"
@@ -84,7 +87,7 @@ class TransformerConfig:
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
     for name, allowed in (("position_embedding", POSITION_EMBEDDINGS),
-                          ("norm_type", layers.NORM_TYPES), ("mlp_type", layers.MLP_TYPES)):
+                          ("norm_type", layers.NORM_TYPES), ("mlp_type", MLP_TYPES)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"model.{name} must be one of {allowed}, got {getattr(self, name)!r}")
     if (self.position_embedding == "learned") != (self.max_positions > 0):
@@ -102,6 +105,16 @@ class TransformerConfig:
       check_positive_floats(**{f"model.{name}": getattr(self, name)})
     if not isinstance(self.gate, GateConfig):
       raise ValueError(f"model.gate must be a GateConfig, got {type(self.gate).__name__}")
+    if self.mlp_type == "moe":
+      sparse = self.moe.sparse_layers(self.num_layers)
+      if not sparse:
+        raise ValueError(f"model.moe.sparse_step ({self.moe.sparse_step}) and"
+                         f" model.moe.dense_layers ({list(self.moe.dense_layers)}) select no"
+                         f" layer of {self.num_layers} to be sparse")
+      if self.scan_layers and len(sparse) != self.num_layers:
+        raise ValueError(f"model.scan_layers stacks alike layers, but model.moe makes only"
+                         f" layers {list(sparse)} of {self.num_layers} sparse: set"
+                         " model.scan_layers=False, or moe.sparse_step=1 and no dense_layers")
 
   @classmethod
   def from_dict(cls, model: Mapping[str, Any],
@@ -117,6 +130,8 @@ class TransformerConfig:
       raise ValueError(f"model has no fields {unknown}; allowed fields are {sorted(allowed)}")
     if "rope_scaling" in values:
       values["rope_scaling"] = rope.RopeScaling(**dict(values["rope_scaling"]))
+    if "moe" in values:
+      values["moe"] = moe_lib.MoEConfig.from_dict(values["moe"])
     return cls(**values, gate=GateConfig.from_dict(gate or {}))
 
   def replace(self, **changes: Any) -> "TransformerConfig":
@@ -129,9 +144,10 @@ def _norm(cfg: TransformerConfig, rngs: nnx.Rngs) -> nnx.Module:
 
 
 class Block(nnx.Module):
-  """Pre-norm transformer block."""
+  """Pre-norm transformer block; its MLP is the routed experts (`moe.MoE`) where the config
+  makes layer `layer` sparse (every layer alike when `layer` is None: the scanned stack)."""
 
-  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: TransformerConfig, *, layer: Optional[int] = None, rngs: nnx.Rngs):
     p = DTYPES[cfg.param_dtype]
     self.attn_norm = _norm(cfg, rngs)
     self.attn = GatedAttention(
@@ -142,7 +158,11 @@ class Block(nnx.Module):
         norm_style=cfg.norm_style, attention_impl=cfg.attention_impl,
         dtype=DTYPES[cfg.dtype], param_dtype=p, rngs=rngs)
     self.mlp_norm = _norm(cfg, rngs)
-    self.mlp = layers.make_mlp(cfg.mlp_type, cfg.d_model, cfg.mlp_dim, param_dtype=p, rngs=rngs)
+    if cfg.mlp_type == "moe" and (layer is None or cfg.moe.is_sparse(layer)):
+      self.mlp = moe_lib.MoE(cfg.d_model, cfg.moe, param_dtype=p, rngs=rngs)
+    else:
+      self.mlp = layers.make_mlp("swiglu" if cfg.mlp_type == "moe" else cfg.mlp_type,
+                                 cfg.d_model, cfg.mlp_dim, param_dtype=p, rngs=rngs)
 
   def __call__(self, x: jax.Array, positions: Optional[jax.Array],
                segment_ids: Optional[jax.Array], decode: bool, prefill: bool,
@@ -151,7 +171,12 @@ class Block(nnx.Module):
                      return_intermediates=return_intermediates)
     attn, inter = attn if return_intermediates else (attn, {})
     h = sharding.constrain(x + attn, ("batch", "seq", "embed"))
-    out = sharding.constrain(h + self.mlp(self.mlp_norm(h)), ("batch", "seq", "embed"))
+    mlp = self.mlp(self.mlp_norm(h))
+    if isinstance(self.mlp, moe_lib.MoE):
+      mlp, balance = mlp
+      if return_intermediates:
+        inter = {**inter, **balance}
+    out = sharding.constrain(h + mlp, ("batch", "seq", "embed"))
     return out, inter
 
 
@@ -220,7 +245,9 @@ class Transformer(nnx.Module):
   With `return_intermediates=True` it returns `(logits, intermediates)` where
   intermediates holds per-layer lists: `hidden_states` (block outputs `(B, T, D)`),
   `queries` `(B, T, N, H)`, `keys` and `values` `(B, S, K, H)`, and, where available, `attention_probs` `(B, N, T, S)`
-  ("xla" path) and `gate_scores` (the same lists with `scan_layers`).
+  ("xla" path) and `gate_scores` (the same lists with `scan_layers`); the sparse layers'
+  balancing terms (`moe.balance_terms`: `moe_balance_loss`, `moe_router_z_loss`,
+  `moe_expert_load`, `moe_router_entropy`, scalars, one per sparse layer).
 
   Decoding: `model.init_cache(batch, max_length)`, then `decode=True` calls append to
   every layer's KV cache; `prefill=True` with it marks a prompt written from slot 0,
@@ -236,7 +263,7 @@ class Transformer(nnx.Module):
     if cfg.scan_layers:
       self.blocks = _stacked_blocks(cfg, rngs)
     else:
-      self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+      self.blocks = nnx.List([Block(cfg, layer=i, rngs=rngs) for i in range(cfg.num_layers)])
     self.final_norm = _norm(cfg, rngs)
     self.lm_head = None if cfg.tie_embeddings else layers.make_param(
         rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), layers.normal_init(), p)

@@ -31,8 +31,12 @@ def read_metrics(workdir):
   return [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resumed_run_has_exactly_the_same_losses(tmp_path):
+@pytest.mark.parametrize("mlp", ["dense", "moe"])
+def test_resumed_run_has_exactly_the_same_losses(tmp_path, mlp):
   config = tiny_config()
+  if mlp == "moe":  # layer 1 of 2 sparse: 4 experts, top 2
+    config.model.update(mlp_type="moe", moe=dict(num_experts=4, experts_per_token=2,
+                                                  expert_dim=32, sparse_step=2))
   whole = train.train_and_evaluate(config, tmp_path / "whole")
   first = train.train_and_evaluate(config, tmp_path / "split", stop_at_step=5)
   assert first["step"] == 5 and not first["finished"]
@@ -43,6 +47,11 @@ def test_resumed_run_has_exactly_the_same_losses(tmp_path):
   b = [row for row in b if row["step"] != 5]
   assert [r["step"] for r in a] == [r["step"] for r in b] == [2, 4, 6, 8, 10, 12]
   assert [r["loss"] for r in a] == [r["loss"] for r in b]  # bit-for-bit on one device
+  if mlp == "moe":  # the balancing terms and per-layer routing statistics are logged
+    assert [r["moe_balance_loss"] for r in a] == [r["moe_balance_loss"] for r in b]
+    assert all(r["moe_balance_loss"] > 0 and r["moe_router_z_loss"] > 0 for r in a)
+    assert all(len(r["moe_expert_load_per_layer"]) == 1 for r in a)
+    assert whole["active_params"] < whole["num_params"]
   assert whole["eval_loss"] == second["eval_loss"]
   steps = checkpointing.Checkpointer(tmp_path / "split", keep=5).steps()
   assert steps == [4, 5, 8, 12]

@@ -28,6 +28,7 @@ from gated_attention_jax.data import config as data_config
 from gated_attention_jax.data import pipeline
 from gated_attention_jax.gate import GateConfig
 from gated_attention_jax.kernels import platform
+from gated_attention_jax.moe import MoEConfig
 from gated_attention_jax.transformer import TransformerConfig
 
 VOCAB_MULTIPLE = 128
@@ -44,7 +45,8 @@ RESUMABLE = ("train.num_steps", "train.log_every", "train.eval_every", "train.ev
 def base_config() -> ml_collections.ConfigDict:
   """Every field with its default; config files start from this and update it."""
   model = {f.name: f.default for f in dataclasses.fields(TransformerConfig)
-           if f.name not in ("gate", "rope_scaling")}
+           if f.name not in ("gate", "rope_scaling", "moe")}
+  model["moe"] = dataclasses.asdict(MoEConfig())
   model["vocab_size"] = 0
   model["rope_scaling"] = {"method": "none", "factor": 1.0, "original_max_len": 2048,
                            "beta_fast": 32.0, "beta_slow": 1.0}

@@ -107,7 +107,8 @@ class Progress:
     parts = [f"step {step}/{self.total}"]
     for key, fmt in (("loss", ".4f"), ("perplexity", ".2f"), ("eval_loss", ".4f"),
                      ("eval_perplexity", ".2f"), ("learning_rate", ".2e"),
-                     ("grad_norm", ".3f"), ("tokens_per_sec", ",.0f")):
+                     ("grad_norm", ".3f"), ("moe_balance_loss", ".3f"),
+                     ("moe_router_z_loss", ".3f"), ("tokens_per_sec", ",.0f")):
       if key in metrics and math.isfinite(metrics[key]):
         parts.append(f"{key.replace('_per_sec', '/s')} {metrics[key]:{fmt}}")
     parts.append(f"ETA {format_duration(eta)}")

@@ -44,15 +44,20 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "TPU v6": 918.0,
                "TPU v5p": 459.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v4": 275.0}
 
 Batch = losses.Batch
-# Per-layer training-batch metrics a step may return: the gate's mean, and with
-# train.track_activations the max |block output| and max attention logit.
+# Per-layer training-batch metrics a step may return: the gate's mean, with
+# train.track_activations the max |block output| and max attention logit, and per sparse
+# layer the expert load (max / mean assignments) and router entropy.
 PER_LAYER_METRICS = ("gate_score_mean_per_layer", "activation_max_per_layer",
-                     "attention_logit_max_per_layer")
+                     "attention_logit_max_per_layer", "moe_expert_load_per_layer",
+                     "moe_router_entropy_per_layer")
+# Scalar training-batch metrics of MoE models: the balancing terms (mean over sparse layers).
+MOE_METRICS = ("moe_balance_loss", "moe_router_z_loss")
 
 
 def flops_per_token(cfg: TransformerConfig, seq_len: int, num_params: int) -> float:
   """Training FLOPs per token: 6·(non-embedding params + output projection) + attention.
 
+  num_params: the parameters a token uses (`count_active_params`; all of a dense model's).
   The attention term is 12·layers·heads·head_dim·T (PaLM's convention, causal
   masking not discounted).
   """
@@ -102,11 +107,13 @@ class Trainer:
     self.tx = optim.make_optimizer(config.train)
     self.use_segments = config.data.packing == "segments"
     self.want_gates = model_cfg.gate.enabled
+    self.moe = model_cfg.moe if model_cfg.mlp_type == "moe" else None
     self.track_activations = config.train.get("track_activations", False)
 
     abstract_model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
     self.graphdef, abstract_params = nnx.split(abstract_model)
     self.num_params = params_lib.count_params(abstract_model)
+    self.active_params = params_lib.count_active_params(abstract_model)
     self.gate_params = params_lib.gate_params(abstract_model)
     param_sh = sharding.state_shardings(abstract_params, mesh)
     opt_shape = jax.eval_shape(self.tx.init, abstract_params)
@@ -147,12 +154,17 @@ class Trainer:
 
     def loss_fn(params):
       model = nnx.merge(self.graphdef, params)
-      nll, log_z, inter = losses.token_losses(model, batch, self.use_segments,
-                                              self.want_gates or self.track_activations)
+      nll, log_z, inter = losses.token_losses(
+          model, batch, self.use_segments,
+          self.want_gates or self.track_activations or self.moe is not None)
       mask = batch["loss_mask"]
       count = jnp.maximum(mask.sum(), 1.0)
       ce = (nll * mask).sum() / count
       total = ce + z_loss * (log_z ** 2 * mask).sum() / count
+      if self.moe is not None:  # the sparse layers' balancing terms, averaged over them
+        total += (self.moe.balance_loss_weight * jnp.mean(jnp.stack(inter["moe_balance_loss"]))
+                  + self.moe.router_z_loss_weight
+                  * jnp.mean(jnp.stack(inter["moe_router_z_loss"])))
       return total, (ce, inter)
 
     (_, (ce, inter)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -160,6 +172,12 @@ class Trainer:
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": ce, "grad_norm": optax.tree.norm(grads),
                "learning_rate": optim.learning_rate_schedule(self.config.train)(state["step"])}
+    if self.moe is not None:
+      metrics.update({
+          "moe_balance_loss": jnp.mean(jnp.stack(inter["moe_balance_loss"])),
+          "moe_router_z_loss": jnp.mean(jnp.stack(inter["moe_router_z_loss"])),
+          "moe_expert_load_per_layer": jnp.stack(inter["moe_expert_load"]),
+          "moe_router_entropy_per_layer": jnp.stack(inter["moe_router_entropy"])})
     if inter.get("gate_scores"):
       metrics["gate_score_mean_per_layer"] = jnp.stack(
           [jnp.mean(g.astype(jnp.float32)) for g in inter["gate_scores"]])
@@ -268,8 +286,8 @@ def _check_finite(step: int, loss: float, last_saved: Optional[int]) -> None:
     raise FloatingPointError(f"training loss is {loss} at step {step}: stopping; {kept}")
 
 
-SUMMARY_KEYS = ("step", "num_steps", "preempted", "finished", "num_params", "gate_params",
-                "gate")
+SUMMARY_KEYS = ("step", "num_steps", "preempted", "finished", "num_params", "active_params",
+                "gate_params", "gate")
 
 
 def _summary_eval(workdir: pathlib.Path, step: int) -> dict[str, Any]:
@@ -353,7 +371,7 @@ def _train(config: ml_collections.ConfigDict, model_cfg: TransformerConfig,
   writer.truncate_after(start)
 
   tokens_per_step = train_cfg.batch_size * config.data.seq_len
-  flops = flops_per_token(model_cfg, config.data.seq_len, trainer.num_params)
+  flops = flops_per_token(model_cfg, config.data.seq_len, trainer.active_params)
   peak = peak_flops_per_device(train_cfg)
   spikes = metrics_writer.SpikeCounter(train_cfg.spike_factor, train_cfg.spike_window)
   progress = metrics_writer.Progress(train_cfg.num_steps, start)
@@ -410,6 +428,7 @@ def _train(config: ml_collections.ConfigDict, model_cfg: TransformerConfig,
       for key in PER_LAYER_METRICS:
         if key in values:
           row[key] = [float(v) for v in values[key]]
+      row.update({key: float(values[key]) for key in MOE_METRICS if key in values})
       if do_eval:
         eval_metrics = trainer.evaluate(state["params"], eval_batches)
         if trainer.track_sinks:
@@ -433,6 +452,7 @@ def _train(config: ml_collections.ConfigDict, model_cfg: TransformerConfig,
     eval_metrics = _summary_eval(workdir, step)
   summary = {"step": step, "num_steps": train_cfg.num_steps, "preempted": preempted,
              "finished": step >= train_cfg.num_steps, "num_params": trainer.num_params,
+             "active_params": trainer.active_params,
              "gate_params": trainer.gate_params, "gate": model_cfg.gate.describe(),
              **eval_metrics}
   if is_chief:

@@ -1,0 +1,182 @@
+"""Mixture-of-experts feed-forward block: routed SwiGLU experts, dropless, with balancing terms.
+
+`MoEConfig` (the model config's `moe` section, used where `mlp_type="moe"`): E routed SwiGLU
+experts of hidden size F; each token goes to its top-k experts by a softmax router (weights
+renormalised over the k when `normalize_top_k`, Qwen3-MoE's `norm_topk_prob`); optional
+shared experts every token uses (Qwen3-Next: one, scaled by a sigmoid gate of the token);
+which layers are sparse follows Qwen3-MoE (`sparse_step` = `decoder_sparse_step`,
+`dense_layers` = `mlp_only_layers`): the others keep the dense SwiGLU of `mlp_dim`.
+
+Dropless: every (token, expert) assignment is computed. The N·k assignments are sorted by
+expert and the experts applied with `jax.lax.ragged_dot` over the groups (no capacity, no
+padding to a capacity factor, no hand-written kernel), then unsorted and weighted.
+
+Balancing terms (returned by `MoE.__call__` per layer, weighted in the train step):
+  balance loss  E · Σ_e f_e · P_e, with f_e the fraction of the N·k assignments routed to
+                expert e and P_e the mean router probability of e over the N tokens: 1 when
+                routing is uniform (Switch Transformer's loss, normalised by k). Computed
+                over all tokens of the step's (global) batch, under sharding too.
+  router z-loss mean over tokens of logsumexp(router logits)² (ST-MoE).
+Statistics: expert load (max / mean assignments per expert; 1 is balanced) and the router's
+mean entropy (nats).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gated_attention_jax import layers
+
+MoEAux = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """The routed experts of the sparse layers (`TransformerConfig.mlp_type == "moe"`)."""
+
+  num_experts: int = 8
+  experts_per_token: int = 2  # top-k
+  expert_dim: int = 128  # hidden size F of each routed SwiGLU expert
+  normalize_top_k: bool = True  # renormalise the k router weights to sum to 1
+  num_shared_experts: int = 0  # experts every token uses (one SwiGLU of this x shared_dim)
+  shared_expert_dim: int = 0  # hidden size of each shared expert (0: expert_dim)
+  shared_expert_gate: bool = False  # scale the shared experts by sigmoid(x · w) (Qwen3-Next)
+  sparse_step: int = 1  # layer i (from 0) is sparse when (i + 1) % sparse_step == 0 ...
+  dense_layers: tuple[int, ...] = ()  # ... and i is not listed here
+  balance_loss_weight: float = 0.01
+  router_z_loss_weight: float = 0.001
+
+  def __post_init__(self):
+    for name in ("num_experts", "experts_per_token", "expert_dim", "sparse_step"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"model.moe.{name} must be a positive int, got {value!r}")
+    for name in ("num_shared_experts", "shared_expert_dim"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"model.moe.{name} must be an int >= 0, got {value!r}")
+    if self.experts_per_token > self.num_experts:
+      raise ValueError(f"model.moe.experts_per_token ({self.experts_per_token}) must be at most"
+                       f" model.moe.num_experts ({self.num_experts})")
+    for name in ("normalize_top_k", "shared_expert_gate"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"model.moe.{name} must be a bool, got {getattr(self, name)!r}")
+    if self.shared_expert_gate and not self.num_shared_experts:
+      raise ValueError("model.moe.shared_expert_gate needs model.moe.num_shared_experts > 0")
+    for name in ("balance_loss_weight", "router_z_loss_weight"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float(
+          "inf"):
+        raise ValueError(f"model.moe.{name} must be a finite number >= 0, got {value!r}")
+    if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in self.dense_layers):
+      raise ValueError(f"model.moe.dense_layers must be layer indices >= 0, got"
+                       f" {self.dense_layers!r}")
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]) -> "MoEConfig":
+    values = dict(values)
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+      raise ValueError(f"model.moe has no fields {unknown}; allowed fields are {sorted(allowed)}")
+    if "dense_layers" in values:
+      values["dense_layers"] = tuple(values["dense_layers"])
+    return cls(**values)
+
+  def is_sparse(self, layer: int) -> bool:
+    """Whether layer `layer` (from 0) has routed experts (Qwen3-MoE's rule)."""
+    return (layer + 1) % self.sparse_step == 0 and layer not in self.dense_layers
+
+  def sparse_layers(self, num_layers: int) -> tuple[int, ...]:
+    return tuple(i for i in range(num_layers) if self.is_sparse(i))
+
+
+def route(logits: jax.Array, k: int, normalize: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Softmax top-k routing of router logits `(N, E)` (float32).
+
+  Returns (probs `(N, E)`, expert ids `(N, k)`, weights `(N, k)`), the weights being the k
+  probabilities, renormalised to sum to 1 when `normalize`.
+  """
+  probs = jax.nn.softmax(logits, axis=-1)
+  weights, experts = jax.lax.top_k(probs, k)
+  if normalize:
+    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+  return probs, experts, weights
+
+
+def balance_terms(logits: jax.Array, probs: jax.Array, experts: jax.Array) -> MoEAux:
+  """The balancing loss, router z-loss, expert load and router entropy of one layer's routing
+  (see the module docstring); logits and probs `(N, E)`, experts `(N, k)`."""
+  num_experts = probs.shape[-1]
+  counts = jnp.zeros((num_experts,), probs.dtype).at[experts.reshape(-1)].add(1.0)
+  fraction = counts / experts.size
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  return {
+      "moe_balance_loss": num_experts * jnp.sum(fraction * jnp.mean(probs, axis=0)),
+      "moe_router_z_loss": jnp.mean(log_z ** 2),
+      "moe_expert_load": jnp.max(counts) / jnp.mean(counts),
+      "moe_router_entropy": -jnp.mean(jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)),
+                                              axis=-1)),
+  }
+
+
+def grouped_swiglu(x: jax.Array, experts: jax.Array, w_gate: jax.Array, w_up: jax.Array,
+                   w_down: jax.Array) -> jax.Array:
+  """Each token through each of its experts, dropless: `(N, D)` x `(N, k)` ids → `(N, k, D)`.
+
+  The N·k assignments are sorted by expert and each expert's SwiGLU applied to its group with
+  `jax.lax.ragged_dot` (weights `(E, D, F)`, `(E, D, F)`, `(E, F, D)`).
+  """
+  n, k = experts.shape
+  num_experts = w_gate.shape[0]
+  flat = experts.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  rows = x[order // k]  # (N·k, D), grouped by expert
+  group_sizes = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1)
+  dot = lambda a, w: jax.lax.ragged_dot(a, w.astype(a.dtype), group_sizes)
+  h = jax.nn.silu(dot(rows, w_gate)) * dot(rows, w_up)
+  out = jnp.zeros_like(rows).at[order].set(dot(h, w_down))
+  return out.reshape(n, k, -1)
+
+
+class MoE(nnx.Module):
+  """Routed SwiGLU experts (and shared ones): `(B, T, D)` → (`(B, T, D)`, balancing terms)."""
+
+  def __init__(self, d_model: int, cfg: MoEConfig, *, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+    self.cfg = cfg
+    e, f, p = cfg.num_experts, cfg.expert_dim, param_dtype
+    init = layers.normal_init()
+    self.router = layers.make_param(rngs, (d_model, e), ("embed", "experts"), init, p)
+    self.gate_proj = layers.make_param(rngs, (e, d_model, f), ("experts", "embed", "mlp"),
+                                       init, p)
+    self.up_proj = layers.make_param(rngs, (e, d_model, f), ("experts", "embed", "mlp"), init, p)
+    self.down_proj = layers.make_param(rngs, (e, f, d_model), ("experts", "mlp", "embed"),
+                                       init, p)
+    shared = cfg.num_shared_experts * (cfg.shared_expert_dim or cfg.expert_dim)
+    self.shared = (layers.SwiGLU(d_model, shared, param_dtype=p, rngs=rngs)
+                   if shared else None)
+    self.shared_gate = (layers.make_param(rngs, (d_model, 1), ("embed", "norm"), init, p)
+                        if cfg.shared_expert_gate else None)
+
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, MoEAux]:
+    b, t, d = x.shape
+    dt = x.dtype
+    tokens = x.reshape(b * t, d)
+    acc = layers.accum_dtype(dt)
+    logits = jnp.dot(tokens, self.router[...].astype(dt), preferred_element_type=acc)
+    probs, experts, weights = route(logits, self.cfg.experts_per_token,
+                                    self.cfg.normalize_top_k)
+    routed = grouped_swiglu(tokens, experts, self.gate_proj[...], self.up_proj[...],
+                            self.down_proj[...])
+    out = jnp.einsum("NKD,NK->ND", routed, weights.astype(dt))
+    if self.shared is not None:
+      shared = self.shared(tokens)
+      if self.shared_gate is not None:
+        shared = shared * jax.nn.sigmoid(tokens @ self.shared_gate[...].astype(dt))
+      out = out + shared
+    return out.reshape(b, t, d), balance_terms(logits, probs, experts)
