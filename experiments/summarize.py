@@ -43,7 +43,7 @@ from experiments import paper_results  # pylint: disable=g-import-not-at-top,wro
 RUN_FILES = ("summary.json", "metrics.jsonl", "analysis.json", "config.json", "retrieval.json")
 ANALYSIS_KEYS = ("gate_score_mean", "first_token_attention", "max_activation")
 ABLATION_COLUMNS = (
-    "variant", "seeds", "added_params", "ppl", "delta_ppl", "rank",
+    "variant", "seeds", "added_params", "active_params", "ppl", "delta_ppl", "rank",
     "train_gate_score_mean", "gate_score_mean", "first_token_attention", "max_activation",
     "paper_table", "paper_added_params_m", "paper_ppl", "paper_delta_ppl", "paper_rank",
     "paper_gate_score_mean", "paper_first_token_attention", "paper_max_activation")
@@ -162,7 +162,11 @@ def ablation_rows(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]
     done = [r for r in runs[name] if is_finished(r)]
     row: dict[str, Any] = {"variant": name, "seeds": len(done),
                            "ppl": _mean([r["summary"]["eval_perplexity"] for r in done]),
-                           "num_params": done[0]["summary"]["num_params"] if done else None}
+                           "num_params": done[0]["summary"]["num_params"] if done else None,
+                           # runs from before MoE blocks are dense: every parameter active
+                           "active_params": done[0]["summary"].get(
+                               "active_params", done[0]["summary"]["num_params"]) if done
+                                            else None}
     row["train_gate_score_mean"] = _mean([_last_gate_mean(r) for r in done
                                           if _last_gate_mean(r) is not None])
     for key in ANALYSIS_KEYS:
@@ -329,7 +333,9 @@ def summarize(ablation: pathlib.Path, stability: Optional[pathlib.Path],
       to_markdown(rows, ABLATION_COLUMNS)
       + f"\nSpearman rank correlation of validation perplexity, ours vs paper, over"
       f" {compared} variants: {_fmt(rho) or 'n/a'}\n\nppl: mean final validation perplexity"
-      " over finished seeds; added_params: counted, num_params minus the baseline's; rank and"
+      " over finished seeds; added_params: counted, num_params minus the baseline's;"
+      " active_params: the parameters one token uses (all but the routed experts it is not"
+      " sent to; every parameter of a dense model); rank and"
       " paper_rank: 1 = lowest perplexity, among the variants with a finished run here;"
       " train_gate_score_mean: the gate's mean over layers on the last logged training"
       " batch (metrics.jsonl);"

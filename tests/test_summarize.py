@@ -85,8 +85,8 @@ def test_written_tables_and_plots(fake_grid, tmp_path):
   summarize.summarize(fake_grid, stab, out)
   lines = (out / "ablation.csv").read_text().splitlines()
   assert lines[0].split(",") == list(summarize.ABLATION_COLUMNS)
-  assert lines[1].startswith("baseline,2,0,21,0,2,,,,,1.1,0,6.026,0,3,")
-  assert lines[2].startswith("sdpa_elementwise,1,256,18,-3,1,0.2,0.2,0.05,90,")
+  assert lines[1].startswith("baseline,2,0,1000,21,0,2,,,,,1.1,0,6.026,0,3,")  # all active
+  assert lines[2].startswith("sdpa_elementwise,1,256,1256,18,-3,1,0.2,0.2,0.05,90,")
   assert "over 3 variants: 0.5" in (out / "ablation.md").read_text()
   assert (out / "stability.csv").read_text().splitlines()[1:] == [
       "baseline,0.003,0,20,20,2.5,20,0,finished",
