@@ -57,6 +57,10 @@ PALLAS_MESHES = [(8, 1, 1), (2, 2, 2), (1, 2, 4)]
 # update made with its backward pass; a third repeats the same code (~10 s of interpreted
 # kernels per step on 2 CPU cores).
 PALLAS_STEPS = 2
+# A mixture-of-experts block (4 experts of 32, top 2) on the (2, 2, 2) mesh: its expert weights
+# split over fsdp (d_model) and tensor (expert_dim), the balancing statistics over the whole
+# global batch.
+MOE = {"mlp_type": "moe", "moe": {"num_experts": 4, "experts_per_token": 2, "expert_dim": 32}}
 
 
 def _env(num_devices: int) -> dict:
@@ -88,6 +92,7 @@ def runs_job() -> toolchains.Job:
   plan += [{"model": {"remat": r}, "mesh": [2, 2, 2]} for r in REMATS]
   plan += [{"model": {"attention_impl": "pallas"}, "mesh": list(m), "hlo": True,
             "steps": PALLAS_STEPS} for m in PALLAS_MESHES]
+  plan += [{"model": MOE, "mesh": [1, 1, 1]}, {"model": MOE, "mesh": [2, 2, 2]}]
   return _driver_job("losses", {"runs": plan, "steps": STEPS})
 
 
@@ -128,6 +133,18 @@ def test_gate_variant_matches_one_device_with_heads_split(runs, gate, mesh):
 def test_remat_policies_work_in_the_sharded_step(runs, remat):
   np.testing.assert_allclose(_get(runs, (2, 2, 2), model={"remat": remat})["losses"],
                              _get(runs, (1, 1, 1))["losses"], rtol=RTOL)
+
+
+def test_moe_training_matches_one_device_with_experts_split(runs):
+  one, many = _get(runs, (1, 1, 1), model=MOE), _get(runs, (2, 2, 2), model=MOE)
+  np.testing.assert_allclose(many["losses"], one["losses"], rtol=RTOL)
+  layout = lambda name: next(v for k, v in many["layout"].items()
+                             if k.startswith(f"['blocks'][0]['mlp']['{name}']"))
+  for name in ("gate_proj", "up_proj"):  # (experts, d_model, expert_dim)
+    assert layout(name)["spec"] == [None, "fsdp", "tensor"], layout(name)
+    assert layout(name)["shard"] == [4, 16, 16], layout(name)
+  assert layout("down_proj")["shard"] == [4, 16, 16]  # (experts, expert_dim, d_model)
+  assert layout("router")["shard"] == [16, 4]  # (d_model, experts): experts whole
 
 
 @pytest.mark.parametrize("mesh", PALLAS_MESHES, ids=str)

@@ -391,7 +391,7 @@ def load_model(run_dir: str | pathlib.Path, step: Optional[int] = None, *,
   path = run_dir / "config.json"
   if not path.is_file():
     raise FileNotFoundError(f"{path} not found: {run_dir} is not a training run folder")
-  config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  config = experiment.config_from_json(json.loads(path.read_text()))
   model_cfg = experiment.model_config(config)
   if mesh is None:
     try:

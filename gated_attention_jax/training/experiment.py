@@ -117,6 +117,16 @@ def _validate_model_numbers(model: TransformerConfig) -> None:
                        f" rotate in pairs), got {rotated} rotated channels")
 
 
+def config_from_json(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """A run's `config.json` as the ConfigDict it was saved from: JSON gives lists where the
+  config has tuples (`model.moe.dense_layers`); those become tuples again."""
+  def restore(value: Any, default: Any) -> Any:
+    if isinstance(value, dict) and isinstance(default, Mapping):
+      return {k: restore(v, default.get(k)) for k, v in value.items()}
+    return tuple(value) if isinstance(value, list) and isinstance(default, tuple) else value
+  return ml_collections.ConfigDict(restore(dict(saved), base_config().to_dict()))
+
+
 def model_config(config: ml_collections.ConfigDict) -> TransformerConfig:
   """The validated TransformerConfig of an experiment (vocab from the data if 0)."""
   model = config.model.to_dict()
