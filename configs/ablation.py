@@ -115,6 +115,13 @@ _PAPER_1P7B = {
     "mesh": dict(data=1, fsdp=-1),
 }
 
+
+
+def _with_experts(scale: dict[str, dict[str, Any]], **moe: Any) -> dict[str, dict[str, Any]]:
+  """`scale` with every layer's MLP made routed experts (`model.moe` fields `moe`)."""
+  return {**scale, "model": {**scale["model"], "mlp_type": "moe", "moe": moe}}
+
+
 SCALES: dict[str, dict[str, dict[str, Any]]] = {
     "smoke": {
         "model": dict(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
@@ -131,24 +138,6 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
         "train": dict(num_steps=4000, batch_size=256, learning_rate=2e-3, warmup_steps=200,
                       log_every=20, eval_every=250, eval_batches=16, checkpoint_every=500),
     },
-    "moe_smoke": {
-        "model": dict(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                      mlp_dim=192, mlp_type="moe",
-                      moe=dict(num_experts=8, experts_per_token=2, expert_dim=64)),
-        "data": dict(seq_len=128),
-        "train": dict(num_steps=150, batch_size=16, learning_rate=3e-3, warmup_steps=15,
-                      log_every=10, eval_every=50, eval_batches=4, checkpoint_every=150,
-                      keep_checkpoints=1),
-    },
-    "moe_small": {
-        "model": dict(d_model=768, num_layers=10, num_heads=8, num_kv_heads=2, head_dim=96,
-                      mlp_dim=2048, mlp_type="moe",
-                      moe=dict(num_experts=32, experts_per_token=4, expert_dim=512),
-                      attention_impl="auto", dtype="bfloat16"),
-        "data": dict(seq_len=1024),
-        "train": dict(num_steps=4000, batch_size=256, learning_rate=2e-3, warmup_steps=200,
-                      log_every=20, eval_every=250, eval_batches=16, checkpoint_every=500),
-    },
     "paper_moe_15b": _PAPER_MOE_15B,
     "paper_1p7b": _PAPER_1P7B,
     "paper_1p7b_48l": {**_PAPER_1P7B,
@@ -156,6 +145,13 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
                        "train": {**_PAPER_1P7B["train"], "learning_rate": 8e-3,
                                  "min_lr_ratio": 3e-5 / 8e-3}},
 }
+
+
+# The smoke and small scales with routed experts: 8 of 64 top-2, and 32 of 512 top-4.
+SCALES["moe_smoke"] = _with_experts(SCALES["smoke"], num_experts=8, experts_per_token=2,
+                                    expert_dim=64)
+SCALES["moe_small"] = _with_experts(SCALES["small"], num_experts=32, experts_per_token=4,
+                                    expert_dim=512)
 
 
 def is_moe_scale(scale: str) -> bool:

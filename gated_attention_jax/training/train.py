@@ -161,23 +161,24 @@ class Trainer:
       count = jnp.maximum(mask.sum(), 1.0)
       ce = (nll * mask).sum() / count
       total = ce + z_loss * (log_z ** 2 * mask).sum() / count
-      if self.moe is not None:  # the sparse layers' balancing terms, averaged over them
-        total += (self.moe.balance_loss_weight * jnp.mean(jnp.stack(inter["moe_balance_loss"]))
-                  + self.moe.router_z_loss_weight
-                  * jnp.mean(jnp.stack(inter["moe_router_z_loss"])))
-      return total, (ce, inter)
+      # The sparse layers' balancing terms (MOE_METRICS), averaged over those layers.
+      balance = {} if self.moe is None else {
+          name: jnp.mean(jnp.stack(inter[name])) for name in MOE_METRICS}
+      if balance:
+        total += (self.moe.balance_loss_weight * balance["moe_balance_loss"]
+                  + self.moe.router_z_loss_weight * balance["moe_router_z_loss"])
+      return total, (ce, inter, balance)
 
-    (_, (ce, inter)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    (_, (ce, inter, balance)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"])
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": ce, "grad_norm": optax.tree.norm(grads),
                "learning_rate": optim.learning_rate_schedule(self.config.train)(state["step"])}
     if self.moe is not None:
-      metrics.update({
-          "moe_balance_loss": jnp.mean(jnp.stack(inter["moe_balance_loss"])),
-          "moe_router_z_loss": jnp.mean(jnp.stack(inter["moe_router_z_loss"])),
-          "moe_expert_load_per_layer": jnp.stack(inter["moe_expert_load"]),
-          "moe_router_entropy_per_layer": jnp.stack(inter["moe_router_entropy"])})
+      metrics.update(balance,
+                     moe_expert_load_per_layer=jnp.stack(inter["moe_expert_load"]),
+                     moe_router_entropy_per_layer=jnp.stack(inter["moe_router_entropy"]))
     if inter.get("gate_scores"):
       metrics["gate_score_mean_per_layer"] = jnp.stack(
           [jnp.mean(g.astype(jnp.float32)) for g in inter["gate_scores"]])
