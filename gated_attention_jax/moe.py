@@ -8,8 +8,10 @@ which layers are sparse follows Qwen3-MoE (`sparse_step` = `decoder_sparse_step`
 `dense_layers` = `mlp_only_layers`): the others keep the dense SwiGLU of `mlp_dim`.
 
 Dropless: every (token, expert) assignment is computed. The N·k assignments are sorted by
-expert and the experts applied with `jax.lax.ragged_dot` over the groups (no capacity, no
-padding to a capacity factor, no hand-written kernel), then unsorted and weighted.
+expert and the experts applied to their groups (no capacity, no capacity factor, no
+hand-written kernel), then unsorted and weighted: with `jax.lax.ragged_dot` on TPU, where
+libtpu groups it, and elsewhere ("blocked") with each group padded to whole blocks and one
+batched matmul, since XLA's CPU and GPU compilers densify ragged_dot (`expert_matmul_impl`).
 
 Balancing terms (returned by `MoE.__call__` per layer, weighted in the train step):
   balance loss  E · Σ_e f_e · P_e, with f_e the fraction of the N·k assignments routed to
@@ -31,8 +33,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gated_attention_jax import layers
+from gated_attention_jax.kernels import platform
 
 MoEAux = dict[str, jax.Array]
+EXPERT_MATMULS = ("auto", "ragged_dot", "blocked")  # see `grouped_swiglu`, `expert_matmul_impl`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +54,7 @@ class MoEConfig:
   dense_layers: tuple[int, ...] = ()  # ... and i is not listed here
   balance_loss_weight: float = 0.01
   router_z_loss_weight: float = 0.001
+  expert_matmul: str = "auto"  # the grouped matmul (EXPERT_MATMULS): "auto" picks per platform
 
   def __post_init__(self):
     for name in ("num_experts", "experts_per_token", "expert_dim", "sparse_step"):
@@ -73,6 +78,9 @@ class MoEConfig:
       if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float(
           "inf"):
         raise ValueError(f"model.moe.{name} must be a finite number >= 0, got {value!r}")
+    if self.expert_matmul not in EXPERT_MATMULS:
+      raise ValueError(f"model.moe.expert_matmul must be one of {list(EXPERT_MATMULS)}, got"
+                       f" {self.expert_matmul!r}")
     if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in self.dense_layers):
       raise ValueError(f"model.moe.dense_layers must be layer indices >= 0, got"
                        f" {self.dense_layers!r}")
@@ -125,15 +133,80 @@ def balance_terms(logits: jax.Array, probs: jax.Array, experts: jax.Array) -> Mo
   }
 
 
+def expert_matmul_impl(impl: str, platform_name: str) -> str:
+  """The grouped expert matmul that runs for `impl` (`EXPERT_MATMULS`) on `platform_name`.
+
+  "auto": `jax.lax.ragged_dot` on TPU, where libtpu compiles it to a grouped matmul; "blocked"
+  on GPU and CPU, where XLA densifies ragged_dot into every token times every expert (E times
+  the work: experiments/results/moe/).
+  """
+  if impl != "auto":
+    return impl
+  return "ragged_dot" if platform_name == "tpu" else "blocked"
+
+
+def block_rows(assignments: int, num_experts: int) -> int:
+  """Rows per block of the "blocked" layout: the power of two nearest below half the mean
+  group size, in [8, 512], so padding each group to whole blocks adds at most about half
+  the assignments (a quarter on average) while blocks stay matmul-sized."""
+  target = max(1, assignments // (2 * num_experts))
+  return min(_MAX_BLOCK_ROWS, max(_MIN_BLOCK_ROWS, 1 << (target.bit_length() - 1)))
+
+
+_MIN_BLOCK_ROWS, _MAX_BLOCK_ROWS = 8, 512
+
+
+def blocked_layout(experts: jax.Array, num_experts: int,
+                   block: int) -> tuple[jax.Array, jax.Array]:
+  """Where each of the M = N·k assignments `experts` `(N, k)` goes when they are sorted by
+  expert and each expert's group is padded to whole blocks of `block` rows.
+
+  Returns (row `(M,)` of each assignment in the `(num_blocks · block,)` padded layout, expert
+  `(num_blocks,)` of each block), with num_blocks = (M + E·(block − 1)) // block, enough for
+  any routing; blocks past the last group hold no rows.
+  """
+  flat = experts.reshape(-1)
+  m = flat.size
+  sizes = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1)
+  order = jnp.argsort(flat, stable=True)
+  rank = jnp.zeros((m,), jnp.int32).at[order].set(jnp.arange(m, dtype=jnp.int32))
+  padded = -(-sizes // block) * block
+  starts, padded_ends = jnp.cumsum(sizes) - sizes, jnp.cumsum(padded)
+  rows = (padded_ends - padded)[flat] + rank - starts[flat]
+  num_blocks = (m + num_experts * (block - 1)) // block
+  first_rows = jnp.arange(num_blocks, dtype=jnp.int32) * block
+  block_expert = jnp.minimum(jnp.searchsorted(padded_ends, first_rows, side="right"),
+                             num_experts - 1)
+  return rows, block_expert
+
+
 def grouped_swiglu(x: jax.Array, experts: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-                   w_down: jax.Array) -> jax.Array:
+                   w_down: jax.Array, impl: str) -> jax.Array:
   """Each token through each of its experts, dropless: `(N, D)` x `(N, k)` ids → `(N, k, D)`.
 
-  The N·k assignments are sorted by expert and each expert's SwiGLU applied to its group with
-  `jax.lax.ragged_dot` (weights `(E, D, F)`, `(E, D, F)`, `(E, F, D)`).
+  Weights `(E, D, F)`, `(E, D, F)`, `(E, F, D)`. The N·k assignments are sorted by expert and
+  each expert's SwiGLU applied to its group, by `impl`:
+    "ragged_dot"  `jax.lax.ragged_dot` over the groups;
+    "blocked"     each group padded to whole blocks of `block_rows` rows (zeros), every block
+                  multiplied by its expert's weights in one batched matmul: about the grouped
+                  work (plus the padding) in plain XLA ops on every platform, at the cost of
+                  reading each expert's weights once per block.
   """
   n, k = experts.shape
   num_experts = w_gate.shape[0]
+  if impl == "blocked":
+    block = block_rows(n * k, num_experts)
+    rows, block_expert = blocked_layout(experts, num_experts, block)
+    num_blocks = block_expert.shape[0]
+    padded = jnp.zeros((num_blocks * block, x.shape[-1]), x.dtype).at[rows].set(
+        jnp.repeat(x, k, axis=0), unique_indices=True)
+    dot = lambda a, w: jnp.einsum("BMD,BDF->BMF", a, w[block_expert].astype(a.dtype))
+    blocks = padded.reshape(num_blocks, block, -1)
+    h = jax.nn.silu(dot(blocks, w_gate)) * dot(blocks, w_up)
+    out = dot(h, w_down).reshape(num_blocks * block, -1)[rows]
+    return out.reshape(n, k, -1)
+  if impl != "ragged_dot":
+    raise ValueError(f"expert matmul must be one of {EXPERT_MATMULS[1:]}, got {impl!r}")
   flat = experts.reshape(-1)
   order = jnp.argsort(flat, stable=True)
   rows = x[order // k]  # (N·k, D), grouped by expert
@@ -171,8 +244,9 @@ class MoE(nnx.Module):
     logits = jnp.dot(tokens, self.router[...].astype(dt), preferred_element_type=acc)
     probs, experts, weights = route(logits, self.cfg.experts_per_token,
                                     self.cfg.normalize_top_k)
+    impl = expert_matmul_impl(self.cfg.expert_matmul, platform.target_platform())
     routed = grouped_swiglu(tokens, experts, self.gate_proj[...], self.up_proj[...],
-                            self.down_proj[...])
+                            self.down_proj[...], impl)
     out = jnp.einsum("NKD,NK->ND", routed, weights.astype(dt))
     if self.shared is not None:
       shared = self.shared(tokens)

@@ -73,9 +73,10 @@ def make_block(cfg: moe.MoEConfig, seed: int = 0) -> moe.MoE:
   return block
 
 
+@pytest.mark.parametrize("impl", ["ragged_dot", "blocked"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_block_equals_the_per_token_reference(x64, name):
-  cfg = CONFIGS[name]
+def test_block_equals_the_per_token_reference(x64, name, impl):
+  cfg = dataclasses.replace(CONFIGS[name], expert_matmul=impl)
   block = make_block(cfg)
   x = np.random.default_rng(3).normal(size=(2, 7, D))
   out, aux = apply(block, jnp.asarray(x))
@@ -85,11 +86,12 @@ def test_block_equals_the_per_token_reference(x64, name):
                       "moe_router_entropy"}
 
 
+@pytest.mark.parametrize("impl", ["ragged_dot", "blocked"])
 @pytest.mark.parametrize("name", ["top2_normalised", "shared_gated"])
-def test_block_gradients_equal_the_dense_formulation(x64, name):
-  """Gradients of the sorted ragged_dot computation against every expert on every token,
+def test_block_gradients_equal_the_dense_formulation(x64, name, impl):
+  """Gradients of the sorted grouped computation against every expert on every token,
   masked by the routing weights (another formulation; float64, so equal to ~1e-12)."""
-  cfg = CONFIGS[name]
+  cfg = dataclasses.replace(CONFIGS[name], expert_matmul=impl)
   block = make_block(cfg)
   x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 5, D)))
 
@@ -116,9 +118,10 @@ def test_block_gradients_equal_the_dense_formulation(x64, name):
   assert float(jnp.max(jnp.abs(got[1]))) > 0
 
 
-def test_no_token_is_dropped_when_every_token_picks_one_expert(x64):
+@pytest.mark.parametrize("impl", ["ragged_dot", "blocked"])
+def test_no_token_is_dropped_when_every_token_picks_one_expert(x64, impl):
   """Dropless: all tokens on expert 0 (a router that prefers it by far) are all computed."""
-  cfg = CONFIGS["top2_normalised"]
+  cfg = dataclasses.replace(CONFIGS["top2_normalised"], expert_matmul=impl)
   block = make_block(cfg)
   block.router[...] = jnp.asarray(block.router[...]).at[:, 0].add(50.0)
   x = np.abs(np.random.default_rng(5).normal(size=(1, 12, D)))  # x · router[:, 0] >> others
@@ -149,6 +152,57 @@ def test_balancing_terms_match_their_formulas(x64):
   # Uniform router probabilities: the loss is 1 whatever the top-k picks.
   block.router[...] = jnp.zeros_like(block.router[...])
   assert float(apply(block, jnp.asarray(x))[1]["moe_balance_loss"]) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("routing", ["uniform", "one_expert", "two_of_many"])
+def test_blocked_layout_puts_each_assignment_in_a_block_of_its_expert(routing):
+  """Every assignment gets its own row, in a block of its expert, within the static block
+  count, whatever the routing: spread over all experts, piled on one, or on two of 16."""
+  rng = np.random.default_rng(8)
+  n, k, num_experts = 37, 3, 16
+  if routing == "uniform":
+    experts = np.argsort(rng.random((n, num_experts)), axis=-1)[:, :k]
+  else:
+    pool = [0, 1, 2] if routing == "one_expert" else [5, 11, 15]
+    experts = np.stack([rng.permutation(pool)[:k] for _ in range(n)])
+  block = moe.block_rows(n * k, num_experts)
+  rows, block_expert = jax.jit(moe.blocked_layout, static_argnums=(1, 2))(
+      jnp.asarray(experts, jnp.int32), num_experts, block)
+  rows, block_expert = np.asarray(rows), np.asarray(block_expert)
+  assert len(set(rows.tolist())) == n * k
+  assert rows.max() < len(block_expert) * block
+  np.testing.assert_array_equal(block_expert[rows // block], experts.reshape(-1))
+  # Within an expert, assignments keep their token order (a stable sort).
+  for e in np.unique(experts):
+    mine = rows[experts.reshape(-1) == e]
+    assert np.all(np.diff(mine) > 0)
+
+
+def test_expert_matmul_is_chosen_per_platform():
+  assert moe.expert_matmul_impl("auto", "tpu") == "ragged_dot"
+  assert moe.expert_matmul_impl("auto", "gpu") == "blocked"
+  assert moe.expert_matmul_impl("auto", "cpu") == "blocked"
+  assert moe.expert_matmul_impl("ragged_dot", "gpu") == "ragged_dot"
+  assert [moe.block_rows(m, 8) for m in (16, 1024, 10**6)] == [8, 64, 512]
+
+
+def test_auto_expert_matmul_does_the_grouped_work_on_this_cpu():
+  """XLA's CPU compiler densifies ragged_dot (E x the work); "auto" picks the blocked layout,
+  whose compiled forward + backward stays within 2x the grouped ideal 18·M·D·F FLOPs."""
+  n, k, num_experts, d, f = 256, 2, 32, 32, 16
+  specs = (jax.ShapeDtypeStruct((n, d), jnp.float32), jax.ShapeDtypeStruct((n, k), jnp.int32),
+           jax.ShapeDtypeStruct((num_experts, d, f), jnp.float32),
+           jax.ShapeDtypeStruct((num_experts, d, f), jnp.float32),
+           jax.ShapeDtypeStruct((num_experts, f, d), jnp.float32))
+
+  def flops(impl):
+    loss = lambda x, e, *w: jnp.sum(moe.grouped_swiglu(x, e, *w, impl))
+    cost = jax.jit(jax.grad(loss, argnums=(0, 2, 3, 4))).lower(*specs).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"] / (18 * n * k * d * f)
+
+  assert moe.expert_matmul_impl("auto", jax.default_backend()) == "blocked"
+  assert flops("blocked") < 2.0
+  assert flops("ragged_dot") > num_experts / 2  # what it saves
 
 
 def _model_config(num_layers: int = 4, **moe_fields) -> TransformerConfig:
@@ -199,6 +253,8 @@ def test_scanned_moe_stack_equals_the_unrolled_one(remat):
     (dict(shared_expert_gate=True), "shared_expert_gate needs model.moe.num_shared_experts"),
     (dict(balance_loss_weight=-0.1), "model.moe.balance_loss_weight must be a finite number"),
     (dict(dense_layers=(-1,)), "model.moe.dense_layers must be layer indices"),
+    (dict(expert_matmul="dense"), r"model.moe.expert_matmul must be one of \['auto',"
+                                  r" 'ragged_dot', 'blocked'\], got 'dense'"),
 ])
 def test_bad_moe_fields_are_named(fields, message):
   with pytest.raises(ValueError, match=message):
