@@ -17,7 +17,8 @@ Balancing terms (returned by `MoE.__call__` per layer, weighted in the train ste
   balance loss  E · Σ_e f_e · P_e, with f_e the fraction of the N·k assignments routed to
                 expert e and P_e the mean router probability of e over the N tokens: 1 when
                 routing is uniform (Switch Transformer's loss, normalised by k). Computed
-                over all tokens of the step's (global) batch, under sharding too.
+                over all tokens of the step's (global) batch, under sharding too, but
+                padding (segment id 0 in packed batches), which every term leaves out.
   router z-loss mean over tokens of logsumexp(router logits)² (ST-MoE).
 Statistics: expert load (max / mean assignments per expert; 1 is balanced) and the router's
 mean entropy (nats).
@@ -117,19 +118,26 @@ def route(logits: jax.Array, k: int, normalize: bool) -> tuple[jax.Array, jax.Ar
   return probs, experts, weights
 
 
-def balance_terms(logits: jax.Array, probs: jax.Array, experts: jax.Array) -> MoEAux:
+def balance_terms(logits: jax.Array, probs: jax.Array, experts: jax.Array,
+                  token_mask: jax.Array | None = None) -> MoEAux:
   """The balancing loss, router z-loss, expert load and router entropy of one layer's routing
-  (see the module docstring); logits and probs `(N, E)`, experts `(N, k)`."""
+  (see the module docstring); logits and probs `(N, E)`, experts `(N, k)`, computed over the
+  tokens where `token_mask` `(N,)` is true (all when None: padding left out otherwise)."""
   num_experts = probs.shape[-1]
-  counts = jnp.zeros((num_experts,), probs.dtype).at[experts.reshape(-1)].add(1.0)
-  fraction = counts / experts.size
+  weight = (jnp.ones(probs.shape[:1], probs.dtype) if token_mask is None
+            else token_mask.astype(probs.dtype))
+  num_tokens = jnp.maximum(jnp.sum(weight), 1.0)
+  mean = lambda v: jnp.sum(v * weight) / num_tokens  # over the counted tokens, v `(N,)`
+  counts = jnp.zeros((num_experts,), probs.dtype).at[experts.reshape(-1)].add(
+      jnp.repeat(weight, experts.shape[-1]))
+  fraction = counts / (num_tokens * experts.shape[-1])
+  mean_probs = jnp.sum(probs * weight[:, None], axis=0) / num_tokens
   log_z = jax.nn.logsumexp(logits, axis=-1)
   return {
-      "moe_balance_loss": num_experts * jnp.sum(fraction * jnp.mean(probs, axis=0)),
-      "moe_router_z_loss": jnp.mean(log_z ** 2),
-      "moe_expert_load": jnp.max(counts) / jnp.mean(counts),
-      "moe_router_entropy": -jnp.mean(jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)),
-                                              axis=-1)),
+      "moe_balance_loss": num_experts * jnp.sum(fraction * mean_probs),
+      "moe_router_z_loss": mean(log_z ** 2),
+      "moe_expert_load": jnp.max(counts) / jnp.maximum(jnp.mean(counts), 1e-30),
+      "moe_router_entropy": mean(-jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)),
   }
 
 
@@ -236,7 +244,10 @@ class MoE(nnx.Module):
     self.shared_gate = (layers.make_param(rngs, (d_model, 1), ("embed", "norm"), init, p)
                         if cfg.shared_expert_gate else None)
 
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, MoEAux]:
+  def __call__(self, x: jax.Array,
+               token_mask: jax.Array | None = None) -> tuple[jax.Array, MoEAux]:
+    """`token_mask` `(B, T)`: the tokens the balancing terms count (None: all); every token
+    is routed and computed either way."""
     b, t, d = x.shape
     dt = x.dtype
     tokens = x.reshape(b * t, d)
@@ -253,4 +264,5 @@ class MoE(nnx.Module):
       if self.shared_gate is not None:
         shared = shared * jax.nn.sigmoid(tokens @ self.shared_gate[...].astype(dt))
       out = out + shared
-    return out.reshape(b, t, d), balance_terms(logits, probs, experts)
+    mask = None if token_mask is None else token_mask.reshape(b * t)
+    return out.reshape(b, t, d), balance_terms(logits, probs, experts, mask)

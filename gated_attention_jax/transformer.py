@@ -171,11 +171,13 @@ class Block(nnx.Module):
                      return_intermediates=return_intermediates)
     attn, inter = attn if return_intermediates else (attn, {})
     h = sharding.constrain(x + attn, ("batch", "seq", "embed"))
-    mlp = self.mlp(self.mlp_norm(h))
-    if isinstance(self.mlp, moe_lib.MoE):
-      mlp, balance = mlp
+    if isinstance(self.mlp, moe_lib.MoE):  # padding (segment 0) left out of its balancing terms
+      mlp, balance = self.mlp(self.mlp_norm(h),
+                              None if segment_ids is None else segment_ids > 0)
       if return_intermediates:
         inter = {**inter, **balance}
+    else:
+      mlp = self.mlp(self.mlp_norm(h))
     out = sharding.constrain(h + mlp, ("batch", "seq", "embed"))
     return out, inter
 

@@ -205,6 +205,31 @@ def test_auto_expert_matmul_does_the_grouped_work_on_this_cpu():
   assert flops("ragged_dot") > num_experts / 2  # what it saves
 
 
+def test_balancing_terms_leave_padding_out(x64):
+  """With a token mask, every term equals the unmasked terms of the kept tokens alone, and
+  the model passes packed batches' padding (segment id 0) as that mask."""
+  rng = np.random.default_rng(9)
+  logits = jnp.asarray(rng.normal(size=(10, 5)))
+  probs, experts, _ = moe.route(logits, 2, True)
+  keep = np.array([1, 1, 0, 1, 0, 0, 1, 1, 1, 0], bool)
+  masked = moe.balance_terms(logits, probs, experts, jnp.asarray(keep))
+  alone = moe.balance_terms(logits[keep], probs[keep], experts[keep])
+  for name in alone:
+    np.testing.assert_allclose(float(masked[name]), float(alone[name]), rtol=1e-12)
+  model = Transformer(_model_config(num_layers=2), rngs=nnx.Rngs(0))
+  tokens = rng.integers(0, 64, size=(2, 6))
+  segments = jnp.asarray([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 0, 0]])
+  run = nnx.jit(lambda model, tokens: model(tokens, segment_ids=segments,
+                                            return_intermediates=True)[1])
+  other = np.where(np.asarray(segments) > 0, tokens, (tokens + 7) % 64)  # new padding tokens
+  a, b = run(model, jnp.asarray(tokens)), run(model, jnp.asarray(other))
+  for name in ("moe_balance_loss", "moe_router_z_loss", "moe_router_entropy"):
+    np.testing.assert_allclose(np.stack(b[name]), np.stack(a[name]), rtol=1e-12)
+  unmasked = nnx.jit(lambda model, tokens: model(tokens, return_intermediates=True)[1])
+  assert not np.allclose(np.stack(unmasked(model, jnp.asarray(tokens))["moe_router_z_loss"]),
+                         np.stack(unmasked(model, jnp.asarray(other))["moe_router_z_loss"]))
+
+
 def _model_config(num_layers: int = 4, **moe_fields) -> TransformerConfig:
   return TransformerConfig(vocab_size=64, d_model=D, num_layers=num_layers, num_heads=2,
                            num_kv_heads=1, head_dim=8, mlp_dim=24, mlp_type="moe",
