@@ -38,13 +38,13 @@ from gated_attention_jax import kernels
 from gated_attention_jax import layers
 from gated_attention_jax import sharding
 from gated_attention_jax.kernels import platform
+from gated_attention_jax.kernels import reference
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 # Logical axes of the op's inputs (the layer constrains q, k, v and the gate to the same).
 Q_AXES = ("batch", "seq", "q_heads", "head_dim")  # q, the output, an elementwise gate
 KV_AXES = ("batch", "seq", "kv_heads", "head_dim")  # k, v
 SEGMENT_AXES = ("batch", "seq")  # segment ids; a headwise gate is Q_AXES[:3]
-_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def check_impl(impl: str) -> None:
@@ -98,47 +98,17 @@ def resolve_impl(impl: str, q: jax.Array, k: jax.Array, segments: bool) -> str:
                      segments=segments)[0]
 
 
-def make_mask(batch: int, q_len: int, kv_len: int, *, causal: bool,
-              q_offset: jax.Array | int = 0,
-              q_segment_ids: Optional[jax.Array] = None,
-              kv_segment_ids: Optional[jax.Array] = None) -> jax.Array:
-  """Boolean mask `(B, 1, T, S)`: True where query t may attend to key s.
-
-  q_offset: the key index of the first query, a scalar or per row `(B,)`.
-  """
-  q_idx = jnp.arange(q_len)[None, :, None] + jnp.reshape(jnp.asarray(q_offset), (-1, 1, 1))
-  kv_idx = jnp.arange(kv_len)[None, None, :]
-  mask = jnp.ones((1, q_len, kv_len), bool)
-  if causal:
-    mask = kv_idx <= q_idx
-  mask = jnp.broadcast_to(mask[:, None], (batch, 1, q_len, kv_len))
-  if q_segment_ids is not None:
-    same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
-    mask = mask & same[:, None]
-  return mask
+make_mask = reference.make_mask  # the one mask builder (explicit query offset)
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                   scale: float) -> tuple[jax.Array, jax.Array]:
-  """Reference softmax attention with GQA by grouping (no repeated K/V).
+  """The reference softmax attention (`kernels.reference.attention`): GQA by grouping.
 
-  Args:
-    q: `(B, T, N, H)`; k, v: `(B, S, K, H)` with N a multiple of K.
-    mask: `(B, 1, T, S)` boolean.
-  Returns:
-    out `(B, T, N, H)` in q's dtype and probabilities `(B, N, T, S)` in float32 (or wider).
+  q `(B, T, N, H)`; k, v `(B, S, K, H)`; mask `(B, 1, T, S)` boolean. Returns out
+  `(B, T, N, H)` in q's dtype and probabilities `(B, N, T, S)` in float32 (or wider).
   """
-  b, t, n, h = q.shape
-  kv_heads = k.shape[2]
-  qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
-  acc = jnp.promote_types(q.dtype, jnp.float32)
-  logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=acc)
-  logits = logits * scale
-  logits = jnp.where(mask[:, :, None], logits, _MASKED)
-  probs = jax.nn.softmax(logits, axis=-1)
-  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v,
-                   preferred_element_type=acc)
-  return out.reshape(b, t, n, h).astype(q.dtype), probs.reshape(b, n, t, -1)
+  return reference.attention(q, k, v, mask, scale)
 
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,

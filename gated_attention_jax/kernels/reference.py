@@ -1,69 +1,132 @@
-"""Pure-jnp gated attention: the ``impl="xla"`` path and the source of the gate activations.
+"""Pure-jnp gated attention: the one reference every attention path is checked against.
 
-Dimension names: B batch, T query length, S key length, N query heads, K kv heads, H head_dim.
-Softmax runs in float32; matmuls accumulate in float32. Rows that see no key output zeros.
+`make_mask` is the one mask builder (causal with an explicit query offset, packed segments);
+`attention` the one softmax attention (GQA by grouping, optionally returning the
+probabilities), used by the layer's "xla" path (`attention_ops.xla_attention`) and by the
+kernels' reference `gated_attention`; `GATE_ACTIVATIONS` the one table of gate activations
+(`activation`, and `activation_and_grad` for the kernels' epilogue and backward).
+
+Dimension names: B batch, T query length, S key length, N query heads, K kv heads, G = N / K,
+H head_dim. Logits, softmax and matmul accumulation run in float32, or the inputs' dtype when
+wider (float64 tests). Rows that see no key output zeros (and have finite gradients).
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
-GATE_ACTIVATIONS = ("sigmoid", "silu", "ns_sigmoid", "identity")
+
+def _sigmoid_grad(x: jax.Array) -> jax.Array:
+  s = jax.nn.sigmoid(x)
+  return s * (1.0 - s)
+
+
+# name: (act, act'), elementwise.
+_ACTIVATIONS: dict[str, tuple[Callable[[jax.Array], jax.Array], Callable[[jax.Array], jax.Array]]] = {
+    "sigmoid": (jax.nn.sigmoid, _sigmoid_grad),
+    "silu": (jax.nn.silu, lambda x: jax.nn.sigmoid(x) + x * _sigmoid_grad(x)),
+    "ns_sigmoid": (lambda x: 0.5 + 0.5 * jax.nn.sigmoid(x), lambda x: 0.5 * _sigmoid_grad(x)),
+    "identity": (lambda x: x, jnp.ones_like),
+}
+GATE_ACTIVATIONS = tuple(_ACTIVATIONS)
+
+
+def _lookup(name: str, field: str):
+  if name not in _ACTIVATIONS:
+    raise ValueError(f"{field} must be one of {GATE_ACTIVATIONS}, got {name!r}")
+  return _ACTIVATIONS[name]
+
+
+def activation(x: jax.Array, name: str, field: str = "gate_activation") -> jax.Array:
+  """The gate activation `name` of x, elementwise, in x's dtype (`field` names the setting in
+  the error for an unknown name)."""
+  return _lookup(name, field)[0](x)
 
 
 def activation_and_grad(x: jax.Array, name: str) -> tuple[jax.Array, jax.Array]:
   """(act(x), act'(x)) in float32; used by the kernels' epilogue and backward preprocessing."""
+  act, grad = _lookup(name, "gate_activation")
   x = x.astype(jnp.float32)
-  if name == "identity":
-    return x, jnp.ones_like(x)
-  s = jax.nn.sigmoid(x)
-  ds = s * (1.0 - s)
-  if name == "sigmoid":
-    return s, ds
-  if name == "ns_sigmoid":
-    return 0.5 + 0.5 * s, 0.5 * ds
-  if name == "silu":
-    return x * s, s + x * ds
-  raise ValueError(f"gate_activation must be one of {GATE_ACTIVATIONS}, got {name!r}.")
+  return act(x), grad(x)
+
+
+def make_mask(batch: int, q_len: int, kv_len: int, *, causal: bool,
+              q_offset: jax.Array | int = 0,
+              q_segment_ids: jax.Array | None = None,
+              kv_segment_ids: jax.Array | None = None) -> jax.Array:
+  """Boolean mask `(B, 1, T, S)`: True where query t may attend to key s.
+
+  q_offset: the key index of the first query, a scalar or per row `(B,)` (0 for a full
+    sequence, the cache length when decoding, S - T for the kernels' end-aligned queries).
+  Segment ids `(B, T)` and `(B, S)`: queries see only keys of their own segment.
+  """
+  q_idx = jnp.arange(q_len)[None, :, None] + jnp.reshape(jnp.asarray(q_offset), (-1, 1, 1))
+  kv_idx = jnp.arange(kv_len)[None, None, :]
+  mask = kv_idx <= q_idx if causal else jnp.ones((1, q_len, kv_len), bool)
+  mask = jnp.broadcast_to(mask[:, None], (batch, 1, q_len, kv_len))
+  if q_segment_ids is not None:
+    same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    mask = mask & same[:, None]
+  return mask
 
 
 def attention_mask(t: int, s: int, *, causal: bool, q_segment_ids: jax.Array | None,
                    kv_segment_ids: jax.Array | None) -> jax.Array:
-  """Boolean visibility mask of shape (B or 1, T, S); query i sits at position i + S - T."""
-  mask = jnp.ones((1, t, s), bool)
-  if causal:
-    rows = jnp.arange(t)[:, None] + (s - t)
-    mask = mask & (jnp.arange(s)[None, :] <= rows)[None]
-  if q_segment_ids is not None:
-    mask = mask & (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])
-  return mask
+  """`make_mask` in the kernels' convention, `(B or 1, T, S)`: query i sits at key S - T + i."""
+  batch = 1 if q_segment_ids is None else q_segment_ids.shape[0]
+  return make_mask(batch, t, s, causal=causal, q_offset=s - t, q_segment_ids=q_segment_ids,
+                   kv_segment_ids=kv_segment_ids)[:, 0]
+
+
+def grouped_logits(q: jax.Array, k: jax.Array, scale: float) -> jax.Array:
+  """scale · q kᵀ per GQA group, `(B, K, G, T, S)`, in float32 (or wider), no repeated K."""
+  b, t, n, h = q.shape
+  kv_heads = k.shape[2]
+  acc = jnp.promote_types(q.dtype, jnp.float32)
+  groups = q.reshape(b, t, kv_heads, n // kv_heads, h)
+  return jnp.einsum("BTKGH,BSKH->BKGTS", groups, k, preferred_element_type=acc) * scale
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
+              out_dtype=None) -> tuple[jax.Array, jax.Array]:
+  """Softmax attention with GQA by grouping.
+
+  q `(B, T, N, H)`; k, v `(B, S, K, H)` with N % K == 0; mask `(B or 1, 1, T, S)` boolean.
+  Returns out `(B, T, N, H)` in `out_dtype` (default q's) and probabilities `(B, N, T, S)` in
+  float32 (or wider); rows that see no key get zero probabilities and output.
+  """
+  b, t, n, h = q.shape
+  logits = grouped_logits(q, k, scale)
+  mask = mask[:, :, None]  # (B, 1, 1, T, S) against (B, K, G, T, S)
+  # Double where: fully masked rows give p = 0 and finite gradients instead of NaN.
+  logits = jnp.where(mask, logits, -1e30)
+  p = jnp.where(mask, jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)), 0.0)
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  p = p / jnp.where(denom == 0.0, 1.0, denom)
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(v.dtype), v, preferred_element_type=p.dtype)
+  return out.reshape(b, t, n, h).astype(out_dtype or q.dtype), p.reshape(b, n, t, -1)
 
 
 def gated_attention(q: jax.Array, k: jax.Array, v: jax.Array, gate: jax.Array | None, *,
                     causal: bool, scale: float, gate_activation: str,
                     q_segment_ids: jax.Array | None = None,
                     kv_segment_ids: jax.Array | None = None) -> jax.Array:
-  """softmax(scale·q kᵀ + mask) v ⊙ act(gate), differentiable by autodiff.
+  """softmax(scale·q kᵀ + mask) v ⊙ act(gate), differentiable by autodiff: the kernels' reference.
 
   q: (B, T, N, H); k, v: (B, S, K, H) with N % K == 0; gate: (B, T, N, H), (B, T, N) or None;
-  segment ids: (B, T) and (B, S) int or None. Returns (B, T, N, H) in q.dtype.
+  segment ids: (B, T) and (B, S) int or None. Queries end-aligned with the keys (query i at
+  key S - T + i). Returns (B, T, N, H) in q.dtype.
   """
-  b, t, n, h = q.shape
-  s, kh = k.shape[1], k.shape[2]
-  qg = q.reshape(b, t, kh, n // kh, h)
-  logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-  mask = attention_mask(t, s, causal=causal, q_segment_ids=q_segment_ids,
-                        kv_segment_ids=kv_segment_ids)[:, None, None]
-  # Double where: fully masked rows give p = 0 and finite gradients instead of NaN.
-  logits = jnp.where(mask, logits, -1e30)
-  m = jnp.max(logits, axis=-1, keepdims=True)
-  p = jnp.where(mask, jnp.exp(logits - m), 0.0)
-  denom = jnp.sum(p, axis=-1, keepdims=True)
-  p = p / jnp.where(denom == 0.0, 1.0, denom)
-  y = jnp.einsum("bkgts,bskh->btkgh", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  y = y.reshape(b, t, n, h)
+  b, t = q.shape[:2]
+  s = k.shape[1]
+  mask = make_mask(b, t, s, causal=causal, q_offset=s - t, q_segment_ids=q_segment_ids,
+                   kv_segment_ids=kv_segment_ids)
+  acc = jnp.promote_types(q.dtype, jnp.float32)
+  y, _ = attention(q, k, v, mask, scale, out_dtype=acc)
   if gate is not None:
-    act = activation_and_grad(gate, gate_activation)[0]
+    act = activation(gate.astype(acc), gate_activation)
     y = y * (act if gate.ndim == 4 else act[..., None])
   return y.astype(q.dtype)

@@ -32,6 +32,7 @@ from gated_attention_jax import metrics as sink_metrics_lib
 from gated_attention_jax import params as params_lib
 from gated_attention_jax import sharding
 from gated_attention_jax.data import pipeline
+from gated_attention_jax.kernels import reference
 from gated_attention_jax.training import checkpointing
 from gated_attention_jax.training import experiment
 from gated_attention_jax.training import metrics_writer
@@ -84,10 +85,7 @@ def activation_stats(inter: dict[str, list[jax.Array]],
   inter: the model's intermediates; mask `(B, 1, T, S)`: the pairs attention may use.
   """
   def logit_max(q: jax.Array, k: jax.Array) -> jax.Array:
-    b, t, n, h = q.shape
-    groups = q.reshape(b, t, k.shape[2], n // k.shape[2], h)
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", groups, k,
-                        preferred_element_type=jnp.float32) * h ** -0.5
+    logits = reference.grouped_logits(q, k, q.shape[-1] ** -0.5)  # (B, K, G, T, S)
     return jnp.max(jnp.where(mask[:, :, None], logits, -jnp.inf))
 
   return {"activation_max_per_layer": jnp.stack(
