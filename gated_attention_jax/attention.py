@@ -7,6 +7,9 @@ dim, N query heads, K kv heads, H head_dim.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import warnings
 from typing import Any, Optional
 
 import jax
@@ -15,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from gated_attention_jax import attention_ops
+from gated_attention_jax import checks
 from gated_attention_jax import gate as gate_lib
 from gated_attention_jax import layers
 from gated_attention_jax import rope
@@ -43,24 +47,14 @@ def default_positions(shape: tuple[int, int], segment_ids: Optional[jax.Array],
   return jnp.broadcast_to(jnp.arange(shape[1]) + offset, shape)
 
 
-def check_positive_floats(**values: float) -> None:
-  """ValueError naming the first argument that is not a finite number > 0."""
-  for name, value in values.items():
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-        0 < value < float("inf")):
-      raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
 class GatedAttention(nnx.Module):
   """Multi-head (GQA/MQA) softmax attention with RoPE, QK-norm and a configurable gate.
 
-  Call `layer(x, positions=None, segment_ids=None)` with x `(B, T, D)`; returns
-  `(B, T, D)`, or `(y, intermediates)` with `return_intermediates=True`:
-  `queries` `(B, T, N, H)` and `keys` `(B, S, K, H)` as they enter the dot product
-  (after QK-norm and RoPE), `values` `(B, S, K, H)` (after any G2 gate),
-  `attention_probs` `(B, N, T, S)` on the "xla" path, and `gate_scores` for gated
-  layers: the gate values after activation and sharing, `(B, T, heads[, H])` or
-  `(B, T, D)`.
+  Call `layer(x, positions=None, segment_ids=None, mode="train")` with x `(B, T, D)`; it
+  returns `(B, T, D)`. `layer.forward(x, ..., intermediates=True)` returns an
+  `AttentionOutput` with the output and the intermediates (queries and keys as they enter
+  the dot product, values, the "xla" path's probabilities, gate scores). The call runs in
+  three steps, `_project`, `_attend` and `_output` (see `forward`).
 
   `attention_impl`: "xla" (the reference; the only one with `attention_probs`), "cudnn",
   "pallas" (the fused kernel) or "auto": chosen per call for the platform being compiled for
@@ -68,10 +62,11 @@ class GatedAttention(nnx.Module):
   "xla" on CPU), so a layer traced for a TPU from a CPU machine gets the TPU's choice.
 
   KV-cache decoding: `layer.init_cache(batch, max_length)`, then calls with
-  `decode=True` (a prompt first, then one token at a time) append to the cache.
-  `prefill=True` (with `decode=True`) marks a call whose tokens start every row at
-  cache slot 0: its queries attend to its own keys with the layer's `attention_impl`
-  (the fused kernel or cuDNN; cached steps run the "xla" path).
+  `mode="decode"` (a prompt first, then one token at a time) append to the cache.
+  `mode="prefill"` marks a call whose tokens start every row at cache slot 0: its queries
+  attend to its own keys with the layer's `attention_impl` (the fused kernel or cuDNN;
+  cached steps run the "xla" path). The booleans `decode=True` / `prefill=True` of earlier
+  versions still work, deprecated.
   """
 
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -82,18 +77,17 @@ class GatedAttention(nnx.Module):
                causal: bool = True, attention_impl: str = "xla",
                dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                rngs: nnx.Rngs):
-    for name, value in (("d_model", d_model), ("num_heads", num_heads),
-                        ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
-      if not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    checks.positive_ints(d_model=d_model, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                         head_dim=head_dim)
     if num_heads % num_kv_heads:
       raise ValueError(
           f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
     if not isinstance(gate, GateConfig):
       raise ValueError(f"gate must be a GateConfig, got {type(gate).__name__}")
     attention_ops.check_impl(attention_impl)
-    check_positive_floats(rope_theta=rope_theta, norm_eps=norm_eps)
-    rope.rotary_dim(head_dim, partial_rotary_factor)  # validates the fraction
+    checks.positive_floats(rope_theta=rope_theta, norm_eps=norm_eps)
+    if use_rope:
+      rope.rotary_dim(head_dim, partial_rotary_factor)  # a fraction giving an even count
 
     self.d_model, self.num_heads, self.num_kv_heads, self.head_dim = (
         d_model, num_heads, num_kv_heads, head_dim)
@@ -137,17 +131,8 @@ class GatedAttention(nnx.Module):
   # --- the gate -------------------------------------------------------------
 
   def gate_score_shape(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    """Per-token shape of the gate scores and its logical axis names."""
-    g = self.gate
-    if g.position == "dense":
-      return (self.d_model,), ("dense_gate",)
-    if g.position in ("sdpa", "query"):
-      heads, axis = self.num_heads, "q_heads"
-    else:
-      heads, axis = self.num_kv_heads, "kv_heads"
-    if g.granularity == "headwise":
-      return (heads,), (axis,)
-    return (heads, self.head_dim), (axis, "head_dim")
+    """Per-token shape of the gate scores and its logical axis names (`GateConfig.score_shape`)."""
+    return self.gate.score_shape(self.d_model, self.num_heads, self.num_kv_heads, self.head_dim)
 
   def gate_logits(self, x: jax.Array) -> jax.Array:
     """Pre-activation gate `(B, T, *gate_score_shape)` from the pre-normed input x."""
@@ -161,8 +146,7 @@ class GatedAttention(nnx.Module):
     """act(logits), averaged over heads for head-shared gates."""
     scores = gate_lib.activate(logits, self.gate.activation)
     if self.gate.sharing == "head_shared":
-      groups = self.num_kv_heads if self.gate.position in ("sdpa", "query") else 1
-      scores = gate_lib.share_over_heads(scores, groups)
+      scores = gate_lib.share_over_heads(scores, self.gate.sharing_groups(self.num_kv_heads))
     return scores
 
   def fuses_gate(self) -> bool:
@@ -180,9 +164,7 @@ class GatedAttention(nnx.Module):
     every row, and `cache_overflow` `(B,)` records rows that were asked to write
     past `max_length` (see `__call__`).
     """
-    for name, value in (("batch_size", batch_size), ("max_length", max_length)):
-      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    checks.positive_ints(batch_size=batch_size, max_length=max_length)
     shape = (batch_size, max_length, self.num_kv_heads, self.head_dim)
     dtype = dtype or self.dtype
     self.cached_key = nnx.Cache(jnp.zeros(shape, dtype))
@@ -252,48 +234,94 @@ class GatedAttention(nnx.Module):
   # --- forward --------------------------------------------------------------
 
   def __call__(self, x: jax.Array, positions: Optional[jax.Array] = None,
-               segment_ids: Optional[jax.Array] = None, *, decode: bool = False,
-               prefill: bool = False, return_intermediates: bool = False):
-    """x `(B, T, D)` → `(B, T, D)` (and intermediates on request).
+               segment_ids: Optional[jax.Array] = None, *, mode: Optional[str] = None,
+               decode: bool = False, prefill: bool = False,
+               return_intermediates: bool = False):
+    """x `(B, T, D)` → `(B, T, D)`: `forward(...).out`.
 
-    positions, segment_ids: `(B, T)` (or `(1, T)`) integers or None. With `decode=True` the T
-    tokens of row b go to cache slots s..s+T-1, s = `positions[b, 0]` if positions
-    are given (consecutive per row), else the row's `cache_index`; each query
-    attends to the slots up to its own. A call that would write past the cache's
-    max_length raises ValueError when its slots are concrete; under `jit` the
-    rows that overflow return NaN and set `cache_overflow` (sticky, `(B,)` bool),
-    so they never pass for real outputs. `prefill=True` (with `decode=True`) writes the T
-    tokens at slots 0..T-1 of every row (positions, if given, must start at 0) and attends
-    over them with `attention_impl`, as a forward pass without a cache does.
+    `mode` as in `forward`. Deprecated, kept working for a release: `decode=True`
+    (mode "decode") and `decode=True, prefill=True` (mode "prefill"), and
+    `return_intermediates=True`, which returns `(out, intermediates)`: use
+    `forward(..., intermediates=True)`, whose return type does not change.
+    """
+    mode = resolve_mode(mode, decode, prefill)
+    if return_intermediates:
+      warnings.warn("GatedAttention(return_intermediates=True) is deprecated: use"
+                    " layer.forward(x, ..., intermediates=True), an AttentionOutput",
+                    DeprecationWarning, stacklevel=2)
+      result = self.forward(x, positions, segment_ids, mode=mode, intermediates=True)
+      return result.out, result.intermediates
+    return self.forward(x, positions, segment_ids, mode=mode).out
+
+  def forward(self, x: jax.Array, positions: Optional[jax.Array] = None,
+              segment_ids: Optional[jax.Array] = None, *, mode: str = "train",
+              intermediates: bool = False) -> "AttentionOutput":
+    """x `(B, T, D)` → `AttentionOutput(out (B, T, D), intermediates)`, in three steps:
+    `_project` (gate scores, q, k, v with any G2-G4 gate, QK-norm, RoPE), `_attend` (the KV
+    cache, the attention op with a fused G1 gate) and `_output` (SDPA transform, unfused
+    G1, W_O, G5).
+
+    positions, segment_ids: `(B, T)` (or `(1, T)`) integers or None.
+    mode (`MODES`): "train" — a forward pass over whole sequences (training, evaluation,
+      analysis); "decode" — the T tokens of row b go to cache slots s..s+T-1, s =
+      `positions[b, 0]` if positions are given (consecutive per row), else the row's
+      `cache_index`, each query attending to the slots up to its own; "prefill" — the T
+      tokens go to slots 0..T-1 of every row (positions, if given, must start at 0) and are
+      attended with `attention_impl`, as in "train". A call that would write past the
+      cache's max_length raises ValueError when its slots are concrete; under `jit` the rows
+      that overflow return NaN and set `cache_overflow` (sticky, `(B,)` bool), so they never
+      pass for real outputs.
+    intermediates: also fill `AttentionOutput.intermediates` (see the class docstring).
     """
     positions, segment_ids = self._checked_inputs(x, positions, segment_ids)
-    if decode and (segment_ids is not None or not self.causal):
-      raise ValueError("decode=True needs a causal layer and no segment_ids")
-    if prefill and not decode:
-      raise ValueError("prefill=True fills the KV cache: it needs decode=True")
-    if prefill and positions is not None and not isinstance(positions, jax.core.Tracer) and (
-        np.asarray(positions)[:, 0] != 0).any():
-      raise ValueError("prefill=True writes every row from cache slot 0: positions must start"
-                       f" at 0, got first positions {np.asarray(positions)[:, 0].tolist()}")
+    self._check_mode(mode, positions, segment_ids)
     b, t, _ = x.shape
-    if decode:
+    start = None
+    if mode != "train":
       self._check_cache(b, t)
-    dt = self.dtype
-    x = x.astype(dt)
-    g = self.gate
-    if decode:
-      start = (jnp.zeros((b,), jnp.int32) if prefill else self.cache_index[...]
+      start = (jnp.zeros((b,), jnp.int32) if mode == "prefill" else self.cache_index[...]
                if positions is None else jnp.asarray(positions[:, 0], jnp.int32))
       if positions is None:
         positions = start[:, None] + jnp.arange(t)
     elif positions is None:
       positions = default_positions((b, t), segment_ids)
+    x = x.astype(self.dtype)
+    logits, scores, q, k, v = self._project(x, positions, intermediates)
+    y, probs, overflow, (keys, values) = self._attend(
+        q, k, v, segment_ids, mode, start, logits if self.fuses_gate() else None, intermediates)
+    out = self._output(y, scores, fused=self.fuses_gate())
+    if overflow is not None:
+      out = jnp.where(overflow[:, None, None], jnp.nan, out)
+    if not intermediates:
+      return AttentionOutput(out, {})
+    inter: Intermediates = {"queries": q, "keys": keys, "values": values}
+    if probs is not None:
+      inter["attention_probs"] = probs
+    if scores is not None:
+      inter["gate_scores"] = scores
+    return AttentionOutput(out, inter)
 
+  def _check_mode(self, mode: str, positions: Optional[jax.Array],
+                  segment_ids: Optional[jax.Array]) -> None:
+    if mode not in MODES:
+      raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode != "train" and (segment_ids is not None or not self.causal):
+      raise ValueError("decode=True needs a causal layer and no segment_ids")
+    if mode == "prefill" and positions is not None and not isinstance(
+        positions, jax.core.Tracer) and (np.asarray(positions)[:, 0] != 0).any():
+      raise ValueError("prefill=True writes every row from cache slot 0: positions must start"
+                       f" at 0, got first positions {np.asarray(positions)[:, 0].tolist()}")
+
+  def _project(self, x: jax.Array, positions: jax.Array, intermediates: bool):
+    """(gate logits, gate scores, q, k, v): q `(B, T, N, H)`, k, v `(B, T, K, H)` with any
+    G2-G4 gate applied, QK-norm and RoPE; the scores None where no gate needs them (a G1
+    gate fused into the kernel, unless intermediates are asked for)."""
+    g, dt = self.gate, self.dtype
     logits = self.gate_logits(x) if g.enabled else None
     if logits is not None:  # gate slices split exactly as the heads they gate
       logits = sharding.constrain(logits, ("batch", "seq", *self.gate_score_shape()[1]))
     scores = self.gate_scores(logits) if g.enabled and not (
-        self.fuses_gate() and not return_intermediates) else None
+        self.fuses_gate() and not intermediates) else None
 
     q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(dt))
     k = jnp.einsum("BTD,DKH->BTKH", x, self.k_proj[...].astype(dt))
@@ -315,41 +343,82 @@ class GatedAttention(nnx.Module):
                        scaling=self.rope_scaling)
       q = rope.apply_rope(q, positions, **rope_args)
       k = rope.apply_rope(k, positions, **rope_args)
+    return logits, scores, q, k, v
 
+  def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array,
+              segment_ids: Optional[jax.Array], mode: str, start: Optional[jax.Array],
+              fused_logits: Optional[jax.Array], intermediates: bool):
+    """(y `(B, T, N, H)`, probabilities or None, per-row cache overflow or None, (the keys,
+    values attended)). Decoding appends k, v to the cache first and attends over it;
+    `fused_logits`: a G1 gate applied by the attention op (in the kernel's epilogue)."""
     q_offset, overflow, impl = 0, None, self.attention_impl
-    if decode:
+    if mode != "train":
       cached_k, cached_v, overflow = self._append_to_cache(k, v, start)
-      if prefill:  # the queries see only this call's keys: a forward pass without a cache
+      if mode == "prefill":  # the queries see only this call's keys: no cache
         if impl == "cudnn" and platform.target_platform() != "gpu":
           impl = "xla"  # cuDNN exists on GPUs only; generation elsewhere still works
       else:
         k, v, q_offset = cached_k, cached_v, start
     impl = attention_ops.resolve_impl(impl, q, k, segment_ids is not None)
-
-    fused = logits if self.fuses_gate() else None
     y, probs = attention_ops.attend(
         q, k, v, impl=impl, scale=self.head_dim ** -0.5, causal=self.causal,
         q_offset=q_offset, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-        fused_gate=fused, gate_activation=g.activation,
-        return_probs=return_intermediates and impl == "xla")
+        fused_gate=fused_logits,
+        gate_activation=self.gate.activation,
+        return_probs=intermediates and impl == "xla")
+    return y, probs, overflow, (k, v)
 
+  def _output(self, y: jax.Array, scores: Optional[jax.Array], fused: bool) -> jax.Array:
+    """The SDPA transform, an unfused G1 gate, W_O and a G5 gate: `(B, T, N, H)` →
+    `(B, T, D)`."""
+    g = self.gate
     if g.sdpa_transform == "rmsnorm":
       y = self.sdpa_norm(y)
     elif g.sdpa_transform == "silu":
       y = jax.nn.silu(y)
-    if g.position == "sdpa" and fused is None:
+    if g.position == "sdpa" and not fused:
       y = gate_lib.combine(y, scores, g.combine)
-
-    out = jnp.einsum("BTNH,NHD->BTD", y, self.o_proj[...].astype(dt))
+    out = jnp.einsum("BTNH,NHD->BTD", y, self.o_proj[...].astype(self.dtype))
     if g.position == "dense":
       out = gate_lib.combine(out, scores, g.combine)
-    if overflow is not None:
-      out = jnp.where(overflow[:, None, None], jnp.nan, out)
-    if not return_intermediates:
-      return out
-    intermediates: Intermediates = {"queries": q, "keys": k, "values": v}
-    if probs is not None:
-      intermediates["attention_probs"] = probs
-    if scores is not None:
-      intermediates["gate_scores"] = scores
-    return out, intermediates
+    return out
+
+
+MODES = ("train", "prefill", "decode")  # GatedAttention.forward's call modes
+
+
+def resolve_mode(mode: Optional[str], decode: bool, prefill: bool) -> str:
+  """The call mode from `mode` or the deprecated `decode` / `prefill` booleans (which warn)."""
+  if prefill and not decode:
+    raise ValueError("prefill=True fills the KV cache: it needs decode=True")
+  legacy = "prefill" if prefill else "decode" if decode else None
+  if legacy is not None:
+    warnings.warn(f"decode=/prefill= are deprecated: pass mode={legacy!r}", DeprecationWarning,
+                  stacklevel=3)
+    if mode is not None and mode != legacy:
+      raise ValueError(f"mode={mode!r} contradicts decode={decode}, prefill={prefill}: pass"
+                       " mode only")
+    return legacy
+  if mode is None:
+    return "train"
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  return mode
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["out", "intermediates"],
+                   meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class AttentionOutput:
+  """What `GatedAttention.forward` returns (a pytree: returnable from `jit`).
+
+  out: `(B, T, D)`.
+  intermediates: empty unless asked for; then `queries` `(B, T, N, H)` and `keys`
+    `(B, S, K, H)` as they enter the dot product (after QK-norm and RoPE; decoding: the
+    whole cache), `values` `(B, S, K, H)` (after any G2 gate), `attention_probs`
+    `(B, N, T, S)` on the "xla" path, and for gated layers `gate_scores`: the gate values
+    after activation and sharing, `(B, T, heads[, H])` or `(B, T, D)`.
+  """
+
+  out: jax.Array
+  intermediates: Intermediates

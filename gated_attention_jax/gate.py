@@ -20,10 +20,12 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from gated_attention_jax.kernels import reference
+
 POSITIONS = ("none", "sdpa", "value", "key", "query", "dense")
 GRANULARITIES = ("elementwise", "headwise")
 SHARINGS = ("head_specific", "head_shared")
-ACTIVATIONS = ("sigmoid", "silu", "ns_sigmoid", "identity")
+ACTIVATIONS = reference.GATE_ACTIVATIONS
 COMBINES = ("multiply", "add")
 SDPA_TRANSFORMS = ("none", "rmsnorm", "silu")
 
@@ -92,6 +94,28 @@ class GateConfig:
   def enabled(self) -> bool:
     return self.position != "none"
 
+  @property
+  def gates_query_heads(self) -> bool:
+    """Whether the gate covers the query heads (G1, G4); G2 / G3 cover the kv heads, G5 none."""
+    return self.position in ("sdpa", "query")
+
+  def score_shape(self, d_model: int, num_heads: int, num_kv_heads: int,
+                  head_dim: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """Per-token shape of the gate's scores and its logical axis names: `(d_model,)` for G5,
+    else `(heads[, head_dim])` over the query heads (G1, G4) or the kv heads (G2, G3)."""
+    if self.position == "dense":
+      return (d_model,), ("dense_gate",)
+    heads, axis = ((num_heads, "q_heads") if self.gates_query_heads
+                   else (num_kv_heads, "kv_heads"))
+    if self.granularity == "headwise":
+      return (heads,), (axis,)
+    return (heads, head_dim), (axis, "head_dim")
+
+  def sharing_groups(self, num_kv_heads: int) -> int:
+    """How many groups a head-shared gate averages its scores over: the query heads of each
+    kv head (G1, G4), or all the kv heads at once (G2, G3)."""
+    return num_kv_heads if self.gates_query_heads else 1
+
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> "GateConfig":
     """Builds from a mapping (e.g. an ml_collections `config.gate`), rejecting unknown keys."""
@@ -119,16 +143,8 @@ class GateConfig:
 
 
 def activate(x: jax.Array, activation: str) -> jax.Array:
-  """The gate's activation, elementwise."""
-  if activation == "sigmoid":
-    return jax.nn.sigmoid(x)
-  if activation == "silu":
-    return jax.nn.silu(x)
-  if activation == "ns_sigmoid":
-    return 0.5 + 0.5 * jax.nn.sigmoid(x)
-  if activation == "identity":
-    return x
-  raise ValueError(f"gate.activation must be one of {ACTIVATIONS}, got {activation!r}")
+  """The gate's activation, elementwise (the one table: `kernels.reference.GATE_ACTIVATIONS`)."""
+  return reference.activation(x, activation, field="gate.activation")
 
 
 def share_over_heads(scores: jax.Array, num_groups: int) -> jax.Array:

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gated_attention_jax import checks
 from gated_attention_jax import layers
 from gated_attention_jax.kernels import platform
 
@@ -58,14 +59,10 @@ class MoEConfig:
   expert_matmul: str = "auto"  # the grouped matmul (EXPERT_MATMULS): "auto" picks per platform
 
   def __post_init__(self):
-    for name in ("num_experts", "experts_per_token", "expert_dim", "sparse_step"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"model.moe.{name} must be a positive int, got {value!r}")
-    for name in ("num_shared_experts", "shared_expert_dim"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"model.moe.{name} must be an int >= 0, got {value!r}")
+    checks.positive_ints(**{f"model.moe.{name}": getattr(self, name) for name in (
+        "num_experts", "experts_per_token", "expert_dim", "sparse_step")})
+    checks.non_negative_ints(**{f"model.moe.{name}": getattr(self, name)
+                                for name in ("num_shared_experts", "shared_expert_dim")})
     if self.experts_per_token > self.num_experts:
       raise ValueError(f"model.moe.experts_per_token ({self.experts_per_token}) must be at most"
                        f" model.moe.num_experts ({self.num_experts})")

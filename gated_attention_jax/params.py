@@ -40,11 +40,7 @@ def gate_params_per_layer(d_model: int, num_heads: int, num_kv_heads: int, head_
   added = head_dim if gate.sdpa_transform == "rmsnorm" else 0
   if not gate.enabled:
     return added
-  if gate.position == "dense":
-    per_token = d_model
-  else:
-    heads = num_heads if gate.position in ("sdpa", "query") else num_kv_heads
-    per_token = heads * (head_dim if gate.granularity == "elementwise" else 1)
+  per_token = math.prod(gate.score_shape(d_model, num_heads, num_kv_heads, head_dim)[0])
   return added + (d_model * per_token if gate.input_dependent else per_token)
 
 

@@ -49,13 +49,19 @@ class RopeScaling:
           f"rope_scaling.original_max_len must be > 0, got {self.original_max_len!r}")
 
 
-def rotary_dim(head_dim: int, partial_rotary_factor: float) -> int:
-  """Number of leading channels of each head that are rotated (even)."""
-  if not 0.0 < partial_rotary_factor <= 1.0:
+def rotary_dim(head_dim: int, partial_rotary_factor: float, prefix: str = "") -> int:
+  """Number of leading channels of each head that are rotated: int(head_dim · factor), which
+  must be even (channels rotate in pairs). ValueError naming the fields (`prefix` + name)."""
+  if isinstance(partial_rotary_factor, bool) or not isinstance(
+      partial_rotary_factor, (int, float)) or not 0.0 < partial_rotary_factor <= 1.0:
     raise ValueError(
-        f"partial_rotary_factor must be in (0, 1], got {partial_rotary_factor!r}")
+        f"{prefix}partial_rotary_factor must be in (0, 1], got {partial_rotary_factor!r}")
   rd = int(head_dim * partial_rotary_factor)
-  return rd - rd % 2
+  if rd % 2:
+    raise ValueError(f"{prefix}head_dim ({head_dim}) x {prefix}partial_rotary_factor"
+                     f" ({partial_rotary_factor}) must be even with RoPE (channels rotate in"
+                     f" pairs), got {rd} rotated channels")
+  return rd
 
 
 def inverse_frequencies(rd: int, theta: float,

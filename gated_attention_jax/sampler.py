@@ -83,7 +83,7 @@ def _generate(state: nnx.State, tokens: jax.Array, lengths: jax.Array, key: jax.
   model = nnx.merge(graphdef, state)
   b, p = tokens.shape
   model.init_cache(b, cache_length)
-  logits = model(tokens, jnp.broadcast_to(jnp.arange(p), (b, p)), decode=True, prefill=True)
+  logits = model(tokens, jnp.broadcast_to(jnp.arange(p), (b, p)), mode="prefill")
   logits = logits[jnp.arange(b), lengths - 1]
   cached_graphdef, cache, rest = nnx.split(model, nnx.Cache, ...)
 
@@ -107,7 +107,7 @@ def _generate(state: nnx.State, tokens: jax.Array, lengths: jax.Array, key: jax.
   def body(carry):
     step, token, out, done, count, cache = carry
     model = nnx.merge(cached_graphdef, cache, rest)
-    logits = model(token[:, None], (lengths + step - 1)[:, None], decode=True)[:, 0]
+    logits = model(token[:, None], (lengths + step - 1)[:, None], mode="decode")[:, 0]
     new = jnp.where(done, pad_id, pick(logits, step))
     out = out.at[:, step].set(new)
     count = count + (~done).astype(jnp.int32)

@@ -21,11 +21,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gated_attention_jax import attention_ops
+from gated_attention_jax import checks
 from gated_attention_jax import layers
 from gated_attention_jax import moe as moe_lib
 from gated_attention_jax import rope
 from gated_attention_jax import sharding
-from gated_attention_jax.attention import GatedAttention, check_positive_floats, default_positions
+from gated_attention_jax.attention import GatedAttention, default_positions, resolve_mode
 from gated_attention_jax.gate import GateConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
@@ -70,11 +71,9 @@ class TransformerConfig:
   scan_layers: bool = False  # blocks stacked on a leading "layers" axis, applied by nnx.scan
 
   def __post_init__(self):
-    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
-                 "head_dim", "mlp_dim"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"model.{name} must be a positive int, got {value!r}")
+    checks.positive_ints(**{f"model.{name}": getattr(self, name) for name in (
+        "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+        "mlp_dim")})
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"model.num_heads ({self.num_heads}) must be a multiple of"
                        f" model.num_kv_heads ({self.num_kv_heads})")
@@ -100,9 +99,10 @@ class TransformerConfig:
     if self.attention_impl not in attention_ops.ATTENTION_IMPLS:
       raise ValueError(f"model.attention_impl must be one of"
                        f" {attention_ops.ATTENTION_IMPLS}, got {self.attention_impl!r}")
-    rope.rotary_dim(self.head_dim, self.partial_rotary_factor)
-    for name in ("rope_theta", "norm_eps"):
-      check_positive_floats(**{f"model.{name}": getattr(self, name)})
+    if self.position_embedding == "rope":
+      rope.rotary_dim(self.head_dim, self.partial_rotary_factor, prefix="model.")
+    checks.positive_floats(**{f"model.{name}": getattr(self, name)
+                              for name in ("rope_theta", "norm_eps")})
     if not isinstance(self.gate, GateConfig):
       raise ValueError(f"model.gate must be a GateConfig, got {type(self.gate).__name__}")
     if self.mlp_type == "moe":
@@ -165,12 +165,11 @@ class Block(nnx.Module):
                                  cfg.d_model, cfg.mlp_dim, param_dtype=p, rngs=rngs)
 
   def __call__(self, x: jax.Array, positions: Optional[jax.Array],
-               segment_ids: Optional[jax.Array], decode: bool, prefill: bool,
-               return_intermediates: bool):
-    attn = self.attn(self.attn_norm(x), positions, segment_ids, decode=decode, prefill=prefill,
-                     return_intermediates=return_intermediates)
-    attn, inter = attn if return_intermediates else (attn, {})
-    h = sharding.constrain(x + attn, ("batch", "seq", "embed"))
+               segment_ids: Optional[jax.Array], mode: str, return_intermediates: bool):
+    attn = self.attn.forward(self.attn_norm(x), positions, segment_ids, mode=mode,
+                             intermediates=return_intermediates)
+    inter = attn.intermediates
+    h = sharding.constrain(x + attn.out, ("batch", "seq", "embed"))
     if isinstance(self.mlp, moe_lib.MoE):  # padding (segment 0) left out of its balancing terms
       mlp, balance = self.mlp(self.mlp_norm(h),
                               None if segment_ids is None else segment_ids > 0)
@@ -205,15 +204,14 @@ def _stacked_blocks(cfg: TransformerConfig, rngs: nnx.Rngs) -> Block:
 
 def _loop_blocks(blocks: nnx.List, cfg: TransformerConfig, x: jax.Array,
                  positions: Optional[jax.Array], segment_ids: Optional[jax.Array],
-                 decode: bool, prefill: bool, return_intermediates: bool):
+                 mode: str, return_intermediates: bool):
   """Unrolled stack: `x` `(B, T, D)` through each block; per-layer lists of intermediates."""
   run_block = Block.__call__
   if cfg.remat != "none":
-    run_block = nnx.remat(run_block, policy=_remat_policy(cfg.remat), static_argnums=(4, 5, 6))
+    run_block = nnx.remat(run_block, policy=_remat_policy(cfg.remat), static_argnums=(4, 5))
   collected: dict[str, list[jax.Array]] = {}
   for block in blocks:
-    x, inter = run_block(block, x, positions, segment_ids, decode, prefill,
-                         return_intermediates)
+    x, inter = run_block(block, x, positions, segment_ids, mode, return_intermediates)
     if return_intermediates:
       for name, value in {"hidden_states": x, **inter}.items():
         collected.setdefault(name, []).append(value)
@@ -226,7 +224,7 @@ def _scan_blocks(blocks: Block, cfg: TransformerConfig, x: jax.Array,
   """Stacked blocks applied by `nnx.scan` (remat per block); the same outputs as `_loop_blocks`."""
 
   def apply(block: Block, x: jax.Array):
-    return block(x, positions, segment_ids, False, False, return_intermediates)
+    return block(x, positions, segment_ids, "train", return_intermediates)
 
   if cfg.remat != "none":
     apply = nnx.remat(apply, policy=_remat_policy(cfg.remat))
@@ -251,9 +249,10 @@ class Transformer(nnx.Module):
   balancing terms (`moe.balance_terms`: `moe_balance_loss`, `moe_router_z_loss`,
   `moe_expert_load`, `moe_router_entropy`, scalars, one per sparse layer).
 
-  Decoding: `model.init_cache(batch, max_length)`, then `decode=True` calls append to
-  every layer's KV cache; `prefill=True` with it marks a prompt written from slot 0,
-  attended with the config's `attention_impl` (see `GatedAttention`, and `generate`).
+  Decoding: `model.init_cache(batch, max_length)`, then `mode="decode"` calls append to
+  every layer's KV cache; `mode="prefill"` marks a prompt written from slot 0, attended
+  with the config's `attention_impl` (see `GatedAttention.forward`, and `generate`). The
+  booleans `decode=True` / `prefill=True` of earlier versions still work, deprecated.
   """
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
@@ -291,22 +290,24 @@ class Transformer(nnx.Module):
       block.attn.init_cache(batch_size, max_length)
 
   def __call__(self, tokens: jax.Array, positions: Optional[jax.Array] = None,
-               segment_ids: Optional[jax.Array] = None, *, decode: bool = False,
-               prefill: bool = False, return_intermediates: bool = False):
+               segment_ids: Optional[jax.Array] = None, *, mode: Optional[str] = None,
+               decode: bool = False, prefill: bool = False,
+               return_intermediates: bool = False):
     cfg = self.config
+    mode = resolve_mode(mode, decode, prefill)
     x = self.embed(tokens, DTYPES[cfg.dtype])
     if self.pos_embed is not None:
       x = x + jnp.take(self.pos_embed[...], self._positions(tokens, positions, segment_ids,
-                                                              decode and not prefill),
+                                                              mode == "decode"),
                        axis=0).astype(x.dtype)
     x = sharding.constrain(x, ("batch", "seq", "embed"))
     if cfg.scan_layers:
-      if decode:
+      if mode != "train":
         raise ValueError(_NO_SCANNED_DECODE)
       x, collected = _scan_blocks(self.blocks, cfg, x, positions, segment_ids,
                                   return_intermediates)
     else:
-      x, collected = _loop_blocks(self.blocks, cfg, x, positions, segment_ids, decode, prefill,
+      x, collected = _loop_blocks(self.blocks, cfg, x, positions, segment_ids, mode,
                                   return_intermediates)
     x = self.final_norm(x)
     if self.lm_head is None:

@@ -8,8 +8,9 @@ from flax import nnx
 from jax.test_util import check_grads
 
 from gated_attention_jax import GateConfig, GatedAttention
-from gated_attention_jax import attention_ops
+from gated_attention_jax import attention, attention_ops
 from gated_attention_jax.attention import positions_from_segments
+from gated_attention_jax.kernels import reference
 from tests.conftest import params_as_numpy, randomize_params
 from tests import reference_numpy
 
@@ -341,3 +342,71 @@ def test_bad_call_arguments_name_the_argument_and_shapes():
   for name in ("rope_theta", "norm_eps"):
     with pytest.raises(ValueError, match=f"{name} must be a finite number > 0, got -1.0"):
       GatedAttention(D, N, K, H, **{name: -1.0}, rngs=nnx.Rngs(0))
+
+
+def test_forward_returns_an_attention_output_in_every_mode(x64):
+  """`forward` keeps one return type; `mode` runs what the deprecated booleans ran, which
+  still work (warning) as does the deprecated `return_intermediates` tuple."""
+  layer = make_layer(VARIANTS["sdpa_elementwise"], qk_norm=True)
+  x = jnp.asarray(np.random.default_rng(21).normal(size=(2, 7, D)))
+  plain = layer.forward(x)
+  assert isinstance(plain, attention.AttentionOutput) and plain.intermediates == {}
+  full = nnx.jit(lambda layer, x: layer.forward(x, intermediates=True))(layer, x)
+  np.testing.assert_allclose(np.asarray(full.out), np.asarray(plain.out), atol=1e-12)
+  assert set(full.intermediates) == {"queries", "keys", "values", "attention_probs",
+                                     "gate_scores"}
+  with pytest.warns(DeprecationWarning, match="return_intermediates"):
+    out, inter = layer(x, return_intermediates=True)
+  np.testing.assert_allclose(np.asarray(inter["gate_scores"]),
+                             np.asarray(full.intermediates["gate_scores"]), atol=1e-12)
+  layer.init_cache(2, 9)
+  step = nnx.jit(lambda layer, x, mode: layer(x, mode=mode), static_argnums=2)
+  steps = [step(layer, x[:, :4], "prefill")] + [step(layer, x[:, t:t + 1], "decode")
+                                                for t in range(4, 7)]
+  np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, axis=1)), np.asarray(plain.out),
+                             rtol=1e-10, atol=1e-10)
+  with pytest.warns(DeprecationWarning, match="pass mode='decode'"):
+    layer(x[:, :1], positions=jnp.full((2, 1), 7), decode=True)
+  with pytest.raises(ValueError, match=r"mode must be one of \('train', 'prefill', 'decode'\),"
+                                       r" got 'generate'"):
+    layer(x, mode="generate")
+  with pytest.raises(ValueError, match="mode='train' contradicts decode=True"):
+    layer(x, mode="train", decode=True)
+
+
+def test_the_reference_attention_zeroes_rows_that_see_no_key(x64):
+  """One reference (kernels.reference.attention) behind the layer's "xla" path and the
+  kernels' reference: a query whose segment has no visible key gets zero output and
+  probabilities, with finite gradients, on both."""
+  rng = np.random.default_rng(22)
+  q = jnp.asarray(rng.normal(size=(1, 4, N, H)))
+  k, v = (jnp.asarray(rng.normal(size=(1, 4, K, H))) for _ in range(2))
+  q_seg, kv_seg = jnp.asarray([[1, 1, 2, 3]]), jnp.asarray([[1, 1, 2, 2]])  # query 3 sees none
+  mask = attention_ops.make_mask(1, 4, 4, causal=True, q_segment_ids=q_seg,
+                                 kv_segment_ids=kv_seg)
+  out, probs = attention_ops.xla_attention(q, k, v, mask, H ** -0.5)
+  assert np.all(np.asarray(out)[0, 3] == 0) and np.all(np.asarray(probs)[0, :, 3] == 0)
+  np.testing.assert_allclose(np.asarray(probs)[0, :, :3].sum(-1), 1.0, atol=1e-12)
+  kernel_ref = reference.gated_attention(q, k, v, None, causal=True, scale=H ** -0.5,
+                                         gate_activation="sigmoid", q_segment_ids=q_seg,
+                                         kv_segment_ids=kv_seg)
+  np.testing.assert_array_equal(np.asarray(kernel_ref), np.asarray(out))
+  grads = jax.grad(lambda q: jnp.sum(attention_ops.xla_attention(q, k, v, mask, 1.0)[0]))(q)
+  assert np.all(np.isfinite(np.asarray(grads)))
+
+
+def test_each_layer_rule_lives_in_one_place():
+  """A bool is no head count, an odd rotated width is refused by the layer as by the config,
+  and a gate's score shape is the GateConfig's."""
+  with pytest.raises(ValueError, match="num_heads must be a positive int, got True"):
+    GatedAttention(D, True, 1, H, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"head_dim \(6\) x partial_rotary_factor \(0.5\) must be"
+                                       r" even with RoPE"):
+    GatedAttention(D, N, K, 6, partial_rotary_factor=0.5, rngs=nnx.Rngs(0))
+  GatedAttention(D, N, K, 6, partial_rotary_factor=0.5, use_rope=False, rngs=nnx.Rngs(0))
+  for gate, want in ((GateConfig(position="sdpa"), ((N, H), ("q_heads", "head_dim"))),
+                     (GateConfig(position="value", granularity="headwise"),
+                      ((K,), ("kv_heads",))),
+                     (GateConfig(position="dense"), ((D,), ("dense_gate",)))):
+    layer = nnx.eval_shape(lambda: GatedAttention(D, N, K, H, gate, rngs=nnx.Rngs(0)))
+    assert layer.gate_score_shape() == gate.score_shape(D, N, K, H) == want

@@ -11,7 +11,8 @@ import time
 import pytest
 
 from configs import default
-from gated_attention_jax.training import checkpointing, train
+from gated_attention_jax.data import pipeline
+from gated_attention_jax.training import checkpointing, experiment, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -115,6 +116,18 @@ def test_bad_config_fails_before_compiling(tmp_path, section, field, value, mess
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(config, tmp_path)
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_validation_learns_the_vocabulary_without_building_the_corpus(tmp_path):
+  """A synthetic task's vocabulary follows from its config: `validate` leaves the data cache
+  empty, and the size it finds is the one the built task has."""
+  config = tiny_config()
+  config.data.update(corpus="bigram_backcopy", tokenizer="byte", cache_dir=str(tmp_path))
+  model = experiment.validate(config, 1)
+  assert not any(tmp_path.iterdir())
+  source = pipeline.synthetic_source(config.data, "train", config.data.seq_len)
+  assert model.vocab_size == source.vocab_size == config.data.bigram_backcopy.vocab + 2
+  assert any(tmp_path.iterdir())  # building it does fill the cache
 
 
 def _cli(workdir, *flags):

@@ -191,13 +191,20 @@ def _load(data_cfg: ml_collections.ConfigDict, split: str, seq_len: int,
 
 
 def vocab_size(data_cfg: ml_collections.ConfigDict) -> int:
-  """Number of token ids the model must embed (BOS/PAD included)."""
+  """Number of token ids the model must embed (BOS/PAD included), from the config, the
+  tokenizer or a shard manifest: no corpus is read or built (`experiment.validate` calls it)."""
   config_lib.validate(data_cfg)
-  if data_cfg.corpus in config_lib.SYNTHETIC:
-    return synthetic_source(data_cfg, "train", data_cfg.seq_len).vocab_size
   if data_cfg.corpus == "token_shards":
     return int(shards.read_manifest(prepare.corpus_dir(data_cfg))["vocab_size"])
-  return tokenizers.get_tokenizer(data_cfg.tokenizer, data_cfg.cache_dir or None).vocab_size
+  tokenizer_vocab = tokenizers.get_tokenizer(data_cfg.tokenizer,
+                                             data_cfg.cache_dir or None).vocab_size
+  if data_cfg.corpus != "bigram_backcopy":
+    return tokenizer_vocab
+  vocab = data_cfg.bigram_backcopy.vocab  # the task's own ids: known from the config
+  if vocab > tokenizer_vocab:  # the corpus's distinct tokens are checked when it is built
+    raise ValueError(f"data.bigram_backcopy.vocab={vocab} but tokenizer"
+                     f" {data_cfg.tokenizer!r} has only {tokenizer_vocab} token ids")
+  return synthetic.bigram_backcopy_vocab_size(vocab)
 
 
 def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, batch_size: int, seed: int,

@@ -90,6 +90,11 @@ def bigram_statistics(split: shards.Split, vocab: int) -> BigramStatistics:
                           marginal=marginal)
 
 
+def bigram_backcopy_vocab_size(vocab: int) -> int:
+  """Token ids of the Bigram-Backcopy task over `vocab` ordinary tokens: those, BOS and PAD."""
+  return vocab + 2
+
+
 class BigramBackcopy:
   """grain data source: index i -> one row of the Bigram-Backcopy task.
 
@@ -113,7 +118,7 @@ class BigramBackcopy:
 
   @property
   def vocab_size(self) -> int:
-    return self.stats.vocab + 2
+    return bigram_backcopy_vocab_size(self.stats.vocab)
 
   def __len__(self) -> int:
     return NUM_SEQUENCES

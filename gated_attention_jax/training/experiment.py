@@ -107,16 +107,6 @@ def validate_train(train: ml_collections.ConfigDict) -> None:
                      f" {train.spike_factor!r}")
 
 
-def _validate_model_numbers(model: TransformerConfig) -> None:
-  """What TransformerConfig leaves open (it checks rope_theta and norm_eps itself)."""
-  if model.position_embedding == "rope":
-    rotated = int(model.head_dim * model.partial_rotary_factor)
-    if rotated % 2:
-      raise ValueError(f"model.head_dim ({model.head_dim}) x model.partial_rotary_factor"
-                       f" ({model.partial_rotary_factor}) must be even with RoPE (channels"
-                       f" rotate in pairs), got {rotated} rotated channels")
-
-
 def config_from_json(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """A run's `config.json` as the ConfigDict it was saved from: JSON gives lists where the
   config has tuples (`model.moe.dense_layers`); those become tuples again."""
@@ -167,7 +157,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
     raise ValueError(f"train.batch_size ({config.train.batch_size}) must be a multiple of"
                      f" the data x fsdp mesh size ({batch_shards})")
   model = model_config(config)
-  _validate_model_numbers(model)
   impl, why = attention_choice(config, model, devices)
   if impl == "pallas":  # the kernel runs per shard: can this mesh serve it?
     b, t = config.train.batch_size, config.data.seq_len
