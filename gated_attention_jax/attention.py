@@ -303,8 +303,7 @@ class GatedAttention(nnx.Module):
 
   def _check_mode(self, mode: str, positions: Optional[jax.Array],
                   segment_ids: Optional[jax.Array]) -> None:
-    if mode not in MODES:
-      raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_mode(mode)
     if mode != "train" and (segment_ids is not None or not self.causal):
       raise ValueError("decode=True needs a causal layer and no segment_ids")
     if mode == "prefill" and positions is not None and not isinstance(
@@ -401,9 +400,13 @@ def resolve_mode(mode: Optional[str], decode: bool, prefill: bool) -> str:
     return legacy
   if mode is None:
     return "train"
+  check_mode(mode)
+  return mode
+
+
+def check_mode(mode: str) -> None:
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-  return mode
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["out", "intermediates"],

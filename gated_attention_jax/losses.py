@@ -17,9 +17,9 @@ def token_losses(model: Transformer, batch: Batch, use_segments: bool,
   The intermediates (per-layer lists, see Transformer) are empty unless requested.
   """
   segment_ids = batch["segment_ids"] if use_segments else None
-  out = model(batch["inputs"], batch["positions"], segment_ids,
-              return_intermediates=want_intermediates)
-  logits, inter = out if want_intermediates else (out, {})
+  out = model.forward(batch["inputs"], batch["positions"], segment_ids,
+                      intermediates=want_intermediates)
+  logits, inter = out.logits, out.intermediates
   log_z = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
   return log_z - target_logit, log_z, inter

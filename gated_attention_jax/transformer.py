@@ -14,6 +14,8 @@ parameters between the two layouts.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import warnings
 from typing import Any, Mapping, Optional
 
 import jax
@@ -26,7 +28,8 @@ from gated_attention_jax import layers
 from gated_attention_jax import moe as moe_lib
 from gated_attention_jax import rope
 from gated_attention_jax import sharding
-from gated_attention_jax.attention import GatedAttention, default_positions, resolve_mode
+from gated_attention_jax.attention import (GatedAttention, check_mode, default_positions,
+                                           resolve_mode)
 from gated_attention_jax.gate import GateConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
@@ -242,8 +245,8 @@ def _scan_blocks(blocks: Block, cfg: TransformerConfig, x: jax.Array,
 class Transformer(nnx.Module):
   """Decoder-only LM. `model(tokens)` with tokens `(B, T)` → float32 logits `(B, T, V)`.
 
-  With `return_intermediates=True` it returns `(logits, intermediates)` where
-  intermediates holds per-layer lists: `hidden_states` (block outputs `(B, T, D)`),
+  `model.forward(tokens, ..., intermediates=True)` returns a `ModelOutput` whose
+  intermediates hold per-layer lists: `hidden_states` (block outputs `(B, T, D)`),
   `queries` `(B, T, N, H)`, `keys` and `values` `(B, S, K, H)`, and, where available, `attention_probs` `(B, N, T, S)`
   ("xla" path) and `gate_scores` (the same lists with `scan_layers`); the sparse layers'
   balancing terms (`moe.balance_terms`: `moe_balance_loss`, `moe_router_z_loss`,
@@ -293,8 +296,30 @@ class Transformer(nnx.Module):
                segment_ids: Optional[jax.Array] = None, *, mode: Optional[str] = None,
                decode: bool = False, prefill: bool = False,
                return_intermediates: bool = False):
-    cfg = self.config
+    """tokens `(B, T)` → logits `(B, T, V)`: `forward(...).logits`.
+
+    Deprecated, kept working for a release: `decode=True` / `prefill=True` (use `mode`) and
+    `return_intermediates=True`, which returns `(logits, intermediates)`: use
+    `forward(..., intermediates=True)`, whose return type does not change.
+    """
     mode = resolve_mode(mode, decode, prefill)
+    if return_intermediates:
+      warnings.warn("Transformer(return_intermediates=True) is deprecated: use"
+                    " model.forward(tokens, ..., intermediates=True), a ModelOutput",
+                    DeprecationWarning, stacklevel=2)
+      result = self.forward(tokens, positions, segment_ids, mode=mode, intermediates=True)
+      return result.logits, result.intermediates
+    return self.forward(tokens, positions, segment_ids, mode=mode).logits
+
+  def forward(self, tokens: jax.Array, positions: Optional[jax.Array] = None,
+              segment_ids: Optional[jax.Array] = None, *, mode: str = "train",
+              intermediates: bool = False) -> "ModelOutput":
+    """tokens `(B, T)` → `ModelOutput(logits (B, T, V) float32, intermediates)`; `mode` as in
+    `GatedAttention.forward`, the intermediates (per-layer lists, see the class docstring)
+    filled when `intermediates`."""
+    cfg = self.config
+    check_mode(mode)
+    return_intermediates = intermediates
     x = self.embed(tokens, DTYPES[cfg.dtype])
     if self.pos_embed is not None:
       x = x + jnp.take(self.pos_embed[...], self._positions(tokens, positions, segment_ids,
@@ -315,4 +340,15 @@ class Transformer(nnx.Module):
     else:
       logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype),
                           preferred_element_type=layers.accum_dtype(x.dtype))
-    return (logits, collected) if return_intermediates else logits
+    return ModelOutput(logits, collected)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["logits", "intermediates"],
+                   meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class ModelOutput:
+  """What `Transformer.forward` returns (a pytree: returnable from `jit`): float32 logits
+  `(B, T, V)` and the per-layer intermediates (empty unless asked for)."""
+
+  logits: jax.Array
+  intermediates: dict[str, list[jax.Array]]

@@ -71,6 +71,24 @@ def test_remat_keeps_values_and_gradients(policy):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
 
 
+def test_forward_returns_a_model_output_and_the_old_tuple_still_works():
+  """`forward` keeps one return type (a pytree, through jit); `return_intermediates=True`
+  still returns the tuple, warning; a mode outside MODES is named."""
+  from gated_attention_jax.transformer import ModelOutput  # pylint: disable=g-import-not-at-top
+  model = small_model()
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, 61, size=(2, 5)))
+  out = nnx.jit(lambda model, t: model.forward(t, intermediates=True))(model, tokens)
+  assert isinstance(out, ModelOutput) and len(out.intermediates["hidden_states"]) == 2
+  assert model.forward(tokens).intermediates == {}
+  with pytest.warns(DeprecationWarning, match="model.forward"):
+    logits, inter = model(tokens, return_intermediates=True)
+  np.testing.assert_allclose(np.asarray(out.logits), np.asarray(logits), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(out.intermediates["gate_scores"][1]),
+                             np.asarray(inter["gate_scores"][1]), atol=1e-6)
+  with pytest.raises(ValueError, match="mode must be one of"):
+    model.forward(tokens, mode="eval")
+
+
 def test_untied_output_head():
   model = small_model(tie_embeddings=False)
   tied = small_model(tie_embeddings=True)

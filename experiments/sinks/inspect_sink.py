@@ -34,8 +34,8 @@ def inspect(workdir: pathlib.Path, num_sequences: int = 32) -> dict:
   source = pipeline.make_eval_batches(config.data, batch_size=num_sequences, num_batches=1)[0]
   task = pipeline.synthetic_source(config.data, "validation", config.data.seq_len)
   inputs, targets = source["inputs"], source["targets"]
-  logits, inter = model(jnp.asarray(inputs), jnp.asarray(source["positions"]),
-                        return_intermediates=True)
+  out = model.forward(jnp.asarray(inputs), jnp.asarray(source["positions"]), intermediates=True)
+  logits, inter = out.logits, out.intermediates
   nll = -np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), targets[..., None], -1)[..., 0]
   trigger = task.trigger_mask(inputs)
   ordinary = ~trigger & (inputs < task.stats.vocab)

@@ -88,9 +88,8 @@ def analysis_config(cfg: TransformerConfig) -> TransformerConfig:
 @functools.partial(jax.jit, static_argnums=0)
 def _intermediates(graphdef: nnx.GraphDef, state: nnx.State, batch: Batch) -> dict:
   model = nnx.merge(graphdef, state)
-  _, inter = model(batch["inputs"], batch["positions"], batch["segment_ids"],
-                   return_intermediates=True)
-  return inter
+  return model.forward(batch["inputs"], batch["positions"], batch["segment_ids"],
+                       intermediates=True).intermediates
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

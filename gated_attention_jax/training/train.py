@@ -196,8 +196,8 @@ class Trainer:
   def _sink_step(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
     model = nnx.merge(self.probe_graphdef, params)
     segment_ids = batch["segment_ids"] if self.use_segments else None
-    _, inter = model(batch["inputs"], batch["positions"], segment_ids,
-                     return_intermediates=True)
+    inter = model.forward(batch["inputs"], batch["positions"], segment_ids,
+                          intermediates=True).intermediates
     return {"first_key_probs": jnp.stack([p[..., :1] for p in inter["attention_probs"]]),
             "hidden_states": jnp.stack(inter["hidden_states"]).astype(jnp.float32)}
 
