@@ -29,7 +29,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from gated_attention_jax.kernels import IMPLS, gated_flash_attention
+from gated_attention_jax.kernels import IMPLS, gated_flash_attention, reference
 
 # (B, T, N, K, H). Targets: ours >= 1.0x cuDNN + gate there. They run first, so that a time
 # limit (experiments/gpu_check.py) cuts the others.
@@ -49,7 +49,7 @@ def _ours(impl: str) -> Callable:
 
 def _cudnn_then_gate(q, k, v, g):
   y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-  act = jax.nn.sigmoid(g.astype(jnp.float32))
+  act = reference.activation(g.astype(jnp.float32), "sigmoid")
   return (y * (act if g.ndim == 4 else act[..., None])).astype(q.dtype)
 
 
