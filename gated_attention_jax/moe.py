@@ -124,14 +124,13 @@ def balance_terms(logits: jax.Array, probs: jax.Array, experts: jax.Array,
   weight = (jnp.ones(probs.shape[:1], probs.dtype) if token_mask is None
             else token_mask.astype(probs.dtype))
   num_tokens = jnp.maximum(jnp.sum(weight), 1.0)
-  mean = lambda v: jnp.sum(v * weight) / num_tokens  # over the counted tokens, v `(N,)`
+  mean = lambda v: jnp.tensordot(weight, v, axes=1) / num_tokens  # over the counted tokens
   counts = jnp.zeros((num_experts,), probs.dtype).at[experts.reshape(-1)].add(
       jnp.repeat(weight, experts.shape[-1]))
   fraction = counts / (num_tokens * experts.shape[-1])
-  mean_probs = jnp.sum(probs * weight[:, None], axis=0) / num_tokens
   log_z = jax.nn.logsumexp(logits, axis=-1)
   return {
-      "moe_balance_loss": num_experts * jnp.sum(fraction * mean_probs),
+      "moe_balance_loss": num_experts * jnp.sum(fraction * mean(probs)),
       "moe_router_z_loss": mean(log_z ** 2),
       "moe_expert_load": jnp.max(counts) / jnp.maximum(jnp.mean(counts), 1e-30),
       "moe_router_entropy": mean(-jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)),
@@ -161,6 +160,15 @@ def block_rows(assignments: int, num_experts: int) -> int:
 _MIN_BLOCK_ROWS, _MAX_BLOCK_ROWS = 8, 512
 
 
+def sort_by_expert(experts: jax.Array,
+                   num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The assignments `experts` `(N, k)` flattened `(M,)`, the stable order that groups them by
+  expert `(M,)`, and each expert's group size `(E,)` int32."""
+  flat = experts.reshape(-1)
+  sizes = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1)
+  return flat, jnp.argsort(flat, stable=True), sizes
+
+
 def blocked_layout(experts: jax.Array, num_experts: int,
                    block: int) -> tuple[jax.Array, jax.Array]:
   """Where each of the M = N·k assignments `experts` `(N, k)` goes when they are sorted by
@@ -170,10 +178,8 @@ def blocked_layout(experts: jax.Array, num_experts: int,
   `(num_blocks,)` of each block), with num_blocks = (M + E·(block − 1)) // block, enough for
   any routing; blocks past the last group hold no rows.
   """
-  flat = experts.reshape(-1)
+  flat, order, sizes = sort_by_expert(experts, num_experts)
   m = flat.size
-  sizes = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1)
-  order = jnp.argsort(flat, stable=True)
   rank = jnp.zeros((m,), jnp.int32).at[order].set(jnp.arange(m, dtype=jnp.int32))
   padded = -(-sizes // block) * block
   starts, padded_ends = jnp.cumsum(sizes) - sizes, jnp.cumsum(padded)
@@ -212,10 +218,8 @@ def grouped_swiglu(x: jax.Array, experts: jax.Array, w_gate: jax.Array, w_up: ja
     return out.reshape(n, k, -1)
   if impl != "ragged_dot":
     raise ValueError(f"expert matmul must be one of {EXPERT_MATMULS[1:]}, got {impl!r}")
-  flat = experts.reshape(-1)
-  order = jnp.argsort(flat, stable=True)
+  _, order, group_sizes = sort_by_expert(experts, num_experts)
   rows = x[order // k]  # (N·k, D), grouped by expert
-  group_sizes = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1)
   dot = lambda a, w: jax.lax.ragged_dot(a, w.astype(a.dtype), group_sizes)
   h = jax.nn.silu(dot(rows, w_gate)) * dot(rows, w_up)
   out = jnp.zeros_like(rows).at[order].set(dot(h, w_down))
