@@ -3,6 +3,7 @@
 Public API:
   GateConfig        the gate variant (position, granularity, sharing, activation, ...)
   GatedAttention    the NNX attention layer with that gate
+  OutputGate        the G1 gate alone, for anyone's attention (`linen_output_gate` for Linen)
   Transformer       a decoder-only LM built from it, configured by TransformerConfig
   RopeScaling       RoPE scaling (none / linear / NTK / YaRN) for long context
   generate          batched sampling with the KV cache (ragged prompts, greedy / top-k / top-p)
@@ -13,6 +14,7 @@ Public API:
 
 from gated_attention_jax.attention import GatedAttention
 from gated_attention_jax.gate import GateConfig
+from gated_attention_jax.output_gate import OutputGate, linen_output_gate
 from gated_attention_jax.params import (count_active_params, count_params, gate_params,
                                         gate_params_per_layer)
 from gated_attention_jax.rope import RopeScaling
@@ -20,8 +22,9 @@ from gated_attention_jax.sampler import Generation, generate
 from gated_attention_jax.transformer import Transformer, TransformerConfig
 
 __all__ = [
-    "GateConfig", "GatedAttention", "Generation", "RopeScaling", "Transformer",
-    "TransformerConfig", "count_active_params", "count_params", "generate", "gate_params", "gate_params_per_layer", "load_run",
+    "GateConfig", "GatedAttention", "Generation", "OutputGate", "RopeScaling", "Transformer",
+    "TransformerConfig", "count_active_params", "count_params", "generate", "gate_params",
+    "gate_params_per_layer", "linen_output_gate", "load_run",
 ]
 __version__ = "0.1.0"
 

@@ -117,11 +117,8 @@ class GatedAttention(nnx.Module):
     self.sdpa_norm = (layers.RMSNorm(head_dim, **norm)
                       if gate.sdpa_transform == "rmsnorm" else None)
 
-    shape, axes = self.gate_score_shape()
-    self.gate_proj = (layers.make_param(rngs, (d_model, *shape), ("embed", *axes), init, p)
-                      if gate.enabled and gate.input_dependent else None)
-    self.gate_theta = (layers.make_param(rngs, shape, axes, jax.nn.initializers.zeros, p)
-                       if gate.enabled and not gate.input_dependent else None)
+    self.gate_proj, self.gate_theta = gate_lib.make_params(
+        gate, rngs, d_model, num_heads, num_kv_heads, head_dim, param_dtype=p)
 
     self.cached_key = nnx.data(None)
     self.cached_value = nnx.data(None)
@@ -136,18 +133,11 @@ class GatedAttention(nnx.Module):
 
   def gate_logits(self, x: jax.Array) -> jax.Array:
     """Pre-activation gate `(B, T, *gate_score_shape)` from the pre-normed input x."""
-    if self.gate_proj is not None:
-      w = self.gate_proj[...].astype(x.dtype)
-      return jnp.einsum("BTD,D...->BT...", x, w)
-    theta = self.gate_theta[...].astype(x.dtype)
-    return jnp.broadcast_to(theta, (*x.shape[:2], *theta.shape))
+    return gate_lib.logits(x, self.gate_proj, self.gate_theta)
 
   def gate_scores(self, logits: jax.Array) -> jax.Array:
     """act(logits), averaged over heads for head-shared gates."""
-    scores = gate_lib.activate(logits, self.gate.activation)
-    if self.gate.sharing == "head_shared":
-      scores = gate_lib.share_over_heads(scores, self.gate.sharing_groups(self.num_kv_heads))
-    return scores
+    return gate_lib.scores(logits, self.gate, self.num_kv_heads)
 
   def fuses_gate(self) -> bool:
     """Whether the G1 gate goes into the attention op (the flash kernel's epilogue)."""

@@ -7,9 +7,10 @@ computed from the same pre-normed input X that feeds Q/K/V:
     additive:        Y' = Y + act(X W_theta)
 
 `GateConfig` names every axis the paper ablates (the README's gate table maps each
-field to the paper); `GatedAttention` computes the score X W_theta and applies the
-math here: `activate` (act), `share_over_heads` (head-shared gates) and `combine`
-(multiply or add).
+field to the paper). The gate's parameters and math live here, used by `GatedAttention`
+(every position) and `OutputGate` (G1 around anyone's attention): `make_params`
+(W_theta, or the input-independent theta), `logits` (X W_theta), `scores` (act, then the
+head sharing) and `combine` (multiply or add).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
+from gated_attention_jax import layers
 from gated_attention_jax.kernels import reference
 
 POSITIONS = ("none", "sdpa", "value", "key", "query", "dense")
@@ -170,3 +173,33 @@ def combine(y: jax.Array, scores: jax.Array, how: str) -> jax.Array:
   if how == "multiply":
     return y * scores.astype(y.dtype)
   return y + scores.astype(y.dtype)
+
+
+def make_params(config: GateConfig, rngs: nnx.Rngs, d_model: int, num_heads: int,
+                num_kv_heads: int, head_dim: int, *, init: layers.Initializer | None = None,
+                param_dtype: Any = jnp.float32) -> tuple[nnx.Param | None, nnx.Param | None]:
+  """(gate_proj `(D, *score_shape)`, gate_theta `score_shape`), one of them None (both for no
+  gate): W_theta drawn from `init` (default N(0, 0.02), the paper's), or theta at zero."""
+  if not config.enabled:
+    return None, None
+  shape, axes = config.score_shape(d_model, num_heads, num_kv_heads, head_dim)
+  if not config.input_dependent:
+    return None, layers.make_param(rngs, shape, axes, jax.nn.initializers.zeros, param_dtype)
+  return layers.make_param(rngs, (d_model, *shape), ("embed", *axes),
+                           init or layers.normal_init(), param_dtype), None
+
+
+def logits(x: jax.Array, gate_proj: nnx.Param | None, gate_theta: nnx.Param | None) -> jax.Array:
+  """Pre-activation scores `(B, T, *score_shape)` from the pre-normed input x `(B, T, D)`."""
+  if gate_proj is not None:
+    return jnp.einsum("BTD,D...->BT...", x, gate_proj[...].astype(x.dtype))
+  theta = gate_theta[...].astype(x.dtype)
+  return jnp.broadcast_to(theta, (*x.shape[:2], *theta.shape))
+
+
+def scores(gate_logits: jax.Array, config: GateConfig, num_kv_heads: int) -> jax.Array:
+  """act(logits), averaged over each sharing group of heads for head-shared gates."""
+  out = activate(gate_logits, config.activation)
+  if config.sharing == "head_shared":
+    out = share_over_heads(out, config.sharing_groups(num_kv_heads))
+  return out

@@ -3,16 +3,42 @@
 from __future__ import annotations
 
 import math
+from typing import Any, Mapping, Union
 
 import jax
-from flax import nnx
+from flax import linen, nnx
 
 from gated_attention_jax.gate import GateConfig
 
 
-def count_params(module: nnx.Module) -> int:
-  """Number of scalar parameters (`nnx.Param`) in a module."""
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+Params = Union[nnx.Module, Mapping[str, Any]]
+
+# Parameter names that belong to an attention gate (`GatedAttention`, `OutputGate`): W_theta,
+# the input-independent theta and the SDPA-RMSNorm probe. An MLP's SwiGLU `gate_proj` (under
+# "mlp") is not one.
+GATE_PARAM_NAMES = ("gate_proj", "gate_theta", "sdpa_norm")
+
+
+def _param_leaves(params: Params) -> list[tuple[tuple[str, ...], Any]]:
+  """(path of names, array) of every parameter of an NNX module or a Linen tree: a `variables`
+  dict (its "params" collection is used) or the params tree itself, boxed (`nn.Partitioned`,
+  bridge metadata) or not."""
+  if isinstance(params, nnx.Module):
+    tree = nnx.state(params, nnx.Param)
+  elif isinstance(params, Mapping):
+    tree = params.get("params", params)
+  else:
+    raise ValueError("expected an NNX module or a Linen parameter tree (a mapping), got"
+                     f" {type(params).__name__}")
+    tree = linen.meta.unbox(tree)
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  return [(tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path), x)
+          for path, x in leaves]
+
+
+def count_params(params: Params) -> int:
+  """Number of scalar parameters of an NNX module (its `nnx.Param`s) or a Linen tree."""
+  return sum(math.prod(x.shape) for _, x in _param_leaves(params))
 
 
 def count_active_params(module: nnx.Module) -> int:
@@ -44,13 +70,12 @@ def gate_params_per_layer(d_model: int, num_heads: int, num_kv_heads: int, head_
   return added + (d_model * per_token if gate.input_dependent else per_token)
 
 
-def gate_params(model: nnx.Module) -> int:
-  """Gate parameters counted in a built `Transformer`: the model minus its ungated twin.
+def gate_params(params: Params) -> int:
+  """Gate parameters of a model: an NNX module (a `Transformer`, a `GatedAttention`, a model of
+  your own with `OutputGate`s) or a Linen tree (`bridge.to_linen` models, `linen_output_gate`).
 
-  Counts the real modules (not the formula): builds the same architecture with
-  no gate abstractly (`nnx.eval_shape`, no memory) and subtracts.
+  Counts the parameters the gates hold (`GATE_PARAM_NAMES`, outside any "mlp"), not a formula;
+  for a `Transformer` that is the model minus its ungated twin.
   """
-  from gated_attention_jax.transformer import Transformer  # pylint: disable=g-import-not-at-top
-  cfg = model.config.replace(gate=GateConfig())
-  baseline = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-  return count_params(model) - count_params(baseline)
+  return sum(math.prod(x.shape) for path, x in _param_leaves(params)
+             if "mlp" not in path and any(n in path for n in GATE_PARAM_NAMES))
