@@ -56,6 +56,11 @@ class GatedAttention(nnx.Module):
   the dot product, values, the "xla" path's probabilities, gate scores). The call runs in
   three steps, `_project`, `_attend` and `_output` (see `forward`).
 
+  Gemma 2/3-style attention: `sliding_window=w` (keys less than w positions from the query:
+  with `causal`, the w keys ending at it), `logit_soft_cap=c` (c · tanh(logits / c) on the
+  scaled logits, before the mask) and `query_scale` (the logit scale, default head_dim^-0.5);
+  a boolean `mask` per call (see `forward`), e.g. left padding.
+
   `attention_impl`: "xla" (the reference; the only one with `attention_probs`), "cudnn",
   "pallas" (the fused kernel) or "auto": chosen per call for the platform being compiled for
   (`attention_ops.choose_impl`: the kernel on TPU, cuDNN on GPU where it serves the inputs,
@@ -74,7 +79,9 @@ class GatedAttention(nnx.Module):
                partial_rotary_factor: float = 1.0,
                rope_scaling: rope.RopeScaling = rope.RopeScaling(), use_rope: bool = True,
                qk_norm: bool = False, norm_eps: float = 1e-6, norm_style: str = "scale",
-               causal: bool = True, attention_impl: str = "xla",
+               causal: bool = True, sliding_window: Optional[int] = None,
+               logit_soft_cap: Optional[float] = None, query_scale: Optional[float] = None,
+               attention_impl: str = "xla",
                dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                rngs: nnx.Rngs):
     checks.positive_ints(d_model=d_model, num_heads=num_heads, num_kv_heads=num_kv_heads,
@@ -85,7 +92,9 @@ class GatedAttention(nnx.Module):
     if not isinstance(gate, GateConfig):
       raise ValueError(f"gate must be a GateConfig, got {type(gate).__name__}")
     attention_ops.check_impl(attention_impl)
-    checks.positive_floats(rope_theta=rope_theta, norm_eps=norm_eps)
+    checks.positive_floats(rope_theta=rope_theta, norm_eps=norm_eps, **checks.given(
+        logit_soft_cap=logit_soft_cap, query_scale=query_scale))
+    checks.positive_ints(**checks.given(sliding_window=sliding_window))
     if use_rope:
       rope.rotary_dim(head_dim, partial_rotary_factor)  # a fraction giving an even count
 
@@ -97,6 +106,9 @@ class GatedAttention(nnx.Module):
     self.rope_scaling = rope_scaling
     self.use_rope = use_rope
     self.causal = causal
+    self.sliding_window = sliding_window
+    self.logit_soft_cap = logit_soft_cap
+    self.query_scale = head_dim ** -0.5 if query_scale is None else query_scale
     self.attention_impl = attention_impl
     self.dtype = dtype
 
@@ -221,10 +233,21 @@ class GatedAttention(nnx.Module):
       checked.append(value)
     return tuple(checked)
 
+  def _checked_mask(self, mask: jax.Array, b: int, t: int, s: int) -> jax.Array:
+    """`mask` as a 4-D boolean array broadcastable to (b, num_heads, t, s), else ValueError
+    naming the shapes."""
+    want = (b, self.num_heads, t, s)
+    if (mask.dtype != jnp.bool_ or mask.ndim != 4
+        or any(m not in (1, w) for m, w in zip(mask.shape, want))):
+      raise ValueError(f"mask must be boolean and broadcastable to (batch, num_heads, T, S) ="
+                       f" {want}, got {mask.dtype}{list(mask.shape)}")
+    return mask
+
   # --- forward --------------------------------------------------------------
 
   def __call__(self, x: jax.Array, positions: Optional[jax.Array] = None,
-               segment_ids: Optional[jax.Array] = None, *, mode: Optional[str] = None,
+               segment_ids: Optional[jax.Array] = None, *, mask: Optional[jax.Array] = None,
+               mode: Optional[str] = None,
                decode: bool = False, prefill: bool = False,
                return_intermediates: bool = False):
     """x `(B, T, D)` → `(B, T, D)`: `forward(...).out`.
@@ -239,19 +262,23 @@ class GatedAttention(nnx.Module):
       warnings.warn("GatedAttention(return_intermediates=True) is deprecated: use"
                     " layer.forward(x, ..., intermediates=True), an AttentionOutput",
                     DeprecationWarning, stacklevel=2)
-      result = self.forward(x, positions, segment_ids, mode=mode, intermediates=True)
+      result = self.forward(x, positions, segment_ids, mask=mask, mode=mode, intermediates=True)
       return result.out, result.intermediates
-    return self.forward(x, positions, segment_ids, mode=mode).out
+    return self.forward(x, positions, segment_ids, mask=mask, mode=mode).out
 
   def forward(self, x: jax.Array, positions: Optional[jax.Array] = None,
-              segment_ids: Optional[jax.Array] = None, *, mode: str = "train",
-              intermediates: bool = False) -> "AttentionOutput":
+              segment_ids: Optional[jax.Array] = None, *, mask: Optional[jax.Array] = None,
+              mode: str = "train", intermediates: bool = False) -> "AttentionOutput":
     """x `(B, T, D)` → `AttentionOutput(out (B, T, D), intermediates)`, in three steps:
     `_project` (gate scores, q, k, v with any G2-G4 gate, QK-norm, RoPE), `_attend` (the KV
     cache, the attention op with a fused G1 gate) and `_output` (SDPA transform, unfused
     G1, W_O, G5).
 
     positions, segment_ids: `(B, T)` (or `(1, T)`) integers or None.
+    mask: boolean, broadcastable to `(B, num_heads, T, S)` (S: T, or the cache's max_length
+      when decoding), True where a query may see a key; combined with `causal`, the window and
+      `segment_ids`. A padding mask `(B, 1, 1, S)` runs on every impl ("pallas" as segment
+      ids); other masks on "xla" and "cudnn" only (ValueError naming the impl).
     mode (`MODES`): "train" — a forward pass over whole sequences (training, evaluation,
       analysis); "decode" — the T tokens of row b go to cache slots s..s+T-1, s =
       `positions[b, 0]` if positions are given (consecutive per row), else the row's
@@ -266,6 +293,8 @@ class GatedAttention(nnx.Module):
     positions, segment_ids = self._checked_inputs(x, positions, segment_ids)
     self._check_mode(mode, positions, segment_ids)
     b, t, _ = x.shape
+    if mask is not None:
+      mask = self._checked_mask(mask, b, t, self.cached_key.shape[1] if mode == "decode" else t)
     start = None
     if mode != "train":
       self._check_cache(b, t)
@@ -278,7 +307,8 @@ class GatedAttention(nnx.Module):
     x = x.astype(self.dtype)
     logits, scores, q, k, v = self._project(x, positions, intermediates)
     y, probs, overflow, (keys, values) = self._attend(
-        q, k, v, segment_ids, mode, start, logits if self.fuses_gate() else None, intermediates)
+        q, k, v, segment_ids, mask, mode, start, logits if self.fuses_gate() else None,
+        intermediates)
     out = self._output(y, scores, fused=self.fuses_gate())
     if overflow is not None:
       out = jnp.where(overflow[:, None, None], jnp.nan, out)
@@ -335,7 +365,8 @@ class GatedAttention(nnx.Module):
     return logits, scores, q, k, v
 
   def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array,
-              segment_ids: Optional[jax.Array], mode: str, start: Optional[jax.Array],
+              segment_ids: Optional[jax.Array], mask: Optional[jax.Array], mode: str,
+              start: Optional[jax.Array],
               fused_logits: Optional[jax.Array], intermediates: bool):
     """(y `(B, T, N, H)`, probabilities or None, per-row cache overflow or None, (the keys,
     values attended)). Decoding appends k, v to the cache first and attends over it;
@@ -346,12 +377,14 @@ class GatedAttention(nnx.Module):
       if mode == "prefill":  # the queries see only this call's keys: no cache
         if impl == "cudnn" and platform.target_platform() != "gpu":
           impl = "xla"  # cuDNN exists on GPUs only; generation elsewhere still works
-      else:
-        k, v, q_offset = cached_k, cached_v, start
-    impl = attention_ops.resolve_impl(impl, q, k, segment_ids is not None)
+      else:  # cached steps: the explicit cache-offset mask of the "xla" path
+        k, v, q_offset, impl = cached_k, cached_v, start, "xla"
+    impl = attention_ops.resolve_impl(impl, q, k, segment_ids is not None, mask,
+                                      self.logit_soft_cap)
     y, probs = attention_ops.attend(
-        q, k, v, impl=impl, scale=self.head_dim ** -0.5, causal=self.causal,
-        q_offset=q_offset, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+        q, k, v, impl=impl, scale=self.query_scale, causal=self.causal,
+        q_offset=q_offset, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, mask=mask,
+        sliding_window=self.sliding_window, logit_soft_cap=self.logit_soft_cap,
         fused_gate=fused_logits,
         gate_activation=self.gate.activation,
         return_probs=intermediates and impl == "xla")

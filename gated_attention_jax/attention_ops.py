@@ -19,8 +19,12 @@ them, so nothing moves on the way in or out; `pallas_shard_plan` says how GQA's
 kv heads follow their query heads and refuses meshes the kernel cannot serve.
 
 Masks are built from token indices (causal: key index <= query index, with the
-queries offset by `q_offset` when they continue a KV cache) and segment ids
-(packed documents: keys and queries must share a segment id).
+queries offset by `q_offset` when they continue a KV cache; a sliding window of w keeps
+keys less than w positions away), segment ids (packed documents: keys and queries must share
+a segment id) and any boolean `mask` the caller gives, broadcastable to (B, N, T, S). What
+each impl serves (`unsupported`): "xla" everything; "cudnn" no logit soft cap (a window
+alone is its `local_window_size`; with a mask or segments, one explicit mask); "pallas" a mask only as key padding, `(B, 1, 1, S)`,
+which it runs as segment ids (`key_padding_segments`).
 """
 
 from __future__ import annotations
@@ -67,23 +71,55 @@ def cudnn_unsupported(device_kind: str | None, dtype, head_dim: int, q_len: int,
   return None
 
 
+def unsupported(impl: str, *, mask_kind: Optional[str] = None,
+                logit_soft_cap: Optional[float] = None) -> Optional[str]:
+  """Why `impl` cannot run attention with these features (None if it can): `mask_kind` is
+  None, "keys" (a key-padding mask, `(B, 1, 1, S)`) or "general"."""
+  if impl == "cudnn" and logit_soft_cap is not None:
+    return ("attention_impl='cudnn' has no logit soft cap (jax.nn.dot_product_attention);"
+            " use attention_impl='xla' or 'pallas'")
+  if impl == "pallas" and mask_kind == "general":
+    return ("attention_impl='pallas' takes mask= only as key padding, shape (B, 1, 1, S) (run as"
+            " segment ids); express packing with segment_ids, or use attention_impl='xla' or"
+            " 'cudnn'")
+  return None
+
+
+def mask_kind(mask: Optional[jax.Array]) -> Optional[str]:
+  """None, "keys" (a mask of shape (B or 1, 1, 1, S): key padding) or "general"."""
+  if mask is None:
+    return None
+  return "keys" if mask.shape[1] == mask.shape[2] == 1 else "general"
+
+
 def choose_impl(impl: str, platform_name: str, device_kind: str | None, *, dtype,
-                head_dim: int, q_len: int, kv_len: int, segments: bool) -> tuple[str, str]:
+                head_dim: int, q_len: int, kv_len: int, segments: bool,
+                mask_kind: Optional[str] = None,
+                logit_soft_cap: Optional[float] = None) -> tuple[str, str]:
   """(the impl that runs, why) for `impl` on a `platform_name` ("tpu", "gpu", "cpu") device.
 
   Only "auto" is resolved: the fused Pallas kernel on TPU; on GPU cuDNN with the gate in
   XLA (no GPU measurement yet shows the fused kernel faster there), and the fused kernel
-  where cuDNN cannot serve the inputs (`cudnn_unsupported`); the XLA reference elsewhere
-  (the kernels and cuDNN compile for TPU and GPU only). Other impls are returned as given.
+  where cuDNN cannot serve the inputs (`cudnn_unsupported`, `unsupported`); the XLA reference
+  elsewhere (the kernels and cuDNN compile for TPU and GPU only) and where neither serves the
+  features. Other impls are returned as given.
   """
   check_impl(impl)
+  features = dict(mask_kind=mask_kind, logit_soft_cap=logit_soft_cap)
   if impl != "auto":
     return impl, "set by attention_impl"
   if platform_name == "tpu":
+    reason = unsupported("pallas", **features)
+    if reason:
+      return "xla", f"the XLA reference on TPU: {reason}"
     return "pallas", "the fused Pallas kernel (Mosaic TPU) on TPU"
   if platform_name == "gpu":
-    reason = cudnn_unsupported(device_kind, dtype, head_dim, q_len, kv_len, segments)
+    reason = (cudnn_unsupported(device_kind, dtype, head_dim, q_len, kv_len,
+                                segments or mask_kind is not None)
+              or unsupported("cudnn", **features))
     if reason:
+      if unsupported("pallas", **features):
+        return "xla", f"the XLA reference on GPU: neither cuDNN ({reason}) nor the kernel serves"
       return "pallas", f"the fused Pallas kernel on GPU: cuDNN cannot serve the inputs ({reason})"
     return "cudnn", ("cuDNN flash attention with the gate in XLA on GPU: no GPU measurement"
                      " yet shows the fused Pallas kernel faster")
@@ -91,33 +127,65 @@ def choose_impl(impl: str, platform_name: str, device_kind: str | None, *, dtype
                  " for TPU and GPU only")
 
 
-def resolve_impl(impl: str, q: jax.Array, k: jax.Array, segments: bool) -> str:
-  """`impl` with "auto" resolved (`choose_impl`) for the platform being lowered for."""
-  return choose_impl(impl, platform.target_platform(), platform.target_device_kind(),
+def resolve_impl(impl: str, q: jax.Array, k: jax.Array, segments: bool,
+                 mask: Optional[jax.Array] = None,
+                 logit_soft_cap: Optional[float] = None) -> str:
+  """`impl` with "auto" resolved (`choose_impl`) for the platform being lowered for; raises
+  ValueError naming the impl when it cannot serve the mask or soft cap (`unsupported`)."""
+  features = dict(mask_kind=mask_kind(mask), logit_soft_cap=logit_soft_cap)
+  impl = choose_impl(impl, platform.target_platform(), platform.target_device_kind(),
                      dtype=q.dtype, head_dim=q.shape[-1], q_len=q.shape[1], kv_len=k.shape[1],
-                     segments=segments)[0]
+                     segments=segments, **features)[0]
+  reason = unsupported(impl, **features)
+  if reason:
+    raise ValueError(reason)
+  return impl
+
+
+def key_padding_segments(mask: jax.Array, q_segment_ids: Optional[jax.Array],
+                         kv_segment_ids: Optional[jax.Array], q_len: int
+                         ) -> tuple[jax.Array, jax.Array]:
+  """A key-padding mask `(B or 1, 1, 1, S)` as (q, kv) segment ids for the kernels.
+
+  Ids 2·seg for the queries and for kept keys, 2·seg + 1 for masked keys (seg: the given ids,
+  or 0): a query sees a key iff both share a segment and the key is kept (ids up to 2^30).
+  """
+  keep = mask[:, 0, 0, :]  # (B or 1, S)
+  b = max(keep.shape[0], 1 if q_segment_ids is None else q_segment_ids.shape[0])
+  if q_segment_ids is None:
+    q_segment_ids = jnp.zeros((b, q_len), jnp.int32)
+    kv_segment_ids = jnp.zeros((b, keep.shape[1]), jnp.int32)
+  q_seg = 2 * q_segment_ids.astype(jnp.int32)
+  kv_seg = 2 * kv_segment_ids.astype(jnp.int32) + jnp.where(keep, 0, 1)
+  return jnp.broadcast_to(q_seg, (b, q_len)), jnp.broadcast_to(kv_seg, (b, keep.shape[1]))
 
 
 make_mask = reference.make_mask  # the one mask builder (explicit query offset)
 
 
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                  scale: float) -> tuple[jax.Array, jax.Array]:
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
+                  logit_soft_cap: Optional[float] = None) -> tuple[jax.Array, jax.Array]:
   """The reference softmax attention (`kernels.reference.attention`): GQA by grouping.
 
-  q `(B, T, N, H)`; k, v `(B, S, K, H)`; mask `(B, 1, T, S)` boolean. Returns out
+  q `(B, T, N, H)`; k, v `(B, S, K, H)`; mask `(B, 1 or N, T, S)` boolean. Returns out
   `(B, T, N, H)` in q's dtype and probabilities `(B, N, T, S)` in float32 (or wider).
   """
-  return reference.attention(q, k, v, mask, scale)
+  return reference.attention(q, k, v, mask, scale, logit_soft_cap=logit_soft_cap)
 
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
                     mask: Optional[jax.Array], scale: float,
+                    sliding_window: Optional[int] = None,
                     implementation: str = "cudnn") -> jax.Array:
-  """`jax.nn.dot_product_attention`; a plain causal call when no other mask is needed."""
+  """`jax.nn.dot_product_attention`: without an explicit `mask`, a plain causal call, and a
+  sliding window as its `local_window_size` (w - 1 keys either side, none after the query when
+  causal); with one, the mask must already hold the causal and window terms."""
+  window = None
+  if mask is None and sliding_window is not None:
+    window = (sliding_window - 1, 0 if causal else sliding_window - 1)
   return jax.nn.dot_product_attention(
       q, k, v, mask=mask, is_causal=causal and mask is None, scale=scale,
-      implementation=implementation)
+      local_window_size=window, implementation=implementation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +255,8 @@ def pallas_shard_plan(q_shape: Sequence[int], kv_shape: Sequence[int],
 def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, gate: Optional[jax.Array], *,
                      causal: bool, scale: float, q_segment_ids: Optional[jax.Array] = None,
                      kv_segment_ids: Optional[jax.Array] = None,
-                     gate_activation: str = "sigmoid") -> jax.Array:
+                     gate_activation: str = "sigmoid", sliding_window: Optional[int] = None,
+                     logit_soft_cap: Optional[float] = None) -> jax.Array:
   """The fused kernel (`kernels.gated_flash_attention`), per shard under a context mesh.
 
   Shapes as in `attend`. On a TPU or GPU (the platform being lowered for, see
@@ -205,7 +274,8 @@ def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, gate: Optional[ja
     segment_ids = None if q_seg is None else (q_seg, kv_seg)
     return kernels.gated_flash_attention(q, k, v, gate, causal=causal, segment_ids=segment_ids,
                                          scale=scale, gate_activation=gate_activation,
-                                         impl=kernel)
+                                         sliding_window=sliding_window,
+                                         logit_soft_cap=logit_soft_cap, impl=kernel)
 
   args = (q, k, v, gate, q_segment_ids, kv_segment_ids)
   mesh = sharding.context_mesh()
@@ -234,6 +304,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str, scale: float,
            causal: bool = True, q_offset: jax.Array | int = 0,
            q_segment_ids: Optional[jax.Array] = None,
            kv_segment_ids: Optional[jax.Array] = None,
+           mask: Optional[jax.Array] = None, sliding_window: Optional[int] = None,
+           logit_soft_cap: Optional[float] = None,
            fused_gate: Optional[jax.Array] = None, gate_activation: str = "sigmoid",
            return_probs: bool = False) -> tuple[jax.Array, Optional[jax.Array]]:
   """Softmax attention, optionally with a fused G1 gate.
@@ -243,6 +315,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str, scale: float,
     q_offset: index of the first query among the keys (KV-cache decoding), a
       scalar or per row `(B,)`; only the "xla" path supports a non-zero offset.
     q_segment_ids, kv_segment_ids: `(B, T)`, `(B, S)` or None.
+    mask: boolean `(B or 1, 1 or N, T or 1, S or 1)`, True where a query may see a key, on
+      top of the causal, window and segment masks; "pallas" takes key padding only.
+    sliding_window: keys less than this many positions from the query (`make_mask`).
+    logit_soft_cap: cap · tanh(logits / cap) on the scaled logits, before the mask.
     fused_gate: G1 gate logits `(B, T, N, H)` or `(B, T, N)`; the output is then
       attention ⊙ act(fused_gate). Fused in the kernel for "pallas", applied
       after attention otherwise.
@@ -250,7 +326,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str, scale: float,
   Returns:
     `(out (B, T, N, H), probs or None)`.
   """
-  impl = resolve_impl(impl, q, k, q_segment_ids is not None)
+  impl = resolve_impl(impl, q, k, q_segment_ids is not None, mask, logit_soft_cap)
   b, t = q.shape[:2]
   s = k.shape[1]
   decoding = not (isinstance(q_offset, int) and q_offset == 0)
@@ -260,20 +336,23 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str, scale: float,
     impl = "xla"  # cache-offset masks are built explicitly; kernels see full sequences
   probs = None
   if impl == "pallas":
+    if mask is not None:
+      q_segment_ids, kv_segment_ids = key_padding_segments(mask, q_segment_ids, kv_segment_ids, t)
     out = pallas_attention(q, k, v, fused_gate, causal=causal, scale=scale,
                            q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                           gate_activation=gate_activation)
+                           gate_activation=gate_activation, sliding_window=sliding_window,
+                           logit_soft_cap=logit_soft_cap)
     return out, None
+  full = make_mask(b, t, s, causal=causal, q_offset=q_offset, q_segment_ids=q_segment_ids,
+                   kv_segment_ids=kv_segment_ids, sliding_window=sliding_window)
+  if mask is not None:
+    full = full & mask
   if impl == "cudnn" and not decoding:
-    mask = None
-    if q_segment_ids is not None:
-      mask = make_mask(b, t, s, causal=causal, q_segment_ids=q_segment_ids,
-                       kv_segment_ids=kv_segment_ids)
-    out = cudnn_attention(q, k, v, causal=causal, mask=mask, scale=scale)
+    plain = mask is None and q_segment_ids is None
+    out = cudnn_attention(q, k, v, causal=causal, mask=None if plain else full, scale=scale,
+                          sliding_window=sliding_window)
   else:
-    mask = make_mask(b, t, s, causal=causal, q_offset=q_offset,
-                     q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
-    out, probs = xla_attention(q, k, v, mask, scale)
+    out, probs = xla_attention(q, k, v, full, scale, logit_soft_cap)
   if fused_gate is not None:
     scores = gate_lib.activate(fused_gate.astype(layers.accum_dtype(out.dtype)), gate_activation)
     out = gate_lib.combine(out, scores, "multiply")

@@ -25,3 +25,8 @@ def positive_floats(**values: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
         0 < value < float("inf")):
       raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def given(**values: Any) -> dict[str, Any]:
+  """The arguments that are not None (optional settings): `positive_ints(**given(w=w))`."""
+  return {name: value for name, value in values.items() if value is not None}

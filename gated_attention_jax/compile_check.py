@@ -5,8 +5,8 @@
 
 Every impl is compiled, forward and forward+backward, for every target it claims (``TARGETS``)
 over ``CASES``: head_dim 32/64/96/128/256, MHA/GQA/MQA, elementwise/headwise/no gate, segment
-ids, causal and not, lengths that are not tile multiples, T != S, bf16 and float32, and
-Qwen3-Next's heads. All cases run on each impl's first target; its other targets (the same
+ids, causal and not, lengths that are not tile multiples, T != S, bf16 and float32,
+Qwen3-Next's heads, and Gemma 2's sliding window with a logit soft cap. All cases run on each impl's first target; its other targets (the same
 compiler with other memory sizes: H200 beside H100, v5p and v6e beside v5e) get
 ``SPOT_CASES``, the largest tiles, unless ``--all_cases``. The released gated models'
 attention layers (``LAYER_CASES``: ``GatedAttention`` as in Qwen3-Next and Qwen3.5, partial
@@ -51,6 +51,8 @@ class Case:
   causal: bool = True
   dtype: str = "bfloat16"
   batch: int = 2
+  sliding_window: int | None = None
+  logit_soft_cap: float | None = None
 
 
 CASES = (
@@ -66,6 +68,9 @@ CASES = (
     # Qwen3-Next's attention: 16 query / 2 kv heads of 256, elementwise gate.
     Case("qwen3_next_hd256_gqa16x2", head_dim=256, heads=16, kv_heads=2, t=1024, s=1024,
          batch=1),
+    # Gemma 2's local attention: a sliding window (tiles outside it skipped) and a soft cap.
+    Case("gemma2_hd128_window_softcap_gqa", head_dim=128, heads=8, kv_heads=4, t=1000, s=1000,
+         sliding_window=256, logit_soft_cap=50.0, batch=1),
 )
 SPOT_CASES = ("hd256_mqa_ungated_noncausal_odd", "hd128_gqa_headwise_segments")
 
@@ -125,7 +130,9 @@ def compile_case(impl: str, target: str, case: Case, backward: bool) -> dict:
 
   def forward(q, k, v, gate, segment_ids):
     return api.gated_flash_attention(q, k, v, gate, causal=case.causal,
-                                     segment_ids=segment_ids, impl=impl, interpret=False)
+                                     segment_ids=segment_ids, impl=impl, interpret=False,
+                                     sliding_window=case.sliding_window,
+                                     logit_soft_cap=case.logit_soft_cap)
 
   def forward_backward(q, k, v, gate, segment_ids):
     def loss(q, k, v, gate):

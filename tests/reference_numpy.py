@@ -42,8 +42,13 @@ def rope(x, positions, theta, rotary_fraction=1.0):
 
 def gated_attention(x, p, *, gate, num_heads, num_kv_heads, positions, segment_ids=None,
                     qk_norm=False, eps=1e-6, theta=10000.0, rotary_fraction=1.0,
-                    causal=True):
-  """x (B, T, D); p: dict of float64 arrays named like the layer's parameters."""
+                    causal=True, mask=None, sliding_window=None, logit_soft_cap=None,
+                    query_scale=None):
+  """x (B, T, D); p: dict of float64 arrays named like the layer's parameters.
+
+  mask: bool (B or 1, 1 or N, T, T); sliding_window w: keys j with |i - j| < w (Gemma's
+  `_create_sliding_mask`); logit_soft_cap c: c·tanh(logits / c) before masking (Gemma 2);
+  query_scale: the logit scale (default head_dim^-0.5). Rows that see no key output zeros."""
   b, t, d = x.shape
   n, k_heads = num_heads, num_kv_heads
   h = p["q_proj"].shape[-1]
@@ -89,15 +94,23 @@ def gated_attention(x, p, *, gate, num_heads, num_kv_heads, positions, segment_i
   for bi in range(b):
     for head in range(n):
       kv = head // group
-      logits = q[bi, :, head] @ k[bi, :, kv].T / np.sqrt(h)
+      scale = 1 / np.sqrt(h) if query_scale is None else query_scale
+      logits = q[bi, :, head] @ k[bi, :, kv].T * scale
+      if logit_soft_cap is not None:
+        logits = logit_soft_cap * np.tanh(logits / logit_soft_cap)
       allowed = np.ones((t, t), bool)
       if causal:
         allowed &= np.tril(np.ones((t, t), bool))
+      if sliding_window is not None:
+        allowed &= np.abs(np.arange(t)[:, None] - np.arange(t)[None, :]) < sliding_window
       if segment_ids is not None:
         allowed &= segment_ids[bi][:, None] == segment_ids[bi][None, :]
+      if mask is not None:
+        allowed &= mask[bi % mask.shape[0], head % mask.shape[1]]
       logits = np.where(allowed, logits, -np.inf)
-      probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
-      probs /= probs.sum(axis=-1, keepdims=True)
+      row_max = logits.max(axis=-1, keepdims=True)
+      probs = np.exp(logits - np.where(np.isfinite(row_max), row_max, 0.0))
+      probs /= np.maximum(probs.sum(axis=-1, keepdims=True), 1e-300)
       y[bi, :, head] = probs @ v[bi, :, kv]
 
   if gate.sdpa_transform == "rmsnorm":

@@ -48,18 +48,28 @@ def _np_act(x: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
   }[name]
 
 
-def _np_gated_attention(q, k, v, gate, do, *, causal, q_seg, kv_seg, activation):
-  """float64 output and (dq, dk, dv, dgate); gradients derived by hand, K/V repeated per head."""
+def _np_gated_attention(q, k, v, gate, do, *, causal, q_seg, kv_seg, activation, window=None,
+                        soft_cap=None):
+  """float64 output and (dq, dk, dv, dgate); gradients derived by hand, K/V repeated per head.
+
+  window: keys j with |i' - j| < window (i' = i + S - T); soft_cap: c·tanh(logits / c)."""
   b, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
   group = n // kh
   kr, vr = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
   mask = np.ones((b, 1, t, s), bool)
+  rows, cols = np.arange(t)[:, None] + s - t, np.arange(s)[None, :]
   if causal:
-    mask &= (np.arange(s)[None, :] <= np.arange(t)[:, None] + s - t)[None, None]
+    mask &= (cols <= rows)[None, None]
+  if window is not None:
+    mask &= (np.abs(cols - rows) < window)[None, None]
   if q_seg is not None:
     mask &= (q_seg[:, :, None] == kv_seg[:, None, :])[:, None]
   logits = np.einsum("btnh,bsnh->bnts", q, kr) / np.sqrt(h)
+  dcap = 1.0
+  if soft_cap is not None:
+    tanh = np.tanh(logits / soft_cap)
+    logits, dcap = soft_cap * tanh, 1.0 - tanh ** 2
   logits = np.where(mask, logits, -np.inf)
   row_max = logits.max(-1, keepdims=True)
   row_max = np.where(np.isfinite(row_max), row_max, 0.0)
@@ -76,7 +86,7 @@ def _np_gated_attention(q, k, v, gate, do, *, causal, q_seg, kv_seg, activation)
     else:
       o, dy, dgate = y * a, do * a, do * y * da
   dp = np.einsum("btnh,bsnh->bnts", dy, vr)
-  ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+  ds = p * (dp - (dp * p).sum(-1, keepdims=True)) * dcap
   dq = np.einsum("bnts,bsnh->btnh", ds, kr) / np.sqrt(h)
   dk = np.einsum("bnts,btnh->bsnh", ds, q) / np.sqrt(h)
   dv = np.einsum("bnts,btnh->bsnh", p, dy)
@@ -101,6 +111,8 @@ class Case:
   activation: str = "sigmoid"
   segments: str | None = None  # None, "shared" (one (B, T) array) or "pair"
   blocks: BlockSizes = BlockSizes(16, 16)
+  window: int | None = None
+  soft_cap: float | None = None
 
 
 def _inputs(case: Case, seed: int):
@@ -130,6 +142,7 @@ def _compiled(case: Case, impl: str, interpret=None):
                                               (q_seg, kv_seg))
     return gated_flash_attention(q, k, v, gate, causal=case.causal, segment_ids=segment_ids,
                                  gate_activation=case.activation, impl=impl,
+                                 sliding_window=case.window, logit_soft_cap=case.soft_cap,
                                  block_sizes=case.blocks, interpret=interpret)
 
   def run(q, k, v, gate, do, q_seg, kv_seg):
@@ -160,7 +173,8 @@ def _check(case: Case, impl: str, seed: int = 0, dtype=jnp.float32, interpret=No
   inputs = _rounded(_inputs(case, seed), dtype)
   q, k, v, gate, do, q_seg, kv_seg = inputs
   want_o, want_grads = _np_gated_attention(q, k, v, gate, do, causal=case.causal, q_seg=q_seg,
-                                           kv_seg=kv_seg, activation=case.activation)
+                                           kv_seg=kv_seg, activation=case.activation,
+                                           window=case.window, soft_cap=case.soft_cap)
   plain, o, grads = _run(case, impl, inputs, dtype, interpret)
   names = ("out", "out (vjp)", "dq", "dk", "dv", "dgate")
   for name, got, want in zip(names, (plain, o, *grads), (want_o, want_o, *want_grads)):
@@ -187,6 +201,12 @@ CASES = {
                                  blocks=BlockSizes(32, 16)),
     "ungated_segment_pair_h128": Case(1, 33, 47, 2, 1, 128, gate=None, segments="pair"),
     "noncausal_h256": Case(1, 16, 16, 2, 2, 256, causal=False),
+    # Gemma 2/3: a sliding window (tiles left of it skipped) and a logit soft cap.
+    "window_softcap_gqa2": Case(1, 64, 64, 4, 2, 32, window=20, soft_cap=3.0),
+    "window_noncausal_segment_pair": Case(1, 24, 53, 2, 1, 32, causal=False, window=9,
+                                          segments="pair", blocks=BlockSizes(16, 16, 16, 32)),
+    "softcap_headwise_t_gt_s_window": Case(1, 50, 20, 2, 2, 64, gate="headwise", window=7,
+                                           soft_cap=2.0, activation="silu"),
 }
 
 
@@ -216,7 +236,9 @@ def _cases(draw):
       gate=draw(st.sampled_from(["elementwise", "headwise", None])),
       activation=draw(st.sampled_from(["sigmoid", "silu", "ns_sigmoid", "identity"])),
       segments=segments,
-      blocks=BlockSizes(*(draw(st.sampled_from([16, 32])) for _ in range(4))))
+      blocks=BlockSizes(*(draw(st.sampled_from([16, 32])) for _ in range(4))),
+      window=draw(st.sampled_from([None, None, 1, 5, 24])),
+      soft_cap=draw(st.sampled_from([None, None, 1.5, 30.0])))
 
 
 @pytest.mark.parametrize("impl,examples", [("xla", 4), ("pallas_gpu", 3), ("pallas_tpu", 2)])
@@ -273,6 +295,34 @@ def test_causal_kernels_skip_tiles_above_diagonal(impl: str):
   np.testing.assert_allclose(dv[:, 16:], want_dv[:, 16:], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", PALLAS)
+def test_window_kernels_skip_tiles_left_of_the_window(impl: str):
+  """Poisons tiles that only the sliding window masks, as the causal test above does.
+
+  With 16×16 tiles on T = S = 64 and a causal window of 16: q tile 3 (rows 48-63) sees keys
+  33-63 only, so NaN in v[:32] must not reach its rows (forward, dq); kv tile 0 (keys 0-15) is
+  seen by rows 0-30 only, so NaN in q[32:] must not reach dk, dv of keys 0-15.
+  """
+  case = Case(1, 64, 64, 1, 1, 32, window=16)
+  q, k, v, gate, do, _, _ = _inputs(case, seed=4)
+  model = functools.partial(_np_gated_attention, causal=True, q_seg=None, kv_seg=None,
+                            activation="sigmoid", window=16)
+
+  v_nan = v.copy()
+  v_nan[:, :32] = np.nan
+  want_o, (want_dq, *_) = model(q, k, np.nan_to_num(v_nan), gate, do)
+  plain, o, (dq, *_) = _run(case, impl, (q, k, v_nan, gate, do, None, None), jnp.float32)
+  for got, want in ((plain, want_o), (o, want_o), (dq, want_dq)):
+    np.testing.assert_allclose(got[:, 48:], want[:, 48:], rtol=1e-5, atol=1e-5)
+
+  q_nan = q.copy()
+  q_nan[:, 32:] = np.nan
+  _, (_, want_dk, want_dv, _) = model(np.nan_to_num(q_nan), k, v, gate, do)
+  _, _, (_, dk, dv, _) = _run(case, impl, (q_nan, k, v, gate, do, None, None), jnp.float32)
+  np.testing.assert_allclose(dk[:, :16], want_dk[:, :16], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dv[:, :16], want_dv[:, :16], rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- API
 
 
@@ -299,6 +349,9 @@ def test_auto_on_cpu_is_xla():
     (dict(impl="pallas_gpu", interpret=pltpu.InterpretParams()),
      "interpret must be None, True, False for impl='pallas_gpu'"),
     (dict(impl="pallas_tpu", interpret="yes"), "or a pltpu.InterpretParams"),
+    (dict(sliding_window=0), "sliding_window must be None or a positive int, got 0"),
+    (dict(logit_soft_cap=-2.0), "logit_soft_cap must be None or a finite number > 0"),
+    (dict(impl="pallas_mgpu", sliding_window=4), "impl='pallas_mgpu' has no sliding window"),
 ])
 def test_bad_arguments_raise_value_error(kwargs, match):
   kv_heads, kv_len = kwargs.pop("k_heads", 2), kwargs.pop("kv_len", 8)

@@ -47,11 +47,13 @@ def gated_flash_attention(
     segment_ids: jax.Array | Sequence[jax.Array] | None = None,
     scale: float | None = None,
     gate_activation: str = "sigmoid",
+    sliding_window: int | None = None,
+    logit_soft_cap: float | None = None,
     impl: str = "auto",
     block_sizes: common.BlockSizes | None = None,
     interpret: bool | pltpu.InterpretParams | None = None,
 ) -> jax.Array:
-  """softmax(scale · q kᵀ + mask) v ⊙ act(gate).
+  """softmax(soft_cap(scale · q kᵀ) + mask) v ⊙ act(gate).
 
   Args:
     q: (B, T, N, H) queries. k, v: (B, S, K, H) keys and values, N a multiple of K (GQA).
@@ -61,6 +63,10 @@ def gated_flash_attention(
       within equal ids. Rows that see no key output zeros.
     scale: logit scale, default 1 / sqrt(H).
     gate_activation: one of ``reference.GATE_ACTIVATIONS``.
+    sliding_window: w keeps the keys less than w positions from the query (with ``causal``:
+      the w keys ending at it); tiles outside the window are skipped. None: no window.
+    logit_soft_cap: cap · tanh(logits / cap) on the scaled logits, before the mask (Gemma 2);
+      the backward multiplies the score gradients by 1 - tanh². None: no cap.
     impl: "pallas_tpu", "pallas_gpu", "pallas_mgpu" (Mosaic GPU, Hopper), "xla" or "auto" (see
       the module docstring). A Pallas impl on a backend it was not written for runs in
       interpret mode (see ``interpret``).
@@ -78,16 +84,24 @@ def gated_flash_attention(
     (B, T, N, H) array in q.dtype.
   """
   q_seg, kv_seg = _check_args(q, k, v, gate, segment_ids, gate_activation, impl)
+  if sliding_window is not None and (not isinstance(sliding_window, int)
+                                     or isinstance(sliding_window, bool) or sliding_window <= 0):
+    raise ValueError(f"sliding_window must be None or a positive int, got {sliding_window!r}.")
+  if logit_soft_cap is not None and not 0 < logit_soft_cap < math.inf:
+    raise ValueError(f"logit_soft_cap must be None or a finite number > 0, got"
+                     f" {logit_soft_cap!r}.")
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-  impl = resolve_impl(impl, q, gate, q_seg, block_sizes)
+  features = dict(sliding_window=sliding_window, logit_soft_cap=logit_soft_cap)
+  impl = resolve_impl(impl, q, gate, q_seg, block_sizes, **features)
   if impl == "xla":
     return reference.gated_attention(q, k, v, gate, causal=causal, scale=scale,
                                      gate_activation=gate_activation,
-                                     q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+                                     q_segment_ids=q_seg, kv_segment_ids=kv_seg, **features)
   cfg = common.KernelConfig(
       impl=impl, causal=bool(causal), scale=scale, gate_activation=gate_activation,
       block_sizes=block_sizes or common.BlockSizes(),
-      interpret=_interpret_mode(impl, interpret))
+      interpret=_interpret_mode(impl, interpret), sliding_window=sliding_window,
+      logit_soft_cap=None if logit_soft_cap is None else float(logit_soft_cap))
   return _flash(cfg, q, k, v, gate, q_seg, kv_seg)
 
 
@@ -104,25 +118,32 @@ def _interpret_mode(impl: str, interpret) -> bool | pltpu.InterpretParams:
 
 def resolve_impl(impl: str, q: jax.Array, gate: jax.Array | None = None,
                  segment_ids: jax.Array | None = None,
-                 block_sizes: common.BlockSizes | None = None) -> str:
+                 block_sizes: common.BlockSizes | None = None, *,
+                 sliding_window: int | None = None, logit_soft_cap: float | None = None) -> str:
   """The impl ``gated_flash_attention`` runs for these inputs on the platform being lowered for
   (``"auto"`` resolved); raises ValueError with the reason when ``impl`` cannot serve them."""
   if impl not in IMPLS:
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}.")
   gate_kind = None if gate is None else ("elementwise" if gate.ndim == 4 else "headwise")
   has_segments = segment_ids is not None
+  windowed_or_capped = sliding_window is not None or logit_soft_cap is not None
   if impl == "auto":
-    impl = _auto_impl(platform.target_platform(), q, gate_kind, has_segments, block_sizes)
-  reason = _unsupported(impl, q, gate_kind, has_segments, block_sizes)
+    impl = _auto_impl(platform.target_platform(), q, gate_kind, has_segments, block_sizes,
+                      windowed_or_capped)
+  reason = _unsupported(impl, q, gate_kind, has_segments, block_sizes, windowed_or_capped)
   if reason:
     raise ValueError(reason)
   return impl
 
 
 def _unsupported(impl: str, q, gate_kind, has_segments: bool,
-                 block_sizes: common.BlockSizes | None) -> str | None:
+                 block_sizes: common.BlockSizes | None,
+                 windowed_or_capped: bool = False) -> str | None:
   """Why ``impl`` cannot serve these inputs on its target (None if it can)."""
   h = q.shape[-1]
+  if impl == "pallas_mgpu" and windowed_or_capped:
+    return ("impl='pallas_mgpu' has no sliding window or logit soft cap yet; use"
+            " impl='pallas_gpu' or 'xla'.")
   if impl == "pallas_mgpu":
     block_kv = None if block_sizes is None else (block_sizes.block_kv_bwd or block_sizes.block_kv)
     return tiles.mgpu_unsupported(h, q.dtype, block_kv, gate=gate_kind, segments=has_segments)
@@ -131,7 +152,8 @@ def _unsupported(impl: str, q, gate_kind, has_segments: bool,
   return None
 
 
-def _auto_impl(target: str, q, gate_kind, has_segments: bool, block_sizes) -> str:
+def _auto_impl(target: str, q, gate_kind, has_segments: bool, block_sizes,
+               windowed_or_capped: bool) -> str:
   if target == "tpu":
     return "pallas_tpu"
   if target != "gpu":
@@ -143,7 +165,7 @@ def _auto_impl(target: str, q, gate_kind, has_segments: bool, block_sizes) -> st
     mgpu_first = q.shape[-1] <= tiles.MGPU_SPILL_FREE_HEAD_DIM
     candidates = ("pallas_mgpu", "pallas_gpu") if mgpu_first else ("pallas_gpu", "pallas_mgpu")
   for impl in candidates:
-    if _unsupported(impl, q, gate_kind, has_segments, block_sizes) is None:
+    if _unsupported(impl, q, gate_kind, has_segments, block_sizes, windowed_or_capped) is None:
       return impl
   return "xla"
 

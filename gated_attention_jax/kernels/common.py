@@ -65,6 +65,8 @@ class KernelConfig:
   gate_activation: str
   block_sizes: BlockSizes
   interpret: bool | pltpu.InterpretParams  # see api.gated_flash_attention
+  sliding_window: int | None = None  # keys less than this many positions from the query
+  logit_soft_cap: float | None = None  # cap · tanh(logits / cap) on the scaled logits
 
 
 def round_up(x: int, multiple: int) -> int:
@@ -78,21 +80,50 @@ def pad_axis(x: jax.Array, axis: int, length: int) -> jax.Array:
   return jnp.pad(x, pad)
 
 
-def block_is_live(q_block, kv_block, block_q: int, block_kv: int, offset: int):
-  """Causal: True unless every (row, col) of tile (q_block, kv_block) lies above the diagonal."""
-  return kv_block * block_kv <= (q_block + 1) * block_q - 1 + offset
+def live_kv_blocks(qi, block_q: int, block_kv: int, offset: int, num_kv_blocks: int, *,
+                   causal: bool, window: int | None):
+  """kv tiles [start, stop) that q tile ``qi`` must visit: those the causal / window band
+  ``row + offset - window < col <= row + offset`` (``col < row + offset + window`` without
+  causal) reaches; (0, num_kv_blocks) for neither."""
+  first_row, last_row = qi * block_q + offset, (qi + 1) * block_q - 1 + offset
+  start, stop = 0, num_kv_blocks
+  if causal:
+    stop = jnp.clip(last_row // block_kv + 1, 0, num_kv_blocks)
+  elif window is not None:
+    stop = jnp.clip((last_row + window - 1) // block_kv + 1, 0, num_kv_blocks)
+  if window is not None:
+    start = jnp.clip((first_row - window + 1) // block_kv, 0, num_kv_blocks)
+  return start, stop
 
 
-def num_live_kv_blocks(q_block, block_q: int, block_kv: int, offset: int, num_kv_blocks: int):
-  """Causal: number of leading kv tiles that q tile ``q_block`` must visit (0..num_kv_blocks)."""
-  last_pos = (q_block + 1) * block_q - 1 + offset
-  return jnp.clip(last_pos // block_kv + 1, 0, num_kv_blocks)
+def live_q_blocks(ki, block_q: int, block_kv: int, offset: int, num_q_blocks: int, *,
+                  causal: bool, window: int | None):
+  """q tiles [start, stop) that see kv tile ``ki`` (the same band as ``live_kv_blocks``)."""
+  first_col, last_col = ki * block_kv - offset, (ki + 1) * block_kv - 1 - offset
+  start, stop = 0, num_q_blocks
+  if causal:
+    start = jnp.clip(first_col // block_q, 0, num_q_blocks)
+  elif window is not None:
+    start = jnp.clip((first_col - window + 1) // block_q, 0, num_q_blocks)
+  if window is not None:
+    stop = jnp.clip((last_col + window - 1) // block_q + 1, 0, num_q_blocks)
+  return start, stop
 
 
-def first_live_q_block(kv_block, block_q: int, block_kv: int, offset: int, num_q_blocks: int):
-  """Causal: first q tile that sees kv tile ``kv_block`` (num_q_blocks if none does)."""
-  first_row = kv_block * block_kv - offset
-  return jnp.clip(first_row // block_q, 0, num_q_blocks)
+def clamp_block(i, start, stop, num_blocks: int):
+  """Block index ``i`` clamped into the live [start, stop) (to a valid block when that is
+  empty): index maps of skipped tiles repeat a live tile's index, so no DMA is issued for them."""
+  lo = jnp.minimum(start, num_blocks - 1)
+  return jnp.clip(i, lo, jnp.maximum(stop - 1, lo))
+
+
+def soft_cap(s, cap: float | None):
+  """(cap · tanh(s / cap), its derivative 1 - tanh²) of a float32 logit tile; (s, None) for no
+  cap. The backward multiplies the score gradients by the derivative."""
+  if cap is None:
+    return s, None
+  t = jnp.tanh(s / cap)
+  return cap * t, 1.0 - t * t
 
 
 def online_softmax_step(s, m_prev):
@@ -111,24 +142,30 @@ def online_softmax_step(s, m_prev):
 
 
 def tile_mask(q_start, kv_start, block_q: int, block_kv: int, *, causal: bool, offset: int,
-              kv_len: int, kv_padded: bool, q_seg=None, kv_seg=None, kv_rows: bool = False):
+              kv_len: int, kv_padded: bool, q_seg=None, kv_seg=None, kv_rows: bool = False,
+              window: int | None = None):
   """Boolean (block_q, block_kv) visibility mask of one tile, or None if everything is visible.
 
   q_seg: (block_q, 1) and kv_seg: (1, block_kv) segment ids, or None. kv_rows=True gives
   the transposed (block_kv, block_q) mask, with q_seg (1, block_q) and kv_seg (block_kv, 1).
+  window: keys less than ``window`` positions from the query (``reference.make_mask``).
   """
   mask = None
 
   def _and(a, b):
     return b if a is None else jnp.logical_and(a, b)
 
-  if causal or kv_padded:
+  if causal or kv_padded or window is not None:
     shape = (block_kv, block_q) if kv_rows else (block_q, block_kv)
     q_axis, kv_axis = (1, 0) if kv_rows else (0, 1)
     kv_pos = kv_start + jax.lax.broadcasted_iota(jnp.int32, shape, kv_axis)
+    q_pos = q_start + offset + jax.lax.broadcasted_iota(jnp.int32, shape, q_axis)
     if causal:
-      q_pos = q_start + jax.lax.broadcasted_iota(jnp.int32, shape, q_axis)
-      mask = _and(mask, kv_pos <= q_pos + offset)
+      mask = _and(mask, kv_pos <= q_pos)
+    if window is not None:
+      mask = _and(mask, kv_pos > q_pos - window)
+      if not causal:
+        mask = _and(mask, kv_pos < q_pos + window)
     if kv_padded:
       mask = _and(mask, kv_pos < kv_len)
   if q_seg is not None:

@@ -3,8 +3,9 @@
 Dimension names: B batch, T query length, S key length, N query heads, K kv heads, H head_dim,
 G = N // K. Tiles are read straight from the (B, T, N, H) layout (no transposes): each program
 owns one q tile (forward, dq) or one kv tile (dk/dv) and loops over the other sequence with
-``lax.fori_loop``; under causal masking the loop bounds stop at the diagonal, so tiles above it
-are never visited. dk/dv programs own all G query heads of their kv head (GQA without repeating
+``lax.fori_loop``; the loop bounds keep to the causal / sliding-window band, so tiles outside it
+are never visited. A logit soft cap is applied to each score tile (its derivative 1 - tanh²
+scales the backward's score gradients). dk/dv programs own all G query heads of their kv head (GQA without repeating
 K/V). Lengths are zero-padded to a tile multiple and the padding is masked.
 
 Status: this is the portable fallback behind ``impl="pallas_gpu"``. JAX's Triton Pallas backend
@@ -43,14 +44,15 @@ def _tiles(cfg: common.KernelConfig, kernel: str, t: int, s: int, h: int):
 
 
 def _live_kv_blocks(cfg, qi, block_q, block_kv, offset, nk):
-  if not cfg.causal:
-    return nk
-  return common.num_live_kv_blocks(qi, block_q, block_kv, offset, nk)
+  """The kv tiles [start, stop) q tile ``qi`` visits (the causal / sliding-window band)."""
+  return common.live_kv_blocks(qi, block_q, block_kv, offset, nk, causal=cfg.causal,
+                               window=cfg.sliding_window)
 
 
 def _mask(cfg, q_start, kv_start, block_q, block_kv, offset, kv_len, kv_padded, q_seg, kv_seg):
   return common.tile_mask(q_start, kv_start, block_q, block_kv, causal=cfg.causal,
                           offset=offset, kv_len=kv_len, kv_padded=kv_padded,
+                          window=cfg.sliding_window,
                           q_seg=None if q_seg is None else q_seg[:, None],
                           kv_seg=None if kv_seg is None else kv_seg[None, :])
 
@@ -79,6 +81,7 @@ def _fwd_kernel(*refs, cfg: common.KernelConfig, block_kv: int, offset: int, kv_
     k, v = k_ref[kv_rows, :], v_ref[kv_rows, :]
     s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                             preferred_element_type=jnp.float32) * cfg.scale
+    s = common.soft_cap(s, cfg.logit_soft_cap)[0]
     mask = _mask(cfg, qi * block_q, ki * block_kv, block_q, block_kv, offset, kv_len,
                  kv_padded, q_seg, kv_seg_ref[kv_rows] if has_segments else None)
     if mask is not None:
@@ -90,7 +93,7 @@ def _fwd_kernel(*refs, cfg: common.KernelConfig, block_kv: int, offset: int, kv_
 
   init = (jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32),
           jnp.zeros((block_q, h), jnp.float32))
-  m, l, acc = jax.lax.fori_loop(0, _live_kv_blocks(cfg, qi, block_q, block_kv, offset, nk),
+  m, l, acc = jax.lax.fori_loop(*_live_kv_blocks(cfg, qi, block_q, block_kv, offset, nk),
                                 body, init)
   y = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
   if save_residuals:
@@ -157,15 +160,18 @@ def forward(q, k, v, gate, q_seg, kv_seg, cfg: common.KernelConfig, *, save_resi
 # ----------------------------------------------------------------------------- backward
 
 
-def _probs_and_dscores(q, k, v, dy, lse, delta, mask, scale):
-  """Recomputed probabilities p and score gradients ds = p ⊙ (dy vᵀ − delta), (bq, bk) f32."""
+def _probs_and_dscores(q, k, v, dy, lse, delta, mask, cfg: common.KernelConfig):
+  """Recomputed probabilities p and gradients ds of the scaled logits (before any soft cap):
+  p ⊙ (dy vᵀ − delta), times 1 - tanh² under a cap; (bq, bk) f32."""
   s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
-                          preferred_element_type=jnp.float32) * scale
+                          preferred_element_type=jnp.float32) * cfg.scale
+  s, dcap = common.soft_cap(s, cfg.logit_soft_cap)
   p = jnp.exp(s - lse[:, None])  # lse = +inf on rows that see nothing -> p = 0
   if mask is not None:
     p = jnp.where(mask, p, 0.0)
   dp = jax.lax.dot_general(dy, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-  return p, p * (dp - delta[:, None])
+  ds = p * (dp - delta[:, None])
+  return p, ds if dcap is None else ds * dcap
 
 
 def _dq_kernel(*refs, cfg: common.KernelConfig, block_kv: int, offset: int, kv_len: int,
@@ -186,10 +192,10 @@ def _dq_kernel(*refs, cfg: common.KernelConfig, block_kv: int, offset: int, kv_l
     k = k_ref[kv_rows, :]
     mask = _mask(cfg, qi * block_q, ki * block_kv, block_q, block_kv, offset, kv_len,
                  kv_padded, q_seg, kv_seg_ref[kv_rows] if has_segments else None)
-    _, ds = _probs_and_dscores(q, k, v_ref[kv_rows, :], dy, lse, delta, mask, cfg.scale)
+    _, ds = _probs_and_dscores(q, k, v_ref[kv_rows, :], dy, lse, delta, mask, cfg)
     return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
-  dq = jax.lax.fori_loop(0, _live_kv_blocks(cfg, qi, block_q, block_kv, offset, nk), body,
+  dq = jax.lax.fori_loop(*_live_kv_blocks(cfg, qi, block_q, block_kv, offset, nk), body,
                          jnp.zeros((block_q, h), jnp.float32))
   dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
@@ -206,7 +212,8 @@ def _dkv_kernel(*refs, cfg: common.KernelConfig, block_q: int, group: int, offse
   nq = q_ref.shape[0] // block_q
   k, v = k_ref[...], v_ref[...]
   kv_seg = kv_seg_ref[...] if has_segments else None
-  first = (common.first_live_q_block(ki, block_q, block_kv, offset, nq) if cfg.causal else 0)
+  first, stop = common.live_q_blocks(ki, block_q, block_kv, offset, nq, causal=cfg.causal,
+                                     window=cfg.sliding_window)
   transpose_lhs = (((0,), (0,)), ((), ()))
 
   def body(qi, carry, g):
@@ -216,7 +223,7 @@ def _dkv_kernel(*refs, cfg: common.KernelConfig, block_q: int, group: int, offse
     mask = _mask(cfg, qi * block_q, ki * block_kv, block_q, block_kv, offset, kv_len,
                  kv_padded, q_seg_ref[q_rows] if has_segments else None, kv_seg)
     p, ds = _probs_and_dscores(q, k, v, dy, lse_ref[q_rows, g], delta_ref[q_rows, g], mask,
-                               cfg.scale)
+                               cfg)
     dv = dv + jax.lax.dot_general(p.astype(dy.dtype), dy, transpose_lhs,
                                   preferred_element_type=jnp.float32)
     dk = dk + jax.lax.dot_general(ds.astype(q.dtype), q, transpose_lhs,
@@ -225,7 +232,7 @@ def _dkv_kernel(*refs, cfg: common.KernelConfig, block_q: int, group: int, offse
 
   carry = (jnp.zeros((block_kv, h), jnp.float32), jnp.zeros((block_kv, h), jnp.float32))
   for g in range(group):  # static: G <= 8 in practice
-    carry = jax.lax.fori_loop(first, nq, functools.partial(body, g=g), carry)
+    carry = jax.lax.fori_loop(first, stop, functools.partial(body, g=g), carry)
   dk_ref[...] = (carry[0] * cfg.scale).astype(dk_ref.dtype)
   dv_ref[...] = carry[1].astype(dv_ref.dtype)
 

@@ -147,8 +147,9 @@ def _fwd_kernel(*refs, cfg: common.KernelConfig, block_kv: int, group: int, offs
   kvh = ni // group
   q_rows = pl.ds(qi * BLOCK_Q, BLOCK_Q)
   nk = k_g.shape[1] // block_kv
-  n_live = (common.num_live_kv_blocks(qi, BLOCK_Q, block_kv, offset, nk) if cfg.causal
-            else jnp.int32(nk))
+  # no sliding window here (``api`` refuses it): the band starts at kv tile 0
+  n_live = (common.live_kv_blocks(qi, BLOCK_Q, block_kv, offset, nk, causal=True,
+                                  window=None)[1] if cfg.causal else jnp.int32(nk))
 
   @pl.when(wg == _PRODUCER)
   def _producer():
@@ -294,8 +295,9 @@ def _dq_kernel(*refs, cfg: common.KernelConfig, block_kv: int, group: int, offse
   q_rows = pl.ds(qi * BLOCK_Q, BLOCK_Q)
   h = q_s.shape[1]
   nk = k_g.shape[1] // block_kv
-  n_live = (common.num_live_kv_blocks(qi, BLOCK_Q, block_kv, offset, nk) if cfg.causal
-            else jnp.int32(nk))
+  # no sliding window here (``api`` refuses it): the band starts at kv tile 0
+  n_live = (common.live_kv_blocks(qi, BLOCK_Q, block_kv, offset, nk, causal=True,
+                                  window=None)[1] if cfg.causal else jnp.int32(nk))
 
   @pl.when(wg == _PRODUCER)
   def _producer():
@@ -357,8 +359,8 @@ def _dkv_kernel(*refs, cfg: common.KernelConfig, block_kv: int, group: int, offs
   kv_rows = pl.ds(ki * block_kv, block_kv)
   h = k_s.shape[1]
   nq = q_g.shape[1] // BLOCK_Q
-  first = (common.first_live_q_block(ki, BLOCK_Q, block_kv, offset, nq) if cfg.causal
-           else jnp.int32(0))
+  first = (common.live_q_blocks(ki, BLOCK_Q, block_kv, offset, nq, causal=True, window=None)[0]
+           if cfg.causal else jnp.int32(0))
   n_q_live = nq - first
   n_steps = group * n_q_live  # step j: query head hi·G + j // n_q_live, q tile first + j % ...
 

@@ -5,8 +5,10 @@ G = N // K query heads per kv head. The kernels work on head-major copies (B, N,
 tile's last two dims are (rows, H) with H the full minor dim; lengths are zero-padded to a
 multiple of the tile and the padding is masked. The grid's last axes are the reduction:
 forward and dq walk kv tiles, dk/dv walk (query head in the group, q tile), so GQA never
-materialises repeated K/V. Causal tiles above the diagonal are skipped with ``pl.when`` and
-their index maps are clamped to the last live tile, so no DMA is issued for them either.
+materialises repeated K/V. Tiles outside the causal / sliding-window band are skipped with
+``pl.when`` and their index maps are clamped into the live tiles, so no DMA is issued for them
+either. A logit soft cap is applied to each score tile; the backward multiplies the score
+gradients by its derivative 1 - tanh².
 
 On a non-TPU backend ``api`` passes ``interpret=True`` and the kernels run in Pallas'
 interpreter (the body as XLA ops over the grid), or under a ``pltpu.InterpretParams`` the caller
@@ -40,6 +42,35 @@ def _segment_inputs(q_seg, kv_seg, tp: int, sp: int):
   return common.pad_axis(q_seg, 1, tp)[:, :, None], common.pad_axis(kv_seg, 1, sp)[:, None, :]
 
 
+def _banded(cfg: common.KernelConfig) -> bool:
+  """Whether some tiles are skipped: causal masking or a sliding window."""
+  return cfg.causal or cfg.sliding_window is not None
+
+
+def _kv_range(cfg: common.KernelConfig, qi, block_q: int, block_kv: int, offset: int, nk: int):
+  return common.live_kv_blocks(qi, block_q, block_kv, offset, nk, causal=cfg.causal,
+                               window=cfg.sliding_window)
+
+
+def _run_if_live(cfg: common.KernelConfig, step, qi, ki, block_q: int, block_kv: int,
+                 offset: int, nk: int) -> None:
+  """Runs ``step`` for tile (qi, ki) unless the causal / window band misses it."""
+  if not _banded(cfg):
+    step()
+    return
+  start, stop = _kv_range(cfg, qi, block_q, block_kv, offset, nk)
+  pl.when((ki >= start) & (ki < stop))(step)
+
+
+def _mask(cfg: common.KernelConfig, qi, ki, block_q: int, block_kv: int, offset: int,
+          kv_len: int, kv_padded: bool, q_seg_ref, kv_seg_ref):
+  return common.tile_mask(
+      qi * block_q, ki * block_kv, block_q, block_kv, causal=cfg.causal, offset=offset,
+      kv_len=kv_len, kv_padded=kv_padded, window=cfg.sliding_window,
+      q_seg=None if q_seg_ref is None else q_seg_ref[...],
+      kv_seg=None if kv_seg_ref is None else kv_seg_ref[...])
+
+
 # ----------------------------------------------------------------------------- forward
 
 
@@ -65,11 +96,9 @@ def _fwd_kernel(*refs, cfg: common.KernelConfig, offset: int, kv_len: int, kv_pa
   def _step():
     s = jax.lax.dot_general(q_ref[...], k_ref[...], (((1,), (1,)), ((), ())),
                             preferred_element_type=jnp.float32) * cfg.scale
-    mask = common.tile_mask(
-        qi * block_q, ki * block_kv, block_q, block_kv, causal=cfg.causal, offset=offset,
-        kv_len=kv_len, kv_padded=kv_padded,
-        q_seg=q_seg_ref[...] if has_segments else None,
-        kv_seg=kv_seg_ref[...] if has_segments else None)
+    s = common.soft_cap(s, cfg.logit_soft_cap)[0]
+    mask = _mask(cfg, qi, ki, block_q, block_kv, offset, kv_len, kv_padded, q_seg_ref,
+                 kv_seg_ref)
     if mask is not None:
       s = jnp.where(mask, s, -jnp.inf)
     m_prev = m_sc[...]
@@ -79,10 +108,7 @@ def _fwd_kernel(*refs, cfg: common.KernelConfig, offset: int, kv_len: int, kv_pa
     acc_sc[...] = alpha * acc_sc[...] + jnp.dot(
         p.astype(v_ref.dtype), v_ref[...], preferred_element_type=jnp.float32)
 
-  if cfg.causal:
-    pl.when(common.block_is_live(qi, ki, block_q, block_kv, offset))(_step)
-  else:
-    _step()
+  _run_if_live(cfg, _step, qi, ki, block_q, block_kv, offset, pl.num_programs(3))
 
   @pl.when(ki == pl.num_programs(3) - 1)
   def _finalize():
@@ -113,10 +139,9 @@ def forward(q, k, v, gate, q_seg, kv_seg, cfg: common.KernelConfig, *, save_resi
   offset = s - t
 
   def kv_block(qi, ki):
-    if not cfg.causal:
+    if not _banded(cfg):
       return ki
-    last = common.num_live_kv_blocks(qi, block_q, block_kv, offset, nk) - 1
-    return jnp.clip(ki, 0, jnp.maximum(last, 0))
+    return common.clamp_block(ki, *_kv_range(cfg, qi, block_q, block_kv, offset, nk), nk)
 
   q_spec = pl.BlockSpec((None, None, block_q, h), lambda bi, ni, qi, ki: (bi, ni, qi, 0))
   kv_spec = pl.BlockSpec((None, None, block_kv, h),
@@ -169,15 +194,18 @@ def forward(q, k, v, gate, q_seg, kv_seg, cfg: common.KernelConfig, *, save_resi
 # ----------------------------------------------------------------------------- backward
 
 
-def _probs_and_dscores(q, k, v, dy, lse, delta, mask, scale):
-  """Recomputed probabilities p and score gradients ds = p ⊙ (dy vᵀ − delta), (bq, bk) f32."""
+def _probs_and_dscores(q, k, v, dy, lse, delta, mask, cfg: common.KernelConfig):
+  """Recomputed probabilities p and gradients ds of the scaled logits (before any soft cap):
+  p ⊙ (dy vᵀ − delta), times 1 - tanh² under a cap; (bq, bk) f32."""
   s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
-                          preferred_element_type=jnp.float32) * scale
+                          preferred_element_type=jnp.float32) * cfg.scale
+  s, dcap = common.soft_cap(s, cfg.logit_soft_cap)
   p = jnp.exp(s - lse)  # lse = +inf on rows that see nothing -> p = 0
   if mask is not None:
     p = jnp.where(mask, p, 0.0)
   dp = jax.lax.dot_general(dy, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-  return p, p * (dp - delta)
+  ds = p * (dp - delta)
+  return p, ds if dcap is None else ds * dcap
 
 
 def _dq_kernel(*refs, cfg: common.KernelConfig, offset: int, kv_len: int, kv_padded: bool,
@@ -195,20 +223,14 @@ def _dq_kernel(*refs, cfg: common.KernelConfig, offset: int, kv_len: int, kv_pad
     dq_sc[...] = jnp.zeros_like(dq_sc)
 
   def _step():
-    mask = common.tile_mask(
-        qi * block_q, ki * block_kv, block_q, block_kv, causal=cfg.causal, offset=offset,
-        kv_len=kv_len, kv_padded=kv_padded,
-        q_seg=q_seg_ref[...] if has_segments else None,
-        kv_seg=kv_seg_ref[...] if has_segments else None)
+    mask = _mask(cfg, qi, ki, block_q, block_kv, offset, kv_len, kv_padded, q_seg_ref,
+                 kv_seg_ref)
     k = k_ref[...]
     _, ds = _probs_and_dscores(q_ref[...], k, v_ref[...], dy_ref[...], lse_ref[...],
-                               delta_ref[...], mask, cfg.scale)
+                               delta_ref[...], mask, cfg)
     dq_sc[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
-  if cfg.causal:
-    pl.when(common.block_is_live(qi, ki, block_q, block_kv, offset))(_step)
-  else:
-    _step()
+  _run_if_live(cfg, _step, qi, ki, block_q, block_kv, offset, pl.num_programs(3))
 
   @pl.when(ki == pl.num_programs(3) - 1)
   def _finalize():
@@ -231,24 +253,18 @@ def _dkv_kernel(*refs, cfg: common.KernelConfig, offset: int, kv_len: int, kv_pa
     dv_sc[...] = jnp.zeros_like(dv_sc)
 
   def _step():
-    mask = common.tile_mask(
-        qi * block_q, ki * block_kv, block_q, block_kv, causal=cfg.causal, offset=offset,
-        kv_len=kv_len, kv_padded=kv_padded,
-        q_seg=q_seg_ref[...] if has_segments else None,
-        kv_seg=kv_seg_ref[...] if has_segments else None)
+    mask = _mask(cfg, qi, ki, block_q, block_kv, offset, kv_len, kv_padded, q_seg_ref,
+                 kv_seg_ref)
     q, dy = q_ref[...], dy_ref[...]
     p, ds = _probs_and_dscores(q, k_ref[...], v_ref[...], dy, lse_ref[...], delta_ref[...],
-                               mask, cfg.scale)
+                               mask, cfg)
     transpose_lhs = (((0,), (0,)), ((), ()))
     dv_sc[...] += jax.lax.dot_general(p.astype(dy.dtype), dy, transpose_lhs,
                                       preferred_element_type=jnp.float32)
     dk_sc[...] += jax.lax.dot_general(ds.astype(q.dtype), q, transpose_lhs,
                                       preferred_element_type=jnp.float32)
 
-  if cfg.causal:
-    pl.when(common.block_is_live(qi, ki, block_q, block_kv, offset))(_step)
-  else:
-    _step()
+  _run_if_live(cfg, _step, qi, ki, block_q, block_kv, offset, pl.num_programs(2))
 
   @pl.when((gi == pl.num_programs(3) - 1) & (qi == pl.num_programs(4) - 1))
   def _finalize():
@@ -279,10 +295,9 @@ def backward(q, k, v, q_seg, kv_seg, lse, dy, delta, cfg: common.KernelConfig):
 
   # dq: grid (B, N, q tiles, kv tiles); kv index clamped to the last live tile.
   def kv_block(qi, ki):
-    if not cfg.causal:
+    if not _banded(cfg):
       return ki
-    last = common.num_live_kv_blocks(qi, block_q, block_kv, offset, nk) - 1
-    return jnp.clip(ki, 0, jnp.maximum(last, 0))
+    return common.clamp_block(ki, *_kv_range(cfg, qi, block_q, block_kv, offset, nk), nk)
 
   q_spec = pl.BlockSpec((None, None, block_q, h), lambda bi, ni, qi, ki: (bi, ni, qi, 0))
   row_spec = pl.BlockSpec((None, None, block_q, 1), lambda bi, ni, qi, ki: (bi, ni, qi, 0))
@@ -307,10 +322,10 @@ def backward(q, k, v, q_seg, kv_seg, lse, dy, delta, cfg: common.KernelConfig):
 
   # dk, dv: grid (B, K, kv tiles, heads in group, q tiles); q index clamped to the first live tile.
   def q_block(ki, qi):
-    if not cfg.causal:
+    if not _banded(cfg):
       return qi
-    first = common.first_live_q_block(ki, block_q, block_kv, offset, nq)
-    return jnp.clip(qi, jnp.minimum(first, nq - 1), nq - 1)
+    return common.clamp_block(qi, *common.live_q_blocks(
+        ki, block_q, block_kv, offset, nq, causal=cfg.causal, window=cfg.sliding_window), nq)
 
   q_spec = pl.BlockSpec((None, None, block_q, h),
                         lambda bi, ki_, kv, gi, qi: (bi, ki_ * group + gi, q_block(kv, qi), 0))
