@@ -27,8 +27,7 @@ from tests import toolchains
 REFUSED = {
     "pallas_tpu": set(),
     "pallas_gpu": {"hd96_gqa_headwise"},
-    "pallas_mgpu": {"hd64_f32", "hd96_gqa_headwise", "hd32_mqa_segments",
-                    "gemma2_hd128_window_softcap_gqa"},  # no window or soft cap there yet
+    "pallas_mgpu": {"hd64_f32", "hd96_gqa_headwise", "hd32_mqa_segments"},
 }
 ALL_CASES = {case.name for case in compile_check.CASES}
 

@@ -351,7 +351,6 @@ def test_auto_on_cpu_is_xla():
     (dict(impl="pallas_tpu", interpret="yes"), "or a pltpu.InterpretParams"),
     (dict(sliding_window=0), "sliding_window must be None or a positive int, got 0"),
     (dict(logit_soft_cap=-2.0), "logit_soft_cap must be None or a finite number > 0"),
-    (dict(impl="pallas_mgpu", sliding_window=4), "impl='pallas_mgpu' has no sliding window"),
 ])
 def test_bad_arguments_raise_value_error(kwargs, match):
   kv_heads, kv_len = kwargs.pop("k_heads", 2), kwargs.pop("kv_len", 8)

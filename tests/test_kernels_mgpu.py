@@ -146,20 +146,37 @@ def test_default_tiles():
              label="default_tiles")
 
 
-def _check_vjp(q, k, v, gate, q_seg, kv_seg, do, *, causal, activation, blocks, label):
+@needs_mgpu_jax
+@pytest.mark.parametrize("name, window, cap", [
+    ("causal_t_lt_s_ungated_3_kv_tiles", 40, 3.0),  # q tile 2 skips kv tile 0 (keys <= 88)
+    ("noncausal_headwise_segments", 30, None),
+    ("causal_gqa_elementwise", None, 1.5),
+])
+def test_window_and_soft_cap(name, window, cap):
+  """A sliding window (tiles outside the band skipped, edges masked) and a logit soft cap
+  (its derivative in the dq and dk/dv kernels): values and all gradients."""
+  b, t, s, n, kh, causal, gate_kind, segments, activation = CASES[name]
+  _check_vjp(*_inputs(name), causal=causal, activation=activation,
+             blocks=common.BlockSizes(block_q=64, block_kv=64), label=name, window=window,
+             soft_cap=cap)
+
+
+def _check_vjp(q, k, v, gate, q_seg, kv_seg, do, *, causal, activation, blocks, label,
+               window=None, soft_cap=None):
   h = q.shape[-1]
   seg = None if q_seg is None else (q_seg, kv_seg)
+  features = dict(sliding_window=window, logit_soft_cap=soft_cap)
 
   def kernel(q, k, v, gate):
     return api.gated_flash_attention(q, k, v, gate, causal=causal, segment_ids=seg,
                                      gate_activation=activation, impl="pallas_mgpu",
-                                     block_sizes=blocks)
+                                     block_sizes=blocks, **features)
 
   def ref(q, k, v, gate):
     f32 = lambda x: None if x is None else x.astype(jnp.float32)
     return reference.gated_attention(f32(q), f32(k), f32(v), f32(gate), causal=causal,
                                      scale=1.0 / math.sqrt(h), gate_activation=activation,
-                                     q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+                                     q_segment_ids=q_seg, kv_segment_ids=kv_seg, **features)
 
   o, vjp = jax.vjp(kernel, q, k, v, gate)
   got = vjp(do)

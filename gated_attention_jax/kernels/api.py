@@ -141,9 +141,6 @@ def _unsupported(impl: str, q, gate_kind, has_segments: bool,
                  windowed_or_capped: bool = False) -> str | None:
   """Why ``impl`` cannot serve these inputs on its target (None if it can)."""
   h = q.shape[-1]
-  if impl == "pallas_mgpu" and windowed_or_capped:
-    return ("impl='pallas_mgpu' has no sliding window or logit soft cap yet; use"
-            " impl='pallas_gpu' or 'xla'.")
   if impl == "pallas_mgpu":
     block_kv = None if block_sizes is None else (block_sizes.block_kv_bwd or block_sizes.block_kv)
     return tiles.mgpu_unsupported(h, q.dtype, block_kv, gate=gate_kind, segments=has_segments)

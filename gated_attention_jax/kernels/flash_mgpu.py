@@ -90,6 +90,14 @@ def _matmul(a_s, b_s, m: int, n: int):
   return pl.run_scoped(body, plgpu.ACC((m, n), jnp.float32))
 
 
+def _kv_band(cfg: common.KernelConfig, qi, block_kv: int, offset: int, nk: int):
+  """(first kv tile, number of kv tiles) q tile ``qi`` visits: the causal / window band."""
+  start, stop = common.live_kv_blocks(qi, BLOCK_Q, block_kv, offset, nk, causal=cfg.causal,
+                                      window=cfg.sliding_window)
+  start = jnp.asarray(start, jnp.int32)
+  return start, jnp.maximum(jnp.asarray(stop, jnp.int32) - start, 0)
+
+
 def _produce(n_steps, nbuf: int, free, load):
   """Producer loop: ``load(step, slot)`` for each step, reusing a slot once it is freed."""
 
@@ -147,9 +155,7 @@ def _fwd_kernel(*refs, cfg: common.KernelConfig, block_kv: int, group: int, offs
   kvh = ni // group
   q_rows = pl.ds(qi * BLOCK_Q, BLOCK_Q)
   nk = k_g.shape[1] // block_kv
-  # no sliding window here (``api`` refuses it): the band starts at kv tile 0
-  n_live = (common.live_kv_blocks(qi, BLOCK_Q, block_kv, offset, nk, causal=True,
-                                  window=None)[1] if cfg.causal else jnp.int32(nk))
+  first_kv, n_live = _kv_band(cfg, qi, block_kv, offset, nk)  # step j reads kv tile first_kv + j
 
   @pl.when(wg == _PRODUCER)
   def _producer():
@@ -161,8 +167,8 @@ def _fwd_kernel(*refs, cfg: common.KernelConfig, block_kv: int, group: int, offs
     if has_segments:
       plgpu.copy_gmem_to_smem(q_seg_g.at[bi, q_rows], q_seg_s, q_bar.at[0])
 
-    def load(ki, slot):
-      kv_rows = pl.ds(ki * block_kv, block_kv)
+    def load(j, slot):
+      kv_rows = pl.ds((first_kv + j) * block_kv, block_kv)
       plgpu.copy_gmem_to_smem(k_g.at[bi, kv_rows, kvh, :], k_s.at[slot], full.at[slot])
       plgpu.copy_gmem_to_smem(v_g.at[bi, kv_rows, kvh, :], v_s.at[slot], full.at[slot])
       if has_segments:
@@ -176,12 +182,14 @@ def _fwd_kernel(*refs, cfg: common.KernelConfig, block_kv: int, group: int, offs
     q_seg = q_seg_s[...][:, None] if has_segments else None
     h = q_s.shape[1]
 
-    def compute(ki, slot, carry):
+    def compute(j, slot, carry):
       m_prev, l_prev, acc = carry
       s = _matmul(q_s, _t(k_s.at[slot]), BLOCK_Q, block_kv) * cfg.scale
+      s = common.soft_cap(s, cfg.logit_soft_cap)[0]
       mask = common.tile_mask(
-          qi * BLOCK_Q, ki * block_kv, BLOCK_Q, block_kv, causal=cfg.causal, offset=offset,
-          kv_len=kv_len, kv_padded=kv_padded, q_seg=q_seg,
+          qi * BLOCK_Q, (first_kv + j) * block_kv, BLOCK_Q, block_kv, causal=cfg.causal,
+          offset=offset, kv_len=kv_len, kv_padded=kv_padded, window=cfg.sliding_window,
+          q_seg=q_seg,
           kv_seg=kv_seg_s.at[slot][...][None, :] if has_segments else None)
       if mask is not None:
         s = jnp.where(mask, s, -jnp.inf)
@@ -295,9 +303,7 @@ def _dq_kernel(*refs, cfg: common.KernelConfig, block_kv: int, group: int, offse
   q_rows = pl.ds(qi * BLOCK_Q, BLOCK_Q)
   h = q_s.shape[1]
   nk = k_g.shape[1] // block_kv
-  # no sliding window here (``api`` refuses it): the band starts at kv tile 0
-  n_live = (common.live_kv_blocks(qi, BLOCK_Q, block_kv, offset, nk, causal=True,
-                                  window=None)[1] if cfg.causal else jnp.int32(nk))
+  first_kv, n_live = _kv_band(cfg, qi, block_kv, offset, nk)  # step j reads kv tile first_kv + j
 
   @pl.when(wg == _PRODUCER)
   def _producer():
@@ -308,8 +314,8 @@ def _dq_kernel(*refs, cfg: common.KernelConfig, block_kv: int, group: int, offse
     if has_segments:
       plgpu.copy_gmem_to_smem(q_seg_g.at[bi, q_rows], q_seg_s, once.at[0])
 
-    def load(ki, slot):
-      kv_rows = pl.ds(ki * block_kv, block_kv)
+    def load(j, slot):
+      kv_rows = pl.ds((first_kv + j) * block_kv, block_kv)
       plgpu.copy_gmem_to_smem(k_g.at[bi, kv_rows, kvh, :], k_s.at[slot], full.at[slot])
       plgpu.copy_gmem_to_smem(v_g.at[bi, kv_rows, kvh, :], v_s.at[slot], full.at[slot])
       if has_segments:
@@ -323,17 +329,19 @@ def _dq_kernel(*refs, cfg: common.KernelConfig, block_kv: int, group: int, offse
     lse, delta = lse_s[...][:, None], delta_s[...][:, None]
     q_seg = q_seg_s[...][:, None] if has_segments else None
 
-    def compute(ki, slot, dq):
+    def compute(j, slot, dq):
       s = _matmul(q_s, _t(k_s.at[slot]), BLOCK_Q, block_kv) * cfg.scale
+      s, dcap = common.soft_cap(s, cfg.logit_soft_cap)
       p = jnp.exp(s - lse)  # lse = +inf on rows that see nothing -> p = 0
       mask = common.tile_mask(
-          qi * BLOCK_Q, ki * block_kv, BLOCK_Q, block_kv, causal=cfg.causal, offset=offset,
-          kv_len=kv_len, kv_padded=kv_padded, q_seg=q_seg,
-          kv_seg=kv_seg_s.at[slot][...][None, :] if has_segments else None)
+          qi * BLOCK_Q, (first_kv + j) * block_kv, BLOCK_Q, block_kv, causal=cfg.causal,
+          offset=offset, kv_len=kv_len, kv_padded=kv_padded, window=cfg.sliding_window,
+          q_seg=q_seg, kv_seg=kv_seg_s.at[slot][...][None, :] if has_segments else None)
       if mask is not None:
         p = jnp.where(mask, p, 0.0)
       dp = _matmul(dy_s, _t(v_s.at[slot]), BLOCK_Q, block_kv)
-      ds_s[...] = (p * (dp - delta)).astype(ds_s.dtype)
+      ds = p * (dp - delta)
+      ds_s[...] = (ds if dcap is None else ds * dcap).astype(ds_s.dtype)
       plgpu.commit_smem()
       return dq + _matmul(ds_s, k_s.at[slot], BLOCK_Q, h)
 
@@ -359,9 +367,10 @@ def _dkv_kernel(*refs, cfg: common.KernelConfig, block_kv: int, group: int, offs
   kv_rows = pl.ds(ki * block_kv, block_kv)
   h = k_s.shape[1]
   nq = q_g.shape[1] // BLOCK_Q
-  first = (common.live_q_blocks(ki, BLOCK_Q, block_kv, offset, nq, causal=True, window=None)[0]
-           if cfg.causal else jnp.int32(0))
-  n_q_live = nq - first
+  first, stop = common.live_q_blocks(ki, BLOCK_Q, block_kv, offset, nq, causal=cfg.causal,
+                                     window=cfg.sliding_window)  # the causal / window band
+  first = jnp.asarray(first, jnp.int32)
+  n_q_live = jnp.maximum(jnp.asarray(stop, jnp.int32) - first, 0)
   n_steps = group * n_q_live  # step j: query head hi·G + j // n_q_live, q tile first + j % ...
 
   def head_and_tile(j):  # only called when n_steps > 0, i.e. n_q_live >= 1
@@ -397,16 +406,18 @@ def _dkv_kernel(*refs, cfg: common.KernelConfig, block_kv: int, group: int, offs
       dk, dv = carry
       _, qi = head_and_tile(j)
       st = _matmul(k_s, _t(q_s.at[slot]), block_kv, BLOCK_Q) * cfg.scale  # sᵀ (bkv, bq)
+      st, dcapt = common.soft_cap(st, cfg.logit_soft_cap)
       pt = jnp.exp(st - lse_s.at[slot][...][None, :])
       mask = common.tile_mask(
           qi * BLOCK_Q, ki * block_kv, BLOCK_Q, block_kv, causal=cfg.causal, offset=offset,
-          kv_len=kv_len, kv_padded=kv_padded, kv_rows=True,
+          kv_len=kv_len, kv_padded=kv_padded, kv_rows=True, window=cfg.sliding_window,
           q_seg=q_seg_s.at[slot][...][None, :] if has_segments else None, kv_seg=kv_seg)
       if mask is not None:
         pt = jnp.where(mask, pt, 0.0)
       dpt = _matmul(v_s, _t(dy_s.at[slot]), block_kv, BLOCK_Q)
       pt_s[...] = pt.astype(pt_s.dtype)
-      dst_s[...] = (pt * (dpt - delta_s.at[slot][...][None, :])).astype(dst_s.dtype)
+      dst = pt * (dpt - delta_s.at[slot][...][None, :])
+      dst_s[...] = (dst if dcapt is None else dst * dcapt).astype(dst_s.dtype)
       plgpu.commit_smem()
       dv = dv + _matmul(pt_s, dy_s.at[slot], block_kv, h)
       dk = dk + _matmul(dst_s, q_s.at[slot], block_kv, h)
