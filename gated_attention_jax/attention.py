@@ -293,8 +293,6 @@ class GatedAttention(nnx.Module):
     positions, segment_ids = self._checked_inputs(x, positions, segment_ids)
     self._check_mode(mode, positions, segment_ids)
     b, t, _ = x.shape
-    if mask is not None:
-      mask = self._checked_mask(mask, b, t, self.cached_key.shape[1] if mode == "decode" else t)
     start = None
     if mode != "train":
       self._check_cache(b, t)
@@ -304,6 +302,8 @@ class GatedAttention(nnx.Module):
         positions = start[:, None] + jnp.arange(t)
     elif positions is None:
       positions = default_positions((b, t), segment_ids)
+    if mask is not None:
+      mask = self._checked_mask(mask, b, t, self.cached_key.shape[1] if mode == "decode" else t)
     x = x.astype(self.dtype)
     logits, scores, q, k, v = self._project(x, positions, intermediates)
     y, probs, overflow, (keys, values) = self._attend(
