@@ -8,6 +8,7 @@ Public API:
   RopeScaling       RoPE scaling (none / linear / NTK / YaRN) for long context
   generate          batched sampling with the KV cache (ragged prompts, greedy / top-k / top-p)
   count_params, count_active_params, gate_params, gate_params_per_layer   parameter counting
+  gate_filter       an NNX filter for the attention gates' parameters (`nnx.state(model, ...)`)
   load_run          (config, step, model) of a training run's newest intact checkpoint, read-only
                     (`checkpointing.load_model`; imported on first use: it brings in orbax)
 """
@@ -15,16 +16,16 @@ Public API:
 from gated_attention_jax.attention import GatedAttention
 from gated_attention_jax.gate import GateConfig
 from gated_attention_jax.output_gate import OutputGate, linen_output_gate
-from gated_attention_jax.params import (count_active_params, count_params, gate_params,
-                                        gate_params_per_layer)
+from gated_attention_jax.params import (count_active_params, count_params, gate_filter,
+                                        gate_params, gate_params_per_layer)
 from gated_attention_jax.rope import RopeScaling
 from gated_attention_jax.sampler import Generation, generate
 from gated_attention_jax.transformer import Transformer, TransformerConfig
 
 __all__ = [
     "GateConfig", "GatedAttention", "Generation", "OutputGate", "RopeScaling", "Transformer",
-    "TransformerConfig", "count_active_params", "count_params", "generate", "gate_params",
-    "gate_params_per_layer", "linen_output_gate", "load_run",
+    "TransformerConfig", "count_active_params", "count_params", "gate_filter", "generate",
+    "gate_params", "gate_params_per_layer", "linen_output_gate", "load_run",
 ]
 __version__ = "0.1.0"
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Union
+import re
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import jax
 from flax import linen, nnx
@@ -12,28 +13,77 @@ from gated_attention_jax.gate import GateConfig
 
 
 Params = Union[nnx.Module, Mapping[str, Any]]
+Path = tuple[str, ...]
 
 # Parameter names that belong to an attention gate (`GatedAttention`, `OutputGate`): W_theta,
 # the input-independent theta and the SDPA-RMSNorm probe. An MLP's SwiGLU `gate_proj` (under
 # "mlp") is not one.
 GATE_PARAM_NAMES = ("gate_proj", "gate_theta", "sdpa_norm")
+# Named groups of a model's parameters (`in_group`, `train.trainable`).
+GROUPS = ("all", "gate", "attention", "mlp", "norms", "embeddings")
 
 
-def _param_leaves(params: Params) -> list[tuple[tuple[str, ...], Any]]:
-  """(path of names, array) of every parameter of an NNX module or a Linen tree: a `variables`
-  dict (its "params" collection is used) or the params tree itself, boxed (`nn.Partitioned`,
-  bridge metadata) or not."""
+def names(path: Sequence[Any]) -> Path:
+  """A pytree path (of an `nnx.State`, a Linen tree) as its names, without the trailing
+  "value" of an NNX variable: ("blocks", "0", "attn", "gate_proj")."""
+  out = tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+  return out[:-1] if out and out[-1] == "value" else out
+
+
+def in_group(path: Path, group: str) -> bool:
+  """Whether the parameter at `path` (`names`) belongs to `group` (one of `GROUPS`): the
+  attention gates (`GATE_PARAM_NAMES` outside any "mlp"), everything under "attn", under
+  "mlp" (MoE routers included), every norm's scale, or the token / position embeddings and
+  the output head."""
+  if group == "all":
+    return True
+  if group == "gate":
+    return "mlp" not in path and any(n in path for n in GATE_PARAM_NAMES)
+  if group == "attention":
+    return "attn" in path
+  if group == "mlp":
+    return "mlp" in path
+  if group == "norms":
+    return any(n.endswith("norm") for n in path)
+  if group == "embeddings":
+    return any(n in ("embed", "pos_embed", "lm_head") for n in path)
+  raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
+
+
+def gate_filter(path: Sequence[Any], value: Any = None) -> bool:  # pylint: disable=unused-argument
+  """An NNX filter for the attention gates' parameters (not the SwiGLU's `gate_proj`):
+  `nnx.state(model, nnx.All(nnx.Param, gaj.gate_filter))`."""
+  return in_group(names(path), "gate")
+
+
+def selector(spec: str, field: str = "trainable") -> Callable[[Path], bool]:
+  """A predicate over parameter paths (`names`) from `spec`: comma-separated `GROUPS`
+  ("gate", "attention,norms"), or else a regular expression searched in the "/"-joined path
+  ("blocks/0/attn/gate_proj"; e.g. "attn/(q|k)_proj"). ValueError naming `field` otherwise."""
+  groups = [g.strip() for g in spec.split(",")] if isinstance(spec, str) else []
+  if groups and all(g in GROUPS for g in groups):
+    return lambda path: any(in_group(path, g) for g in groups)
+  try:
+    pattern = re.compile(spec)
+  except (re.error, TypeError) as e:
+    raise ValueError(f"{field} must be comma-separated groups from {GROUPS} or a regular"
+                     f" expression over parameter paths (e.g. 'blocks/0/attn/gate_proj'), got"
+                     f" {spec!r} ({e})") from None
+  return lambda path: pattern.search("/".join(path)) is not None
+
+
+def _param_leaves(params: Params) -> list[tuple[Path, Any]]:
+  """(names of the path, array) of every parameter of an NNX module or a Linen tree: a
+  `variables` dict (its "params" collection is used) or the params tree itself, boxed
+  (`nn.Partitioned`, bridge metadata) or not."""
   if isinstance(params, nnx.Module):
     tree = nnx.state(params, nnx.Param)
   elif isinstance(params, Mapping):
-    tree = params.get("params", params)
+    tree = linen.meta.unbox(params.get("params", params))
   else:
     raise ValueError("expected an NNX module or a Linen parameter tree (a mapping), got"
                      f" {type(params).__name__}")
-    tree = linen.meta.unbox(tree)
-  leaves = jax.tree_util.tree_leaves_with_path(tree)
-  return [(tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path), x)
-          for path, x in leaves]
+  return [(names(path), x) for path, x in jax.tree_util.tree_leaves_with_path(tree)]
 
 
 def count_params(params: Params) -> int:
@@ -74,8 +124,7 @@ def gate_params(params: Params) -> int:
   """Gate parameters of a model: an NNX module (a `Transformer`, a `GatedAttention`, a model of
   your own with `OutputGate`s) or a Linen tree (`bridge.to_linen` models, `linen_output_gate`).
 
-  Counts the parameters the gates hold (`GATE_PARAM_NAMES`, outside any "mlp"), not a formula;
-  for a `Transformer` that is the model minus its ungated twin.
+  Counts the parameters the gates hold (`in_group(path, "gate")`), not a formula; for a
+  `Transformer` that is the model minus its ungated twin.
   """
-  return sum(math.prod(x.shape) for path, x in _param_leaves(params)
-             if "mlp" not in path and any(n in path for n in GATE_PARAM_NAMES))
+  return sum(math.prod(x.shape) for path, x in _param_leaves(params) if in_group(path, "gate"))

@@ -157,10 +157,12 @@ def state_shardings(abstract_state: nnx.State, mesh: Mesh) -> nnx.State:
 
 def optimizer_shardings(tx: optax.GradientTransformation, opt_state_shape: Any,
                         param_shardings: nnx.State, mesh: Mesh) -> Any:
-  """Optimizer-state shardings: moments follow their parameter, counters replicate."""
-  return optax.tree_map_params(tx, lambda _, sharding: sharding, opt_state_shape,
-                               param_shardings,
-                               transform_non_params=lambda _: replicated(mesh))
+  """Optimizer-state shardings: moments follow their parameter, counters replicate; the
+  placeholders of a masked state (frozen parameters, `optax.multi_transform`) stay."""
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+  return optax.tree_map_params(
+      tx, lambda leaf, sharding: leaf if masked(leaf) else sharding, opt_state_shape,
+      param_shardings, transform_non_params=lambda _: replicated(mesh), is_leaf=masked)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

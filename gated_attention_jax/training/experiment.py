@@ -23,6 +23,7 @@ import ml_collections
 from jax.sharding import AbstractMesh
 
 from gated_attention_jax import attention_ops
+from gated_attention_jax import params as params_lib
 from gated_attention_jax import sharding
 from gated_attention_jax.data import config as data_config
 from gated_attention_jax.data import pipeline
@@ -39,7 +40,9 @@ MAX_STEPS = 10**9
 RESUMABLE = ("train.num_steps", "train.log_every", "train.eval_every", "train.eval_batches",
              "train.checkpoint_every", "train.keep_checkpoints", "train.track_sinks",
              "train.spike_factor", "train.spike_window", "train.peak_tflops_per_device",
-             "data.prefetch", "data.cache_dir", "model.attention_impl", "model.remat", "mesh")
+             "data.prefetch", "data.cache_dir", "model.attention_impl", "model.remat", "mesh",
+             # read once, when a run starts: a resumed run continues from its own checkpoints
+             "train.init_from", "train.init_from_digest", "train.init_from_drop_unused")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -64,6 +67,16 @@ def base_config() -> ml_collections.ConfigDict:
       "checkpoint_every": 200, "keep_checkpoints": 3,
       "spike_factor": 2.0, "spike_window": 50,
       "peak_tflops_per_device": 0.0,  # 0: look the device up (MFU left out if unknown)
+      # Start from trained weights (`training/init_from.py`): a run folder, DIR or DIR@STEP;
+      # its parameters only (a fresh optimizer at step 0). The trainer records the step read
+      # ("DIR@STEP") and the sha256 of the source's config.json (init_from_digest) in the new
+      # run's config.json. Parameters the source has and this config lacks are refused unless
+      # init_from_drop_unused.
+      "init_from": "", "init_from_digest": "", "init_from_drop_unused": False,
+      # Which parameters train: comma-separated groups (params.GROUPS: all, gate, attention,
+      # mlp, norms, embeddings) or a regular expression over parameter paths; the others stay
+      # bit-identical and get no optimizer state.
+      "trainable": "all",
   }
   mesh = {"data": -1, "fsdp": 1, "tensor": 1, "dcn": {"data": 1, "fsdp": 1, "tensor": 1}}
   return ml_collections.ConfigDict({
@@ -105,6 +118,13 @@ def validate_train(train: ml_collections.ConfigDict) -> None:
   if not (_is_number(train.spike_factor) and train.spike_factor > 1):
     raise ValueError(f"train.spike_factor must be a finite number > 1, got"
                      f" {train.spike_factor!r}")
+  params_lib.selector(train.get("trainable", "all"), "train.trainable")
+  if not isinstance(train.get("init_from", ""), str):
+    raise ValueError(f"train.init_from must be a run folder path (DIR or DIR@STEP) or '', got"
+                     f" {train.init_from!r}")
+  if not isinstance(train.get("init_from_drop_unused", False), bool):
+    raise ValueError(f"train.init_from_drop_unused must be a bool, got"
+                     f" {train.init_from_drop_unused!r}")
 
 
 def config_from_json(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:

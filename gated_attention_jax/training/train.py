@@ -16,7 +16,7 @@ import pathlib
 import signal
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,7 @@ from gated_attention_jax.data import pipeline
 from gated_attention_jax.kernels import reference
 from gated_attention_jax.training import checkpointing
 from gated_attention_jax.training import experiment
+from gated_attention_jax.training import init_from
 from gated_attention_jax.training import metrics_writer
 from gated_attention_jax.training import optim
 from gated_attention_jax.training import run_folder
@@ -94,6 +95,22 @@ def activation_stats(inter: dict[str, list[jax.Array]],
               [logit_max(q, k) for q, k in zip(inter["queries"], inter["keys"])])}
 
 
+def trainable_selector(train_cfg: ml_collections.ConfigDict,
+                       abstract_params: Any) -> Optional[Callable[[params_lib.Path], bool]]:
+  """The predicate of `train.trainable` over parameter paths (None for "all"); ValueError
+  naming the field when it selects none of `abstract_params`."""
+  spec = train_cfg.get("trainable", "all")
+  if spec == "all":
+    return None
+  select = params_lib.selector(spec, "train.trainable")
+  paths = [params_lib.names(p) for p, _ in jax.tree_util.tree_leaves_with_path(abstract_params)]
+  if not any(select(p) for p in paths):
+    raise ValueError(f"train.trainable={spec!r} selects no parameter of this model; its"
+                     f" parameters are e.g. {', '.join('/'.join(p) for p in paths[:3])}, and"
+                     f" the groups are {params_lib.GROUPS}")
+  return select
+
+
 class Trainer:
   """Owns the compiled steps and shardings of one experiment on one mesh."""
 
@@ -102,7 +119,6 @@ class Trainer:
     self.config = config
     self.model_cfg = model_cfg
     self.mesh = mesh
-    self.tx = optim.make_optimizer(config.train)
     self.use_segments = config.data.packing == "segments"
     self.want_gates = model_cfg.gate.enabled
     self.moe = model_cfg.moe if model_cfg.mlp_type == "moe" else None
@@ -110,7 +126,12 @@ class Trainer:
 
     abstract_model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
     self.graphdef, abstract_params = nnx.split(abstract_model)
+    trainable = trainable_selector(config.train, abstract_params)
+    self.tx = optim.make_optimizer(config.train, trainable)
     self.num_params = params_lib.count_params(abstract_model)
+    self.trainable_params = self.num_params if trainable is None else sum(
+        math.prod(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract_params)
+        if trainable(params_lib.names(p)))
     self.active_params = params_lib.count_active_params(abstract_model)
     self.gate_params = params_lib.gate_params(abstract_model)
     param_sh = sharding.state_shardings(abstract_params, mesh)
@@ -286,7 +307,7 @@ def _check_finite(step: int, loss: float, last_saved: Optional[int]) -> None:
 
 
 SUMMARY_KEYS = ("step", "num_steps", "preempted", "finished", "num_params", "active_params",
-                "gate_params", "gate")
+                "gate_params", "trainable_params", "gate")
 
 
 def _summary_eval(workdir: pathlib.Path, step: int) -> dict[str, Any]:
@@ -313,7 +334,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   workdir = pathlib.Path(workdir)
   model_cfg = experiment.validate(config, jax.device_count())
   experiment.check_fits(config, model_cfg, jax.device_count())
+  trainable_selector(config.train, nnx.state(
+      nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))))
   eval_batches = _eval_batches(config)
+  initial = None
+  if config.train.get("init_from") and (overwrite or not _has_checkpoints(workdir)):
+    initial = init_from.load(config, model_cfg, sharding.make_mesh(config.mesh))
+    config = config.copy_and_resolve_references()
+    config.train.init_from, config.train.init_from_digest = initial.source, initial.digest
   is_chief = jax.process_index() == 0
   workdir.mkdir(parents=True, exist_ok=True)
   with (run_folder.lock(workdir) if is_chief else contextlib.nullcontext()), \
@@ -326,7 +354,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     _sync("run folder checked")
     if is_chief:
       (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    return _train(config, model_cfg, workdir, eval_batches, preemption, closers, stop_at_step)
+    return _train(config, model_cfg, workdir, eval_batches, preemption, closers, stop_at_step,
+                  initial)
+
+
+def _has_checkpoints(workdir: pathlib.Path) -> bool:
+  folder = workdir / "checkpoints"
+  return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
 
 
 def _sync(name: str) -> None:
@@ -336,10 +370,12 @@ def _sync(name: str) -> None:
 
 def _train(config: ml_collections.ConfigDict, model_cfg: TransformerConfig,
            workdir: pathlib.Path, eval_batches: list, preemption: _Preemption,
-           closers: contextlib.ExitStack, stop_at_step: Optional[int]) -> dict[str, Any]:
+           closers: contextlib.ExitStack, stop_at_step: Optional[int],
+           initial: Optional[init_from.InitWeights] = None) -> dict[str, Any]:
   """The training loop of `train_and_evaluate`, in a locked and checked folder.
 
   The checkpointer and metrics writer are closed by `closers`, whatever happens.
+  initial: trained weights to start from (`train.init_from`) when there is no checkpoint.
   """
   mesh = sharding.make_mesh(config.mesh)
   is_chief = jax.process_index() == 0
@@ -356,11 +392,19 @@ def _train(config: ml_collections.ConfigDict, model_cfg: TransformerConfig,
   restored = ckpt.restore_latest(trainer.abstract_state, accept_data=data_iter.set_state)
   if restored is None:
     state, start = trainer.init_state(), 0
-    say(f"starting from scratch: {trainer.num_params:,} parameters"
-        f" ({trainer.gate_params:,} in gates)", flush=True)
+    if initial is None:
+      say(f"starting from scratch: {trainer.num_params:,} parameters"
+          f" ({trainer.gate_params:,} in gates)", flush=True)
+    else:
+      say(initial.describe(state["params"]), flush=True)
+      state["params"] = jax.device_put(initial.apply(state["params"]),
+                                       trainer.state_shardings["params"])
   else:
     start, state, _ = restored
     say(f"resumed from step {start}", flush=True)
+  if trainer.trainable_params != trainer.num_params:
+    say(f"training {trainer.trainable_params:,} of {trainer.num_params:,} parameters"
+        f" (train.trainable={train_cfg.trainable!r}); the others stay as they are", flush=True)
   impl, why = experiment.attention_choice(config, model_cfg)
   say(f"attention: {impl}" + (f" (model.attention_impl 'auto': {why})"
                               if model_cfg.attention_impl == "auto" else ""), flush=True)
@@ -452,7 +496,8 @@ def _train(config: ml_collections.ConfigDict, model_cfg: TransformerConfig,
   summary = {"step": step, "num_steps": train_cfg.num_steps, "preempted": preempted,
              "finished": step >= train_cfg.num_steps, "num_params": trainer.num_params,
              "active_params": trainer.active_params,
-             "gate_params": trainer.gate_params, "gate": model_cfg.gate.describe(),
+             "gate_params": trainer.gate_params, "trainable_params": trainer.trainable_params,
+             "gate": model_cfg.gate.describe(),
              **eval_metrics}
   if is_chief:
     tmp = workdir / "summary.json.tmp"
