@@ -16,6 +16,7 @@ head sharing) and `combine` (multiply or add).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 import jax
@@ -31,6 +32,14 @@ SHARINGS = ("head_specific", "head_shared")
 ACTIVATIONS = reference.GATE_ACTIVATIONS
 COMBINES = ("multiply", "add")
 SDPA_TRANSFORMS = ("none", "rmsnorm", "silu")
+INITS = ("normal", "identity", "mean")
+# act⁻¹ of the activations a gate can start at a chosen mean with (init="mean"), and the open
+# interval of means each reaches.
+_INVERSES = {
+    "sigmoid": ((0.0, 1.0), lambda m: math.log(m / (1.0 - m))),
+    "2sigmoid": ((0.0, 2.0), lambda m: math.log(m / (2.0 - m))),
+    "ns_sigmoid": ((0.5, 1.0), lambda m: math.log((2.0 * m - 1.0) / (2.0 - 2.0 * m))),
+}
 
 # Paper names of the positions, for tables and logs.
 PAPER_NAMES = {"sdpa": "G1", "value": "G2", "key": "G3", "query": "G4", "dense": "G5"}
@@ -55,13 +64,19 @@ class GateConfig:
       (positions value/key). With MHA (one query head per kv head) a head-shared
       G1/G4 gate equals the head-specific one.
     activation: "sigmoid", "silu", "ns_sigmoid" (0.5 + 0.5 * sigmoid, the paper's
-      non-sparse probe) or "identity".
+      non-sparse probe), "identity", or "2sigmoid" (2 * sigmoid: 1 at zero logits).
     combine: "multiply" (Y * act(XW)) or "add" (Y + act(XW)).
     input_dependent: False replaces XW by a zero-initialised learned parameter
       with the gate's per-token shape (no projection from X).
     sdpa_transform: "none", "rmsnorm" (RMSNorm over each head's SDPA output) or
       "silu" (SiLU of the SDPA output): the paper's non-linearity probes. They
       apply to the SDPA output before any G1 gate.
+    init: how the gate starts. "normal": W_theta ~ N(0, 0.02) (the official code); "identity":
+      W_theta = 0 with a gate that is then exactly the identity (multiply with "2sigmoid", or
+      add with "identity" / "silu"), for retrofitting a trained model; "mean": N(0, 0.02)
+      plus a learned bias `gate_bias` (the input-independent theta itself) set so that the
+      gate starts at `init_mean` (sigmoid, 2sigmoid or ns_sigmoid).
+    init_mean: the starting gate value of init="mean".
   """
 
   position: str = "none"
@@ -71,6 +86,8 @@ class GateConfig:
   combine: str = "multiply"
   input_dependent: bool = True
   sdpa_transform: str = "none"
+  init: str = "normal"
+  init_mean: float = 0.5
 
   def __post_init__(self):
     _check_choice("position", self.position, POSITIONS)
@@ -79,6 +96,22 @@ class GateConfig:
     _check_choice("activation", self.activation, ACTIVATIONS)
     _check_choice("combine", self.combine, COMBINES)
     _check_choice("sdpa_transform", self.sdpa_transform, SDPA_TRANSFORMS)
+    _check_choice("init", self.init, INITS)
+    if self.init == "identity":
+      at_zero = float(activate(jnp.zeros(()), self.activation))
+      if at_zero != (1.0 if self.combine == "multiply" else 0.0):
+        raise ValueError(
+            f"gate.init='identity' needs a gate that is the identity at zero weights (combine"
+            f" 'multiply' with activation '2sigmoid', or 'add' with 'identity' or 'silu'); got"
+            f" activation={self.activation!r}, combine={self.combine!r}")
+    if self.init == "mean":
+      if self.activation not in _INVERSES:
+        raise ValueError(f"gate.init='mean' needs gate.activation in {tuple(_INVERSES)}, got"
+                         f" {self.activation!r}")
+      (low, high), _ = _INVERSES[self.activation]
+      if not (isinstance(self.init_mean, (int, float)) and low < self.init_mean < high):
+        raise ValueError(f"gate.init_mean must be in ({low}, {high}) for activation"
+                         f" {self.activation!r}, got {self.init_mean!r}")
     if not isinstance(self.input_dependent, bool):
       raise ValueError(
           "gate.input_dependent must be one of (True, False), got"
@@ -139,6 +172,8 @@ class GateConfig:
       parts += [self.activation, self.combine]
       if not self.input_dependent:
         parts.append("input-independent")
+      if self.init != "normal":
+        parts.append(f"init {self.init}" + (f" {self.init_mean:g}" if self.init == "mean" else ""))
       base = " ".join(parts)
     if self.sdpa_transform != "none":
       base += f" + sdpa {self.sdpa_transform}"
@@ -177,22 +212,34 @@ def combine(y: jax.Array, scores: jax.Array, how: str) -> jax.Array:
 
 def make_params(config: GateConfig, rngs: nnx.Rngs, d_model: int, num_heads: int,
                 num_kv_heads: int, head_dim: int, *, init: layers.Initializer | None = None,
-                param_dtype: Any = jnp.float32) -> tuple[nnx.Param | None, nnx.Param | None]:
-  """(gate_proj `(D, *score_shape)`, gate_theta `score_shape`), one of them None (both for no
-  gate): W_theta drawn from `init` (default N(0, 0.02), the paper's), or theta at zero."""
+                param_dtype: Any = jnp.float32
+                ) -> tuple[nnx.Param | None, nnx.Param | None, nnx.Param | None]:
+  """(gate_proj `(D, *score_shape)`, gate_theta `score_shape`, gate_bias `score_shape`), None
+  where absent (all three for no gate), as `config.init` says: W_theta drawn from `init`
+  (default N(0, 0.02), the paper's) or zero ("identity"), plus a bias at act⁻¹(init_mean)
+  ("mean"); an input-independent theta starts at zero (or act⁻¹(init_mean))."""
   if not config.enabled:
-    return None, None
+    return None, None, None
   shape, axes = config.score_shape(d_model, num_heads, num_kv_heads, head_dim)
+  start = (jax.nn.initializers.constant(_INVERSES[config.activation][1](config.init_mean))
+           if config.init == "mean" else jax.nn.initializers.zeros)
   if not config.input_dependent:
-    return None, layers.make_param(rngs, shape, axes, jax.nn.initializers.zeros, param_dtype)
-  return layers.make_param(rngs, (d_model, *shape), ("embed", *axes),
-                           init or layers.normal_init(), param_dtype), None
+    return None, layers.make_param(rngs, shape, axes, start, param_dtype), None
+  weights = jax.nn.initializers.zeros if config.init == "identity" else (
+      init or layers.normal_init())
+  proj = layers.make_param(rngs, (d_model, *shape), ("embed", *axes), weights, param_dtype)
+  bias = (layers.make_param(rngs, shape, axes, start, param_dtype) if config.init == "mean"
+          else None)
+  return proj, None, bias
 
 
-def logits(x: jax.Array, gate_proj: nnx.Param | None, gate_theta: nnx.Param | None) -> jax.Array:
-  """Pre-activation scores `(B, T, *score_shape)` from the pre-normed input x `(B, T, D)`."""
+def logits(x: jax.Array, gate_proj: nnx.Param | None, gate_theta: nnx.Param | None,
+           gate_bias: nnx.Param | None = None) -> jax.Array:
+  """Pre-activation scores `(B, T, *score_shape)` from the pre-normed input x `(B, T, D)`:
+  x W_theta (+ the bias), or theta broadcast."""
   if gate_proj is not None:
-    return jnp.einsum("BTD,D...->BT...", x, gate_proj[...].astype(x.dtype))
+    out = jnp.einsum("BTD,D...->BT...", x, gate_proj[...].astype(x.dtype))
+    return out if gate_bias is None else out + gate_bias[...].astype(x.dtype)
   theta = gate_theta[...].astype(x.dtype)
   return jnp.broadcast_to(theta, (*x.shape[:2], *theta.shape))
 

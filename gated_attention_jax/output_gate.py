@@ -40,13 +40,17 @@ class OutputGate(nnx.Module):
     num_kv_heads: the kv heads of a GQA attention (default num_heads: MHA).
     input_dependent: False learns a zero-initialised score per head (channel) instead.
     init: the initializer of W_θ (default N(0, 0.02)).
+    start, start_mean: `GateConfig.init` / `init_mean`: "normal", "identity" (zero weights; use
+      activation "2sigmoid") or "mean" (a learned bias `gate_bias` starting the gate at
+      start_mean).
   """
 
   def __init__(self, d_model: int, num_heads: int, head_dim: int, *,
                granularity: str = "elementwise", activation: str = "sigmoid",
                combine: str = "multiply", sharing: str = "head_specific",
                num_kv_heads: Optional[int] = None, input_dependent: bool = True,
-               init: Optional[layers.Initializer] = None, dtype: Any = None,
+               init: Optional[layers.Initializer] = None, start: str = "normal",
+               start_mean: float = 0.5, dtype: Any = None,
                param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     checks.positive_ints(d_model=d_model, num_heads=num_heads, head_dim=head_dim,
@@ -56,11 +60,12 @@ class OutputGate(nnx.Module):
           f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
     self.config = gate_lib.GateConfig(position="sdpa", granularity=granularity,
                                       sharing=sharing, activation=activation, combine=combine,
-                                      input_dependent=input_dependent)
+                                      input_dependent=input_dependent, init=start,
+                                      init_mean=start_mean)
     self.d_model, self.num_heads, self.head_dim = d_model, num_heads, head_dim
     self.num_kv_heads = num_kv_heads
     self.dtype = dtype
-    self.gate_proj, self.gate_theta = gate_lib.make_params(
+    self.gate_proj, self.gate_theta, self.gate_bias = gate_lib.make_params(
         self.config, rngs, d_model, num_heads, num_kv_heads, head_dim, init=init,
         param_dtype=param_dtype)
 
@@ -69,8 +74,8 @@ class OutputGate(nnx.Module):
     if x.ndim != 3 or x.shape[-1] != self.d_model:
       raise ValueError(f"x must be (batch, seq, {self.d_model}), got shape {x.shape}")
     x = x.astype(self.dtype or x.dtype)
-    return gate_lib.scores(gate_lib.logits(x, self.gate_proj, self.gate_theta), self.config,
-                           self.num_kv_heads)
+    return gate_lib.scores(gate_lib.logits(x, self.gate_proj, self.gate_theta, self.gate_bias),
+                           self.config, self.num_kv_heads)
 
   def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
     """x `(B, T, D)` the block input, y `(B, T, N, H)` the attention output before W_O (or

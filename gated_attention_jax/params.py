@@ -16,9 +16,9 @@ Params = Union[nnx.Module, Mapping[str, Any]]
 Path = tuple[str, ...]
 
 # Parameter names that belong to an attention gate (`GatedAttention`, `OutputGate`): W_theta,
-# the input-independent theta and the SDPA-RMSNorm probe. An MLP's SwiGLU `gate_proj` (under
+# the input-independent theta, the bias of init="mean" and the SDPA-RMSNorm probe. An MLP's SwiGLU `gate_proj` (under
 # "mlp") is not one.
-GATE_PARAM_NAMES = ("gate_proj", "gate_theta", "sdpa_norm")
+GATE_PARAM_NAMES = ("gate_proj", "gate_theta", "gate_bias", "sdpa_norm")
 # Named groups of a model's parameters (`in_group`, `train.trainable`).
 GROUPS = ("all", "gate", "attention", "mlp", "norms", "embeddings")
 
@@ -110,14 +110,15 @@ def gate_params_per_layer(d_model: int, num_heads: int, num_kv_heads: int, head_
 
   G1/G4 elementwise: d_model·N·H; headwise: d_model·N. G2/G3 elementwise:
   d_model·K·H; headwise: d_model·K. G5: d_model². Input-independent gates keep
-  only the per-token score shape (no d_model factor). The SDPA RMSNorm probe adds
-  its head_dim scale.
+  only the per-token score shape (no d_model factor); a gate started at a mean
+  (`init="mean"`) adds a bias of that shape. The SDPA RMSNorm probe adds its head_dim scale.
   """
   added = head_dim if gate.sdpa_transform == "rmsnorm" else 0
   if not gate.enabled:
     return added
   per_token = math.prod(gate.score_shape(d_model, num_heads, num_kv_heads, head_dim)[0])
-  return added + (d_model * per_token if gate.input_dependent else per_token)
+  bias = per_token if gate.input_dependent and gate.init == "mean" else 0
+  return added + bias + (d_model * per_token if gate.input_dependent else per_token)
 
 
 def gate_params(params: Params) -> int:

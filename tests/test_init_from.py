@@ -168,3 +168,44 @@ def test_groups_and_the_public_gate_filter():
   assert chosen("embeddings") == ["embed/embedding"]
   assert chosen("attn/(q|k)_proj") == [f"blocks/{i}/attn/{n}_proj" for i in range(2)
                                         for n in "kq"]
+
+
+def _small(gate):
+  cfg = gaj.TransformerConfig(vocab_size=61, d_model=32, num_layers=2, num_heads=4,
+                              num_kv_heads=2, head_dim=8, mlp_dim=48, qk_norm=True, gate=gate)
+  return gaj.Transformer(cfg, rngs=nnx.Rngs(0))
+
+
+def test_an_identity_gate_starts_as_the_ungated_model():
+  ungated = _small(gaj.GateConfig())
+  gated = _small(gaj.GateConfig(position="sdpa", activation="2sigmoid", init="identity"))
+  assert not np.asarray(gated.blocks[0].attn.gate_proj[...]).any()
+  nnx.update(gated, nnx.state(ungated, nnx.Param))
+  tokens = jax.numpy.asarray([[3, 1, 4, 1, 5, 9, 2, 6]])
+  np.testing.assert_array_equal(np.asarray(gated(tokens)), np.asarray(ungated(tokens)))
+
+
+@pytest.mark.parametrize("activation, mean", [("sigmoid", 0.9), ("2sigmoid", 1.5),
+                                              ("ns_sigmoid", 0.6)])
+def test_a_gate_started_at_a_mean(activation, mean):
+  gate = gaj.GateConfig(position="sdpa", granularity="headwise", activation=activation,
+                        init="mean", init_mean=mean)
+  model = _small(gate)
+  scores = model.forward(jax.numpy.asarray([[3, 1, 4, 1, 5, 9, 2, 6]]),
+                         intermediates=True).intermediates["gate_scores"]
+  assert abs(float(np.mean(np.asarray(scores[0]))) - mean) < 0.02
+  assert model.blocks[0].attn.gate_bias.shape == (4,)
+  assert gaj.gate_params(model) == 2 * gaj.gate_params_per_layer(32, 4, 2, 8, gate) == 2 * 33 * 4
+  with pytest.raises(ValueError, match="the official layout holds no gate but the G1 sigmoid"):
+    interop.config_to_hf(model.config)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(init="identity"), r"gate.init='identity' needs a gate that is the identity at zero"),
+    (dict(init="mean", activation="silu"), r"gate.init='mean' needs gate.activation in"),
+    (dict(init="mean", init_mean=1.0), r"gate.init_mean must be in \(0.0, 1.0\)"),
+    (dict(init="zeros"), r"gate.init must be one of \('normal', 'identity', 'mean'\)"),
+])
+def test_bad_gate_starts_are_refused(fields, message):
+  with pytest.raises(ValueError, match=message):
+    gaj.GateConfig(position="sdpa", **fields)

@@ -45,6 +45,7 @@ def _np_act(x: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
       "silu": (x * s, s + x * s * (1 - s)),
       "ns_sigmoid": (0.5 + 0.5 * s, 0.5 * s * (1 - s)),
       "identity": (x, np.ones_like(x)),
+      "2sigmoid": (2 * s, 2 * s * (1 - s)),
   }[name]
 
 
@@ -203,8 +204,9 @@ CASES = {
     "noncausal_h256": Case(1, 16, 16, 2, 2, 256, causal=False),
     # Gemma 2/3: a sliding window (tiles left of it skipped) and a logit soft cap.
     "window_softcap_gqa2": Case(1, 64, 64, 4, 2, 32, window=20, soft_cap=3.0),
-    "window_noncausal_segment_pair": Case(1, 24, 53, 2, 1, 32, causal=False, window=9,
-                                          segments="pair", blocks=BlockSizes(16, 16, 16, 32)),
+    "window_noncausal_segment_pair_2sigmoid": Case(1, 24, 53, 2, 1, 32, causal=False, window=9,
+                                                   segments="pair", activation="2sigmoid",
+                                                   blocks=BlockSizes(16, 16, 16, 32)),
     "softcap_headwise_t_gt_s_window": Case(1, 50, 20, 2, 2, 64, gate="headwise", window=7,
                                            soft_cap=2.0, activation="silu"),
 }
@@ -234,7 +236,7 @@ def _cases(draw):
       b=draw(st.integers(1, 2)), t=t, s=s, n=k * draw(st.sampled_from([1, 2, 4])), k=k,
       h=draw(st.sampled_from([16, 32, 64])), causal=draw(st.booleans()),
       gate=draw(st.sampled_from(["elementwise", "headwise", None])),
-      activation=draw(st.sampled_from(["sigmoid", "silu", "ns_sigmoid", "identity"])),
+      activation=draw(st.sampled_from(["sigmoid", "silu", "ns_sigmoid", "identity", "2sigmoid"])),
       segments=segments,
       blocks=BlockSizes(*(draw(st.sampled_from([16, 32])) for _ in range(4))),
       window=draw(st.sampled_from([None, None, 1, 5, 24])),

@@ -7,6 +7,7 @@ official gated Qwen3 code (config.json + safetensors), with numpy only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Callable, Mapping, Optional
@@ -166,6 +167,12 @@ def config_to_hf(cfg: TransformerConfig) -> dict[str, Any]:
     raise ValueError("the official layout needs norm_style 'scale', full rotary and no RoPE"
                      " scaling")
   g = cfg.gate
+  official_gate = GateConfig(position="sdpa", granularity=g.granularity)
+  same = lambda f: getattr(g, f.name) == getattr(official_gate, f.name)
+  if g.enabled and not all(same(f) for f in dataclasses.fields(g) if f.name != "init_mean"):
+    raise ValueError(f"the official layout holds no gate but the G1 sigmoid output gate"
+                     f" (head-specific, multiplicative, input-dependent, no bias), got"
+                     f" {g.describe()!r}")
   return {
       "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
       "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,

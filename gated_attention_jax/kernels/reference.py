@@ -29,6 +29,8 @@ _ACTIVATIONS: dict[str, tuple[Callable[[jax.Array], jax.Array], Callable[[jax.Ar
     "sigmoid": (jax.nn.sigmoid, _sigmoid_grad),
     "silu": (jax.nn.silu, lambda x: jax.nn.sigmoid(x) + x * _sigmoid_grad(x)),
     "ns_sigmoid": (lambda x: 0.5 + 0.5 * jax.nn.sigmoid(x), lambda x: 0.5 * _sigmoid_grad(x)),
+    # 2·sigmoid: 1 at zero logits, so a zero-initialised gate starts as the identity (retrofits)
+    "2sigmoid": (lambda x: 2.0 * jax.nn.sigmoid(x), lambda x: 2.0 * _sigmoid_grad(x)),
     "identity": (lambda x: x, jnp.ones_like),
 }
 GATE_ACTIVATIONS = tuple(_ACTIVATIONS)
