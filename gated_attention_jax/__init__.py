@@ -11,6 +11,7 @@ Public API:
   gate_filter       an NNX filter for the attention gates' parameters (`nnx.state(model, ...)`)
   load_run          (config, step, model) of a training run's newest intact checkpoint, read-only
                     (`checkpointing.load_model`; imported on first use: it brings in orbax)
+  save_model        writes a model and its experiment config as a run folder (`train.save_model`)
 """
 
 from gated_attention_jax.attention import GatedAttention
@@ -25,7 +26,7 @@ from gated_attention_jax.transformer import Transformer, TransformerConfig
 __all__ = [
     "GateConfig", "GatedAttention", "Generation", "OutputGate", "RopeScaling", "Transformer",
     "TransformerConfig", "count_active_params", "count_params", "gate_filter", "generate",
-    "gate_params", "gate_params_per_layer", "linen_output_gate", "load_run",
+    "gate_params", "gate_params_per_layer", "linen_output_gate", "load_run", "save_model",
 ]
 __version__ = "0.1.0"
 
@@ -34,4 +35,7 @@ def __getattr__(name: str):
   if name == "load_run":
     from gated_attention_jax.training.checkpointing import load_model  # pylint: disable=g-import-not-at-top
     return load_model
+  if name == "save_model":
+    from gated_attention_jax.training.train import save_model  # pylint: disable=g-import-not-at-top
+    return save_model
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,7 +15,7 @@ import gated_attention_jax as gaj
 from gated_attention_jax import interop
 from gated_attention_jax import params as params_lib
 from gated_attention_jax import sharding
-from gated_attention_jax.training import checkpointing, experiment, init_from, train
+from gated_attention_jax.training import checkpointing, experiment, init_from, run_folder, train
 from tests.test_train import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -209,3 +209,28 @@ def test_a_gate_started_at_a_mean(activation, mean):
 def test_bad_gate_starts_are_refused(fields, message):
   with pytest.raises(ValueError, match=message):
     gaj.GateConfig(position="sdpa", **fields)
+
+
+def test_a_model_changed_in_python_saved_as_a_run_folder(source, tmp_path):
+  """`gaj.save_model`: a model edited in Python becomes a run folder that load_run, the
+  sample CLI, init_from and training read; an occupied folder and a config that does not
+  describe the model are refused before anything is written."""
+  config, _, model = gaj.load_run(source)
+  model.blocks[0].attn.q_proj[...] = model.blocks[0].attn.q_proj[...] * 0.5  # an edit
+  folder = gaj.save_model(model, config, tmp_path / "edited", step=40)
+  _, step, again = gaj.load_run(folder)
+  assert step == 40
+  for name, value in _arrays(model).items():
+    np.testing.assert_array_equal(_arrays(again)[name], value, err_msg=name)
+  out = subprocess.run([sys.executable, "-m", "gated_attention_jax.sample", f"--workdir={folder}",
+                        "--prompt=ROMEO:", "--max_new_tokens=4"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  config.train.num_steps = 42
+  assert train.train_and_evaluate(config, folder)["step"] == 42  # resumes from it
+  with pytest.raises(run_folder.RunFolderError, match="already holds a run"):
+    gaj.save_model(model, config, folder)
+  config.model.d_model = 64
+  with pytest.raises(ValueError, match="config does not describe the model: d_model"):
+    gaj.save_model(model, config, tmp_path / "other")
+  assert not (tmp_path / "other").exists()

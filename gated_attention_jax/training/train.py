@@ -9,6 +9,7 @@ the same, see `run_folder`), and returns a summary that is also written to
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from gated_attention_jax import attention_ops
+from gated_attention_jax import checks
 from gated_attention_jax import losses
 from gated_attention_jax import metrics as sink_metrics_lib
 from gated_attention_jax import params as params_lib
@@ -356,6 +358,51 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     return _train(config, model_cfg, workdir, eval_batches, preemption, closers, stop_at_step,
                   initial)
+
+
+def save_model(model: Transformer, config: ml_collections.ConfigDict,
+               workdir: str | pathlib.Path, *, step: int = 0) -> pathlib.Path:
+  """Writes `model` as a run folder of `config` (its `config.json` and one checkpoint at
+  `step`) that `load_run`, `sample --workdir`, `analyze` and `train.init_from` read, and
+  that `train_and_evaluate` resumes from like any checkpoint (with a fresh optimizer and the
+  data from its start).
+
+  The config must describe the model (`experiment.model_config(config) == model.config`, up
+  to attention_impl and remat); a folder that already holds a run is refused, and nothing is
+  written before every check passed. Returns the folder.
+  """
+  workdir = pathlib.Path(workdir)
+  model_cfg = experiment.validate(config, jax.device_count())
+  ignore = dict(attention_impl=model.config.attention_impl, remat=model.config.remat)
+  if model_cfg.replace(**ignore) != model.config:
+    differ = [f.name for f in dataclasses.fields(model_cfg)
+              if getattr(model_cfg, f.name) != getattr(model.config, f.name)
+              and f.name not in ignore]
+    raise ValueError(f"config does not describe the model: {', '.join(differ)} differ"
+                     " (the config's model and gate sections make another TransformerConfig)")
+  checks.non_negative_ints(step=step)
+  if any((workdir / name).exists() for name in run_folder.RUN_FILES):
+    raise run_folder.RunFolderError(f"{workdir} already holds a run: save_model writes a new"
+                                    " run folder; use another folder")
+  mesh = sharding.make_mesh(config.mesh)
+  trainer = Trainer(config, model_cfg, mesh)
+  params = jax.device_put(nnx.state(model), trainer.state_shardings["params"])
+  opt_state = jax.jit(trainer.tx.init, out_shardings=trainer.state_shardings["opt_state"])(
+      params)
+  data_iter = pipeline.make_train_iterator(
+      config.data, batch_size=config.train.batch_size // jax.process_count(),
+      seed=config.train.seed, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  workdir.mkdir(parents=True, exist_ok=True)
+  with run_folder.lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+    config_json = json.loads(config.to_json_best_effort())
+    with contextlib.closing(checkpointing.Checkpointer(workdir, keep=1)) as ckpt:
+      ckpt.save(step, state={"params": params, "opt_state": opt_state,
+                             "step": jnp.asarray(step, jnp.int32)},
+                data_state=data_iter.get_state(), config_json=config_json)
+    if jax.process_index() == 0:
+      (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  return workdir
 
 
 def _has_checkpoints(workdir: pathlib.Path) -> bool:
