@@ -92,7 +92,7 @@ def gated_flash_attention(
                      f" {logit_soft_cap!r}.")
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
   features = dict(sliding_window=sliding_window, logit_soft_cap=logit_soft_cap)
-  impl = resolve_impl(impl, q, gate, q_seg, block_sizes, **features)
+  impl = resolve_impl(impl, q, gate, q_seg, block_sizes)
   if impl == "xla":
     return reference.gated_attention(q, k, v, gate, causal=causal, scale=scale,
                                      gate_activation=gate_activation,
@@ -118,27 +118,23 @@ def _interpret_mode(impl: str, interpret) -> bool | pltpu.InterpretParams:
 
 def resolve_impl(impl: str, q: jax.Array, gate: jax.Array | None = None,
                  segment_ids: jax.Array | None = None,
-                 block_sizes: common.BlockSizes | None = None, *,
-                 sliding_window: int | None = None, logit_soft_cap: float | None = None) -> str:
+                 block_sizes: common.BlockSizes | None = None) -> str:
   """The impl ``gated_flash_attention`` runs for these inputs on the platform being lowered for
   (``"auto"`` resolved); raises ValueError with the reason when ``impl`` cannot serve them."""
   if impl not in IMPLS:
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}.")
   gate_kind = None if gate is None else ("elementwise" if gate.ndim == 4 else "headwise")
   has_segments = segment_ids is not None
-  windowed_or_capped = sliding_window is not None or logit_soft_cap is not None
   if impl == "auto":
-    impl = _auto_impl(platform.target_platform(), q, gate_kind, has_segments, block_sizes,
-                      windowed_or_capped)
-  reason = _unsupported(impl, q, gate_kind, has_segments, block_sizes, windowed_or_capped)
+    impl = _auto_impl(platform.target_platform(), q, gate_kind, has_segments, block_sizes)
+  reason = _unsupported(impl, q, gate_kind, has_segments, block_sizes)
   if reason:
     raise ValueError(reason)
   return impl
 
 
 def _unsupported(impl: str, q, gate_kind, has_segments: bool,
-                 block_sizes: common.BlockSizes | None,
-                 windowed_or_capped: bool = False) -> str | None:
+                 block_sizes: common.BlockSizes | None) -> str | None:
   """Why ``impl`` cannot serve these inputs on its target (None if it can)."""
   h = q.shape[-1]
   if impl == "pallas_mgpu":
@@ -149,8 +145,7 @@ def _unsupported(impl: str, q, gate_kind, has_segments: bool,
   return None
 
 
-def _auto_impl(target: str, q, gate_kind, has_segments: bool, block_sizes,
-               windowed_or_capped: bool) -> str:
+def _auto_impl(target: str, q, gate_kind, has_segments: bool, block_sizes) -> str:
   if target == "tpu":
     return "pallas_tpu"
   if target != "gpu":
@@ -162,7 +157,7 @@ def _auto_impl(target: str, q, gate_kind, has_segments: bool, block_sizes,
     mgpu_first = q.shape[-1] <= tiles.MGPU_SPILL_FREE_HEAD_DIM
     candidates = ("pallas_mgpu", "pallas_gpu") if mgpu_first else ("pallas_gpu", "pallas_mgpu")
   for impl in candidates:
-    if _unsupported(impl, q, gate_kind, has_segments, block_sizes, windowed_or_capped) is None:
+    if _unsupported(impl, q, gate_kind, has_segments, block_sizes) is None:
       return impl
   return "xla"
 
