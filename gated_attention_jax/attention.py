@@ -129,7 +129,7 @@ class GatedAttention(nnx.Module):
     self.sdpa_norm = (layers.RMSNorm(head_dim, **norm)
                       if gate.sdpa_transform == "rmsnorm" else None)
 
-    self.gate_proj, self.gate_theta, self.gate_bias = gate_lib.make_params(
+    self.attn_gate_proj, self.gate_theta, self.gate_bias = gate_lib.make_params(
         gate, rngs, d_model, num_heads, num_kv_heads, head_dim, param_dtype=p)
 
     self.cached_key = nnx.data(None)
@@ -145,7 +145,7 @@ class GatedAttention(nnx.Module):
 
   def gate_logits(self, x: jax.Array) -> jax.Array:
     """Pre-activation gate `(B, T, *gate_score_shape)` from the pre-normed input x."""
-    return gate_lib.logits(x, self.gate_proj, self.gate_theta, self.gate_bias)
+    return gate_lib.logits(x, self.attn_gate_proj, self.gate_theta, self.gate_bias)
 
   def gate_scores(self, logits: jax.Array) -> jax.Array:
     """act(logits), averaged over heads for head-shared gates."""

@@ -214,7 +214,7 @@ def make_params(config: GateConfig, rngs: nnx.Rngs, d_model: int, num_heads: int
                 num_kv_heads: int, head_dim: int, *, init: layers.Initializer | None = None,
                 param_dtype: Any = jnp.float32
                 ) -> tuple[nnx.Param | None, nnx.Param | None, nnx.Param | None]:
-  """(gate_proj `(D, *score_shape)`, gate_theta `score_shape`, gate_bias `score_shape`), None
+  """(attn_gate_proj `(D, *score_shape)`, gate_theta `score_shape`, gate_bias `score_shape`), None
   where absent (all three for no gate), as `config.init` says: W_theta drawn from `init`
   (default N(0, 0.02), the paper's) or zero ("identity"), plus a bias at act⁻¹(init_mean)
   ("mean"); an input-independent theta starts at zero (or act⁻¹(init_mean))."""
@@ -233,12 +233,12 @@ def make_params(config: GateConfig, rngs: nnx.Rngs, d_model: int, num_heads: int
   return proj, None, bias
 
 
-def logits(x: jax.Array, gate_proj: nnx.Param | None, gate_theta: nnx.Param | None,
+def logits(x: jax.Array, proj: nnx.Param | None, gate_theta: nnx.Param | None,
            gate_bias: nnx.Param | None = None) -> jax.Array:
   """Pre-activation scores `(B, T, *score_shape)` from the pre-normed input x `(B, T, D)`:
   x W_theta (+ the bias), or theta broadcast."""
-  if gate_proj is not None:
-    out = jnp.einsum("BTD,D...->BT...", x, gate_proj[...].astype(x.dtype))
+  if proj is not None:
+    out = jnp.einsum("BTD,D...->BT...", x, proj[...].astype(x.dtype))
     return out if gate_bias is None else out + gate_bias[...].astype(x.dtype)
   theta = gate_theta[...].astype(x.dtype)
   return jnp.broadcast_to(theta, (*x.shape[:2], *theta.shape))

@@ -8,7 +8,7 @@ per-head output before the output projection:
     out = o_proj(y)
 
 The parameters and math are `GatedAttention`'s G1 gate (`gate.make_params`, `gate.logits`,
-`gate.scores`, `gate.combine`): the same `gate_proj` `(D, N[, H])` (or `gate_theta`), drawn
+`gate.scores`, `gate.combine`): the same `attn_gate_proj` `(D, N[, H])` (or `gate_theta`), drawn
 from N(0, 0.02) by default, so weights move between the two unchanged. Linen models use
 `linen_output_gate(...)` (the module through `flax.nnx.bridge`).
 """
@@ -65,7 +65,7 @@ class OutputGate(nnx.Module):
     self.d_model, self.num_heads, self.head_dim = d_model, num_heads, head_dim
     self.num_kv_heads = num_kv_heads
     self.dtype = dtype
-    self.gate_proj, self.gate_theta, self.gate_bias = gate_lib.make_params(
+    self.attn_gate_proj, self.gate_theta, self.gate_bias = gate_lib.make_params(
         self.config, rngs, d_model, num_heads, num_kv_heads, head_dim, init=init,
         param_dtype=param_dtype)
 
@@ -74,7 +74,8 @@ class OutputGate(nnx.Module):
     if x.ndim != 3 or x.shape[-1] != self.d_model:
       raise ValueError(f"x must be (batch, seq, {self.d_model}), got shape {x.shape}")
     x = x.astype(self.dtype or x.dtype)
-    return gate_lib.scores(gate_lib.logits(x, self.gate_proj, self.gate_theta, self.gate_bias),
+    return gate_lib.scores(gate_lib.logits(x, self.attn_gate_proj, self.gate_theta,
+                                           self.gate_bias),
                            self.config, self.num_kv_heads)
 
   def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -91,6 +92,6 @@ class OutputGate(nnx.Module):
 def linen_output_gate(d_model: int, num_heads: int, head_dim: int, *,
                       name: Optional[str] = None, **kwargs) -> bridge.ToLinen:
   """`OutputGate` as a Linen module (`flax.nnx.bridge.to_linen`): create it inside a
-  `@nn.compact` method and call it as `gate(x, y)`; its parameters are `gate_proj` (or
+  `@nn.compact` method and call it as `gate(x, y)`; its parameters are `attn_gate_proj` (or
   `gate_theta`) in the Linen tree, drawn from the 'params' RNG."""
   return bridge.to_linen(OutputGate, d_model, num_heads, head_dim, name=name, **kwargs)

@@ -16,29 +16,28 @@ Params = Union[nnx.Module, Mapping[str, Any]]
 Path = tuple[str, ...]
 
 # Parameter names that belong to an attention gate (`GatedAttention`, `OutputGate`): W_theta,
-# the input-independent theta, the bias of init="mean" and the SDPA-RMSNorm probe. An MLP's SwiGLU `gate_proj` (under
-# "mlp") is not one.
-GATE_PARAM_NAMES = ("gate_proj", "gate_theta", "gate_bias", "sdpa_norm")
+# the input-independent theta, the bias of init="mean" and the SDPA-RMSNorm probe. None is
+# the SwiGLU's `gate_proj` (checkpoints from before the rename: `training.renames`).
+GATE_PARAM_NAMES = ("attn_gate_proj", "gate_theta", "gate_bias", "sdpa_norm")
 # Named groups of a model's parameters (`in_group`, `train.trainable`).
 GROUPS = ("all", "gate", "attention", "mlp", "norms", "embeddings")
 
 
 def names(path: Sequence[Any]) -> Path:
   """A pytree path (of an `nnx.State`, a Linen tree) as its names, without the trailing
-  "value" of an NNX variable: ("blocks", "0", "attn", "gate_proj")."""
+  "value" of an NNX variable: ("blocks", "0", "attn", "attn_gate_proj")."""
   out = tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
   return out[:-1] if out and out[-1] == "value" else out
 
 
 def in_group(path: Path, group: str) -> bool:
   """Whether the parameter at `path` (`names`) belongs to `group` (one of `GROUPS`): the
-  attention gates (`GATE_PARAM_NAMES` outside any "mlp"), everything under "attn", under
-  "mlp" (MoE routers included), every norm's scale, or the token / position embeddings and
-  the output head."""
+  attention gates (`GATE_PARAM_NAMES`), everything under "attn", under "mlp" (MoE routers
+  included), every norm's scale, or the token / position embeddings and the output head."""
   if group == "all":
     return True
   if group == "gate":
-    return "mlp" not in path and any(n in path for n in GATE_PARAM_NAMES)
+    return any(n in path for n in GATE_PARAM_NAMES)
   if group == "attention":
     return "attn" in path
   if group == "mlp":
@@ -59,7 +58,8 @@ def gate_filter(path: Sequence[Any], value: Any = None) -> bool:  # pylint: disa
 def selector(spec: str, field: str = "trainable") -> Callable[[Path], bool]:
   """A predicate over parameter paths (`names`) from `spec`: comma-separated `GROUPS`
   ("gate", "attention,norms"), or else a regular expression searched in the "/"-joined path
-  ("blocks/0/attn/gate_proj"; e.g. "attn/(q|k)_proj"). ValueError naming `field` otherwise."""
+  ("blocks/0/attn/attn_gate_proj"; e.g. "attn/(q|k)_proj"). ValueError naming `field`
+  otherwise."""
   groups = [g.strip() for g in spec.split(",")] if isinstance(spec, str) else []
   if groups and all(g in GROUPS for g in groups):
     return lambda path: any(in_group(path, g) for g in groups)
@@ -67,7 +67,7 @@ def selector(spec: str, field: str = "trainable") -> Callable[[Path], bool]:
     pattern = re.compile(spec)
   except (re.error, TypeError) as e:
     raise ValueError(f"{field} must be comma-separated groups from {GROUPS} or a regular"
-                     f" expression over parameter paths (e.g. 'blocks/0/attn/gate_proj'), got"
+                     f" expression over parameter paths (e.g. 'attn/(q|k)_proj'), got"
                      f" {spec!r} ({e})") from None
   return lambda path: pattern.search("/".join(path)) is not None
 

@@ -94,7 +94,7 @@ def randomize_params(module: nnx.Module, seed: int, scale: float = 0.3) -> None:
 def params_as_numpy(layer: nnx.Module) -> dict:
   """{name: float64 array} for the direct parameters of an attention layer."""
   out = {}
-  for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "gate_theta"):
+  for name in ("q_proj", "k_proj", "v_proj", "o_proj", "attn_gate_proj", "gate_theta"):
     p = getattr(layer, name)
     if p is not None:
       out[name] = np.asarray(p[...], np.float64)

@@ -60,7 +60,7 @@ def gated_attention(x, p, *, gate, num_heads, num_kv_heads, positions, segment_i
   scores = None
   if gate.position != "none":
     if gate.input_dependent:
-      w = p["gate_proj"]
+      w = p["attn_gate_proj"]
       logits = np.tensordot(x, w, axes=([2], [0]))
     else:
       logits = np.broadcast_to(p["gate_theta"], (b, t) + p["gate_theta"].shape)

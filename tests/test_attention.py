@@ -161,7 +161,7 @@ def test_intermediates_are_probabilities_and_gate_scores(x64):
   assert probs.shape == (2, N, 6, 6)
   np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-12)
   assert np.all(np.triu(probs, k=1) == 0)  # causal
-  want = jax.nn.sigmoid(jnp.einsum("BTD,DNH->BTNH", x, layer.gate_proj[...]))
+  want = jax.nn.sigmoid(jnp.einsum("BTD,DNH->BTNH", x, layer.attn_gate_proj[...]))
   np.testing.assert_allclose(np.asarray(inter["gate_scores"]), np.asarray(want), atol=1e-12)
 
 

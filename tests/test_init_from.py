@@ -45,12 +45,12 @@ def test_retrofit_a_gate_that_alone_trains_from_the_cli(source, tmp_path):
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert f"init_from {source}@40: loaded 24 arrays (30,912 parameters)" in out.stdout, out.stdout
-  assert "initialised 2 new arrays as configured (2,048 parameters: gate_proj)" in out.stdout
+  assert "initialised 2 new arrays as configured (2,048 parameters: attn_gate_proj)" in out.stdout
   assert "training 2,048 of" in out.stdout
   _, _, before = checkpointing.load_model(source)
   _, step, after = checkpointing.load_model(tmp_path)
   before, after = _arrays(before), _arrays(after)
-  assert step == 4 and set(after) - set(before) == {f"blocks/{i}/attn/gate_proj"
+  assert step == 4 and set(after) - set(before) == {f"blocks/{i}/attn/attn_gate_proj"
                                                     for i in range(2)}
   for name, value in before.items():  # every source parameter bit-identical
     np.testing.assert_array_equal(after[name], value, err_msg=name)
@@ -158,7 +158,7 @@ def test_groups_and_the_public_gate_filter():
   paths = [params_lib.names(p) for p, _ in
            jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))]
   chosen = lambda spec: sorted("/".join(p) for p in paths if params_lib.selector(spec)(p))
-  assert chosen("gate") == ["blocks/0/attn/gate_proj", "blocks/1/attn/gate_proj"]
+  assert chosen("gate") == ["blocks/0/attn/attn_gate_proj", "blocks/1/attn/attn_gate_proj"]
   assert "blocks/0/mlp/gate_proj" in chosen("mlp") and "blocks/0/mlp/gate_proj" not in chosen(
       "gate")
   assert chosen("norms") == sorted(p for p in chosen("all") if "norm" in p)
@@ -176,7 +176,7 @@ def _small(gate):
 def test_an_identity_gate_starts_as_the_ungated_model():
   ungated = _small(gaj.GateConfig())
   gated = _small(gaj.GateConfig(position="sdpa", activation="2sigmoid", init="identity"))
-  assert not np.asarray(gated.blocks[0].attn.gate_proj[...]).any()
+  assert not np.asarray(gated.blocks[0].attn.attn_gate_proj[...]).any()
   nnx.update(gated, nnx.state(ungated, nnx.Param))
   tokens = jax.numpy.asarray([[3, 1, 4, 1, 5, 9, 2, 6]])
   np.testing.assert_array_equal(np.asarray(gated(tokens)), np.asarray(ungated(tokens)))

@@ -193,11 +193,11 @@ def test_layer_inside_a_linen_model():
   params = variables["params"]
   layer = gaj.GatedAttention(32, 4, 2, 8, gaj.GateConfig(position="sdpa"), qk_norm=True,
                              rngs=nnx.Rngs(1))
-  for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"):
+  for name in ("q_proj", "k_proj", "v_proj", "o_proj", "attn_gate_proj"):
     getattr(layer, name)[...] = params["ToLinen_0"][name].value
   h = x @ params["Dense_0"]["kernel"]
   np.testing.assert_allclose(np.asarray(y), np.asarray(h + layer(h)), rtol=1e-5, atol=1e-6)
-  assert np.abs(np.asarray(params["ToLinen_0"]["gate_proj"].value)).max() > 0
+  assert np.abs(np.asarray(params["ToLinen_0"]["attn_gate_proj"].value)).max() > 0
 
 
 def test_whole_lm_inside_linen():
@@ -209,5 +209,5 @@ def test_whole_lm_inside_linen():
   assert logits.shape == (1, 4, SMALL["vocab_size"])
   # Gradients flow through the bridged model to the gate parameters.
   grads = jax.jit(jax.grad(lambda v: jnp.sum(lm.apply(v, tokens) ** 2)))(variables)
-  gate_grad = grads["params"]["blocks"][0]["attn"]["gate_proj"].value
+  gate_grad = grads["params"]["blocks"][0]["attn"]["attn_gate_proj"].value
   assert np.abs(np.asarray(gate_grad)).max() > 0

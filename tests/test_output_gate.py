@@ -28,7 +28,7 @@ def test_gate_against_numpy(granularity, sharing, activation, combine, x64):
                         rngs=nnx.Rngs(0))
   rng = np.random.default_rng(1)
   x, y = rng.normal(size=(2, 5, d)), rng.normal(size=(2, 5, n, h))
-  w = np.asarray(gate.gate_proj[...])
+  w = np.asarray(gate.attn_gate_proj[...])
   logits = np.einsum("btd,d...->bt...", x, w)
   act = _sigmoid(logits) if activation == "sigmoid" else logits * _sigmoid(logits)
   if sharing == "head_shared":  # the mean over the query heads of each kv head
@@ -47,15 +47,15 @@ def test_layout_is_the_layers_g1_gate(granularity):
   layer = gaj.GatedAttention(64, 4, 2, 16, gaj.GateConfig(position="sdpa",
                                                           granularity=granularity),
                              rngs=nnx.Rngs(0))
-  assert gate.gate_proj.shape == layer.gate_proj.shape
-  assert gate.gate_proj.out_sharding == layer.gate_proj.out_sharding
-  assert np.std(np.asarray(gate.gate_proj[...])) == pytest.approx(0.02, rel=0.15)
+  assert gate.attn_gate_proj.shape == layer.attn_gate_proj.shape
+  assert gate.attn_gate_proj.out_sharding == layer.attn_gate_proj.out_sharding
+  assert np.std(np.asarray(gate.attn_gate_proj[...])) == pytest.approx(0.02, rel=0.15)
   assert gaj.gate_params(gate) == gaj.gate_params(layer) == gaj.gate_params_per_layer(
       64, 4, 2, 16, layer.gate)
   custom = gaj.OutputGate(64, 4, 16, init=jax.nn.initializers.zeros, rngs=nnx.Rngs(0))
-  assert not np.asarray(custom.gate_proj[...]).any()
+  assert not np.asarray(custom.attn_gate_proj[...]).any()
   fixed = gaj.OutputGate(64, 4, 16, input_dependent=False, rngs=nnx.Rngs(0))
-  assert fixed.gate_proj is None and fixed.gate_theta.shape == (4, 16)
+  assert fixed.attn_gate_proj is None and fixed.gate_theta.shape == (4, 16)
 
 
 def test_bad_input_is_one_line():
@@ -99,7 +99,7 @@ def test_flax_attention_with_the_gate_equals_the_layer():
                              rngs=nnx.Rngs(0))
   for name, value in (("q_proj", mha["query"]["kernel"]), ("k_proj", mha["key"]["kernel"]),
                       ("v_proj", mha["value"]["kernel"]), ("o_proj", mha["out"]["kernel"]),
-                      ("gate_proj", params["gate"]["gate_proj"])):
+                      ("attn_gate_proj", params["gate"]["attn_gate_proj"])):
     getattr(layer, name)[...] = value
   np.testing.assert_allclose(np.asarray(block.apply(variables, x, _causal(x))),
                              np.asarray(layer(x)), rtol=1e-5, atol=1e-6)
@@ -124,12 +124,12 @@ def test_the_recipe_block_trains():
     return optax.apply_updates(variables, updates), state, loss
 
   losses = []
-  start = nn.meta.unbox(variables)["params"]["gate"]["gate_proj"]
+  start = nn.meta.unbox(variables)["params"]["gate"]["attn_gate_proj"]
   for _ in range(60):
     variables, state, loss = step(variables, state)
     losses.append(float(loss))
   assert losses[-1] < 0.2 * losses[0], losses[::10]
-  moved = nn.meta.unbox(variables)["params"]["gate"]["gate_proj"] - start
+  moved = nn.meta.unbox(variables)["params"]["gate"]["attn_gate_proj"] - start
   assert float(jnp.abs(moved).max()) > 1e-2
 
 

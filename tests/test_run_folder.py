@@ -22,7 +22,8 @@ import pytest
 from flax import nnx
 
 import gated_attention_jax as gaj
-from gated_attention_jax.training import checkpointing, run_folder, train
+from gated_attention_jax import sharding
+from gated_attention_jax.training import checkpointing, experiment, renames, run_folder, train
 from gated_attention_jax.data import pipeline
 from tests import _tiny_run_config
 
@@ -414,13 +415,19 @@ def test_a_read_only_folder_is_named_and_left_alone(trained, small_disk):
 
 
 # Made by the package before training moved into gated_attention_jax/training/ (commit
-# 3694e53: `main --config=tests/_tiny_run_config.py --stop_at_step=4`).
+# 3694e53: `main --config=tests/_tiny_run_config.py --stop_at_step=4`), and before the
+# attention gate's projection was renamed from `gate_proj` to `attn_gate_proj`.
 OLD_RUN = pathlib.Path(__file__).parent / "fixtures" / "run_0.1_flat_layout"
 
 
-def test_a_run_folder_of_the_flat_layout_resumes(tmp_path, trained, capsys):
+def test_a_run_folder_of_the_flat_layout_resumes(tmp_path, trained, capsys, monkeypatch):
   run = pathlib.Path(shutil.copytree(OLD_RUN, tmp_path / "run"))
-  assert gaj.load_run(run)[1] == 4 and snapshot(run) == snapshot(OLD_RUN)  # read-only
+  assert renames.saved_with_old_names(run / "checkpoints" / "4" / "state")
+  monkeypatch.chdir(tmp_path)  # a relative run folder reads too
+  _, step, model = gaj.load_run("run")
+  assert step == 4 and snapshot(run) == snapshot(OLD_RUN)  # read-only
+  saved = np.asarray(model.blocks[0].attn.attn_gate_proj[...])
+  assert saved.shape == (32, 4, 8) and model.blocks[0].mlp.gate_proj.shape == (32, 64)
   resumed = config()
   resumed.model.attention_impl = "auto"  # a run may resume with another attention impl
   summary = train.train_and_evaluate(resumed, run)
@@ -435,3 +442,25 @@ def test_a_run_folder_of_the_flat_layout_resumes(tmp_path, trained, capsys):
   np.testing.assert_allclose([r["loss"] for r in rows(run)], [r["loss"] for r in rows(trained)],
                              rtol=1e-5)
   assert checkpointing.Checkpointer(run, keep=5).steps() == [4, 8]
+  # The new checkpoint is saved under today's names; the old one still reads the same.
+  assert not renames.saved_with_old_names(run / "checkpoints" / "8" / "state")
+  np.testing.assert_array_equal(
+      np.asarray(gaj.load_run(run, 4)[2].blocks[0].attn.attn_gate_proj[...]), saved)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_old_names_cover_every_copy_of_a_parameter(scan_layers):
+  """The renaming reaches the parameters and each optimizer moment, masked ones included,
+  in both layer layouts, and touches nothing else (the SwiGLU's `gate_proj` stays)."""
+  c = config(trainable="gate,norms")
+  c.model.scan_layers = scan_layers
+  model_cfg = experiment.model_config(c)
+  state = train.Trainer(c, model_cfg, sharding.make_mesh(c.mesh)).abstract_state
+  saved = renames.to_saved(state)
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(saved)]
+  assert not any("attn_gate_proj" in p for p in paths)
+  assert sum("['attn']['gate_proj']" in p for p in paths) == 3  # params, mu, nu
+  assert sum("['mlp']['gate_proj']" in p for p in paths) == 1  # frozen: no moments
+  back = renames.to_current(saved)
+  assert jax.tree.structure(back) == jax.tree.structure(state)
+  assert jax.tree.leaves(back) == jax.tree.leaves(state)

@@ -120,9 +120,9 @@ def test_gate_variant_matches_one_device_with_heads_split(runs, gate, mesh):
   one, many = _get(runs, (1, 1, 1), gate), _get(runs, mesh, gate)
   np.testing.assert_allclose(many["losses"], one["losses"], rtol=RTOL)
   # The gate's head axis (its d_model axis for G5) is split over `tensor`, as the heads
-  # (the output) it gates: gate_proj (D, heads[, H]), gate_theta (heads[, H]).
+  # (the output) it gates: attn_gate_proj (D, heads[, H]), gate_theta (heads[, H]).
   name, gate_param = next((k, v) for k, v in many["layout"].items()
-                          if k.startswith("['blocks'][0]['attn']['gate_"))
+                          if k.startswith("['blocks'][0]['attn']['") and "gate_" in k)
   heads = {"value": 2, "key": 2, "dense": 32}.get(gate["position"], 8)
   axis = 1 if "gate_proj" in name else 0
   assert gate_param["spec"][axis] == "tensor", (name, gate_param)
@@ -252,7 +252,7 @@ def test_parameters_and_optimizer_state_are_sharded_as_the_rules_say(runs):
       (1, 2, 4): {"['attn']['q_proj']": (["fsdp", "tensor", None], [16, 2, 8]),
                   # 2 kv heads do not split 4 ways: replicated over tensor.
                   "['attn']['k_proj']": (["fsdp", None, None], [16, 2, 8]),
-                  "['attn']['gate_proj']": (["fsdp", "tensor", None], [16, 2, 8])},
+                  "['attn']['attn_gate_proj']": (["fsdp", "tensor", None], [16, 2, 8])},
       (1, 8, 1): {"['attn']['q_proj']": (["fsdp", None, None], [4, 8, 8]),
                   "['mlp']['up_proj']": (["fsdp", None], [4, 64])},
       (8, 1, 1): {"['attn']['q_proj']": ([None, None, None], [32, 8, 8])},

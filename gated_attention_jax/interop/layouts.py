@@ -1,7 +1,7 @@
 """Weight permutations between PyTorch attention checkpoints and `GatedAttention`, in numpy.
 
 PyTorch `nn.Linear` weights are `(out_features, in_features)`. Our layer keeps
-einsum-shaped weights: q_proj / gate_proj `(D, N, H)` (headwise gate `(D, N)`),
+einsum-shaped weights: q_proj / attn_gate_proj `(D, N, H)` (headwise gate `(D, N)`),
 k_proj / v_proj `(D, K, H)`, o_proj `(N, H, D)`. Query head n reads kv head
 n // G, G = N / K, as in HF's `repeat_kv`.
 
@@ -101,7 +101,7 @@ def merge_q_proj(q: np.ndarray, gate: Optional[np.ndarray], layout: str,
     return q_rows.reshape(n * h, d)
   if gate is None:
     raise ValueError(f"gate_granularity={s.granularity!r} needs gate weights")
-  _check_shape("gate_proj", gate, (d, n, h) if gr == h else (d, n))
+  _check_shape("attn_gate_proj", gate, (d, n, h) if gr == h else (d, n))
   gate_rows = gate.reshape(d, n, gr).transpose(1, 2, 0)  # (N, gr, D)
   if layout == "official":
     merged = np.concatenate([q_rows.reshape(k, g * h, d), gate_rows.reshape(k, g * gr, d)],
@@ -115,7 +115,7 @@ def attention_from_torch(state_dict: Mapping[str, np.ndarray], layout: str,
                          shape: AttentionShape) -> dict[str, np.ndarray]:
   """Torch attention weights (own names) → our parameter names and shapes.
 
-  Returns keys q_proj, k_proj, v_proj, o_proj, [gate_proj], [q_norm, k_norm]
+  Returns keys q_proj, k_proj, v_proj, o_proj, [attn_gate_proj], [q_norm, k_norm]
   (norm weights `(H,)` unchanged: the layer is built with the matching norm style).
   """
   s = shape
@@ -129,7 +129,7 @@ def attention_from_torch(state_dict: Mapping[str, np.ndarray], layout: str,
   q, gate = split_q_proj(sd["q_proj.weight"], layout, s)
   out = {"q_proj": q}
   if gate is not None:
-    out["gate_proj"] = gate
+    out["attn_gate_proj"] = gate
   for name in ("k_proj", "v_proj"):
     _check_shape(f"{name}.weight", sd[f"{name}.weight"], (k * h, d))
     out[name] = sd[f"{name}.weight"].T.reshape(d, k, h)
@@ -150,7 +150,7 @@ def attention_to_torch(params: Mapping[str, np.ndarray], layout: str,
   s = shape
   d, n, k, h = s.d_model, s.num_heads, s.num_kv_heads, s.head_dim
   out = {"q_proj.weight": merge_q_proj(np.asarray(params["q_proj"]),
-                                       params.get("gate_proj"), layout, s)}
+                                       params.get("attn_gate_proj"), layout, s)}
   for name in ("k_proj", "v_proj"):
     out[f"{name}.weight"] = np.asarray(params[name]).reshape(d, k * h).T
   out["o_proj.weight"] = np.asarray(params["o_proj"]).reshape(n * h, d).T

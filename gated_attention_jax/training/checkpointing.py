@@ -19,6 +19,7 @@ saved.
 `load_model(run_dir)` is the read-only load: the parameters of the newest intact
 checkpoint (or a given step's) as a model, without the optimizer state; it writes,
 moves and quarantines nothing (a damaged checkpoint is skipped with one warning).
+Both read checkpoints saved under parameter names that have since changed (`renames`).
 
 There is no separate RNG state to save: training has no stochastic layers
 (no dropout), parameters are initialised from `train.seed`, and the data order
@@ -52,7 +53,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from gated_attention_jax import sharding
-from gated_attention_jax.training import experiment
+from gated_attention_jax.training import experiment, renames
 from gated_attention_jax.transformer import Transformer
 
 QUARANTINE = "quarantine"
@@ -249,19 +250,22 @@ class Checkpointer:
     DamagedCheckpoint when the checksums saved with it do not match.
     """
     _contain_read_leftovers()
-    items = {"state": ocp.args.StandardRestore(abstract_state), "data": ocp.args.JsonRestore()}
+    old_names = renames.saved_with_old_names(self.directory / str(step) / "state")
+    target = renames.to_saved(abstract_state) if old_names else abstract_state
+    items = {"state": ocp.args.StandardRestore(target), "data": ocp.args.JsonRestore()}
     verified = (self.directory / str(step) / "checksums").is_dir()
     if verified:
       items["checksums"] = ocp.args.JsonRestore()
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    state = restored["state"]
     if not verified:
       logging.warning("checkpoint at step %d has no checksums (saved by an older version):"
                       " not verified", step)
-      return restored["state"], restored["data"]
-    verify(restored["checksums"]["state"], restored["state"])
-    if restored["checksums"]["data"] != json_checksum(restored["data"]):
-      raise DamagedCheckpoint("checksum mismatch in the data-iterator state")
-    return restored["state"], restored["data"]
+    else:
+      verify(restored["checksums"]["state"], state)
+      if restored["checksums"]["data"] != json_checksum(restored["data"]):
+        raise DamagedCheckpoint("checksum mismatch in the data-iterator state")
+    return (renames.to_current(state) if old_names else state), restored["data"]
 
   def restore_latest(self, abstract_state: Any,
                      accept_data: Callable[[dict], None] = lambda d: None
@@ -427,7 +431,9 @@ def load_model(run_dir: str | pathlib.Path, step: Optional[int] = None, *,
 def _read_params(step_dir: pathlib.Path, target: nnx.State) -> nnx.State:
   """The parameters saved in `step_dir/state`, verified against `step_dir/checksums`."""
   _contain_read_leftovers()
-  item = {"params": target}
+  step_dir = step_dir.absolute()  # orbax reads only absolute paths
+  old_names = renames.saved_with_old_names(step_dir / "state")
+  item = {"params": renames.to_saved(target) if old_names else target}
   restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(
       sharding=s.sharding, global_shape=s.shape, dtype=s.dtype), item)
   with ocp.PyTreeCheckpointer() as reader:
@@ -437,7 +443,7 @@ def _read_params(step_dir: pathlib.Path, target: nnx.State) -> nnx.State:
     with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as reader:
       saved = reader.restore(step_dir / "checksums", args=ocp.args.JsonRestore())
     verify(saved["state"], params, prefix="['params']")
-  return params
+  return renames.to_current(params) if old_names else params
 
 
 def _all_processes(ok: bool) -> bool:
