@@ -10,11 +10,11 @@
     fuse a G1 output gate into the kernel's epilogue: the Pallas GPU kernel on GPUs,
     the Pallas TPU kernel elsewhere (in Pallas' interpreter on CPU: slow, for tests).
 
-Under a (data, fsdp, tensor) context mesh (`sharding.under_mesh`), the "pallas"
+Under a (data, fsdp, tensor, expert) context mesh (`sharding.under_mesh`), the "pallas"
 kernel runs per shard (`jax.shard_map`): a `pallas_call` is opaque to XLA's
 partitioner, which would otherwise gather q, k, v and the gate onto one device.
 Each input is split as its logical axes say (`Q_AXES`, `KV_AXES`, ...: the
-batch over (data, fsdp), heads over tensor), exactly as the layer constrains
+batch over (data, fsdp, expert), heads over tensor), exactly as the layer constrains
 them, so nothing moves on the way in or out; `pallas_shard_plan` says how GQA's
 kv heads follow their query heads and refuses meshes the kernel cannot serve.
 
@@ -262,7 +262,8 @@ def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, gate: Optional[ja
   Shapes as in `attend`. On a TPU or GPU (the platform being lowered for, see
   `platform.target_platform`) the kernel `impl="auto"` picks there (on Hopper the Mosaic GPU
   kernel where it serves the inputs); elsewhere the TPU kernel in interpret mode. Without a
-  (data, fsdp, tensor) context mesh of more than one device the kernel sees the whole arrays.
+  (data, fsdp, tensor, expert) context mesh of more than one device the kernel sees the whole
+  arrays.
   """
   kernel = "auto" if platform.target_platform() in ("tpu", "gpu") else "pallas_tpu"
   group = q.shape[2] // k.shape[2]

@@ -12,6 +12,8 @@ expert and the experts applied to their groups (no capacity, no capacity factor,
 hand-written kernel), then unsorted and weighted: with `jax.lax.ragged_dot` on TPU, where
 libtpu groups it, and elsewhere ("blocked") with each group padded to whole blocks and one
 batched matmul, since XLA's CPU and GPU compilers densify ragged_dot (`expert_matmul_impl`).
+Expert parallelism: under a mesh whose `expert` axis is larger than 1 the experts are split
+over it and the tokens exchanged inside `jax.shard_map` (`expert_parallel`).
 
 Balancing terms (returned by `MoE.__call__` per layer, weighted in the train step):
   balance loss  E · Σ_e f_e · P_e, with f_e the fraction of the N·k assignments routed to
@@ -33,8 +35,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax.sharding import AbstractMesh, Mesh, PartitionSpec as P
+
 from gated_attention_jax import checks
 from gated_attention_jax import layers
+from gated_attention_jax import sharding
 from gated_attention_jax.kernels import platform
 
 MoEAux = dict[str, jax.Array]
@@ -192,11 +197,13 @@ def blocked_layout(experts: jax.Array, num_experts: int,
 
 
 def grouped_swiglu(x: jax.Array, experts: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-                   w_down: jax.Array, impl: str) -> jax.Array:
+                   w_down: jax.Array, impl: str, valid: jax.Array | None = None) -> jax.Array:
   """Each token through each of its experts, dropless: `(N, D)` x `(N, k)` ids → `(N, k, D)`.
 
-  Weights `(E, D, F)`, `(E, D, F)`, `(E, F, D)`. The N·k assignments are sorted by expert and
-  each expert's SwiGLU applied to its group, by `impl`:
+  Weights `(E, D, F)`, `(E, D, F)`, `(E, F, D)`. valid `(N, k)` bool: the assignments to
+  compute (None: all); the others (an expert held elsewhere, `expert_parallel`) give zeros,
+  sorted after every group so that ragged_dot skips them. The assignments are sorted by expert
+  and each expert's SwiGLU applied to its group, by `impl`:
     "ragged_dot"  `jax.lax.ragged_dot` over the groups;
     "blocked"     each group padded to whole blocks of `block_rows` rows (zeros), every block
                   multiplied by its expert's weights in one batched matmul: about the grouped
@@ -205,9 +212,13 @@ def grouped_swiglu(x: jax.Array, experts: jax.Array, w_gate: jax.Array, w_up: ja
   """
   n, k = experts.shape
   num_experts = w_gate.shape[0]
+  # The skipped assignments form one more group, the last.
+  groups = num_experts if valid is None else num_experts + 1
+  ids = experts if valid is None else jnp.where(valid, experts, num_experts)
   if impl == "blocked":
-    block = block_rows(n * k, num_experts)
-    rows, block_expert = blocked_layout(experts, num_experts, block)
+    block = block_rows(n * k, groups)
+    rows, block_expert = blocked_layout(ids, groups, block)
+    block_expert = jnp.minimum(block_expert, num_experts - 1)  # the skipped group's: any
     num_blocks = block_expert.shape[0]
     padded = jnp.zeros((num_blocks * block, x.shape[-1]), x.dtype).at[rows].set(
         jnp.repeat(x, k, axis=0), unique_indices=True)
@@ -215,15 +226,66 @@ def grouped_swiglu(x: jax.Array, experts: jax.Array, w_gate: jax.Array, w_up: ja
     blocks = padded.reshape(num_blocks, block, -1)
     h = jax.nn.silu(dot(blocks, w_gate)) * dot(blocks, w_up)
     out = dot(h, w_down).reshape(num_blocks * block, -1)[rows]
-    return out.reshape(n, k, -1)
-  if impl != "ragged_dot":
+  elif impl == "ragged_dot":
+    _, order, group_sizes = sort_by_expert(ids, groups)
+    rows = x[order // k]  # (N·k, D), grouped by expert
+    dot = lambda a, w: jax.lax.ragged_dot(a, w.astype(a.dtype), group_sizes[:num_experts])
+    h = jax.nn.silu(dot(rows, w_gate)) * dot(rows, w_up)
+    out = jnp.zeros_like(rows).at[order].set(dot(h, w_down))
+  else:
     raise ValueError(f"expert matmul must be one of {EXPERT_MATMULS[1:]}, got {impl!r}")
-  _, order, group_sizes = sort_by_expert(experts, num_experts)
-  rows = x[order // k]  # (N·k, D), grouped by expert
-  dot = lambda a, w: jax.lax.ragged_dot(a, w.astype(a.dtype), group_sizes)
-  h = jax.nn.silu(dot(rows, w_gate)) * dot(rows, w_up)
-  out = jnp.zeros_like(rows).at[order].set(dot(h, w_down))
-  return out.reshape(n, k, -1)
+  out = out.reshape(n, k, -1)
+  return out if valid is None else jnp.where(valid[..., None], out, 0)
+
+
+def expert_parallel(tokens: jax.Array, experts: jax.Array, weights: jax.Array,
+                    w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, impl: str,
+                    mesh: Mesh | AbstractMesh) -> jax.Array:
+  """The routed experts' weighted sum `(N, D)` with the experts split over `mesh.expert`.
+
+  tokens `(N, D)` and their routing (expert ids and weights `(N, k)`) are split over the
+  batch axes (data, fsdp, expert), the weights `(E, D, F)` / `(E, F, D)` over expert (E),
+  fsdp (D) and tensor (F), as the rules lay them out. Per device (`jax.shard_map`, every
+  axis manual): its E/X experts' weights are gathered over fsdp (that slice only, never
+  every expert's); the tokens of its expert-axis group are all-gathered (dropless: each
+  device sees every assignment of the group and computes the ones routed to its experts);
+  the partial outputs are reduce-scattered back to the devices that hold the tokens and
+  summed over tensor (the F slices). Exchanging only the routed rows
+  (`jax.lax.ragged_all_to_all`) would move k/X of the tokens instead of all, but XLA:CPU
+  does not implement it (jax 0.10.2).
+  """
+  spec = lambda axes, x: sharding.logical_to_mesh_spec(axes, x.shape, mesh)
+  token_spec, route_spec = spec(("batch", "embed"), tokens), spec(("batch", None), experts)
+  in_spec, out_spec = spec(("experts", "embed", "mlp"), w_gate), spec(
+      ("experts", "mlp", "embed"), w_down)
+  if "expert" not in sharding.spec_axes(token_spec[0]) or in_spec[0] != "expert":
+    raise ValueError(f"mesh.expert={mesh.shape['expert']} must divide the {tokens.shape[0]}"
+                     f" tokens (split as {token_spec}) and the {w_gate.shape[0]} experts")
+
+  def gather(x: jax.Array, x_spec: P, keep: tuple[int, ...]) -> jax.Array:
+    """`x` whole along every dimension not in `keep`."""
+    for dim, entry in enumerate(x_spec):
+      if dim not in keep and sharding.spec_axes(entry):
+        x = jax.lax.all_gather(x, sharding.spec_axes(entry), axis=dim, tiled=True)
+    return x
+
+  def local(x, ids, wts, wg, wu, wd):
+    wg, wu, wd = gather(wg, in_spec, (0, 2)), gather(wu, in_spec, (0, 2)), gather(
+        wd, out_spec, (0, 1))
+    x, ids, wts = (jax.lax.all_gather(gather(a, s, (0,)), "expert", axis=0, tiled=True)
+                   for a, s in ((x, token_spec), (ids, route_spec), (wts, route_spec)))
+    here = ids - jax.lax.axis_index("expert") * wg.shape[0]
+    valid = (here >= 0) & (here < wg.shape[0])
+    routed = grouped_swiglu(x, jnp.where(valid, here, 0), wg, wu, wd, impl, valid)
+    out = jnp.einsum("NKD,NK->ND", routed, wts.astype(x.dtype))
+    out = jax.lax.psum_scatter(out, "expert", scatter_dimension=0, tiled=True)
+    f_axes = sharding.spec_axes(in_spec[2])
+    return jax.lax.psum(out, f_axes) if f_axes else out
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(token_spec, route_spec, route_spec,
+                                                   in_spec, in_spec, out_spec),
+                       out_specs=P(token_spec[0], None))(tokens, experts, weights, w_gate,
+                                                         w_up, w_down)
 
 
 class MoE(nnx.Module):
@@ -257,9 +319,13 @@ class MoE(nnx.Module):
     probs, experts, weights = route(logits, self.cfg.experts_per_token,
                                     self.cfg.normalize_top_k)
     impl = expert_matmul_impl(self.cfg.expert_matmul, platform.target_platform())
-    routed = grouped_swiglu(tokens, experts, self.gate_proj[...], self.up_proj[...],
-                            self.down_proj[...], impl)
-    out = jnp.einsum("NKD,NK->ND", routed, weights.astype(dt))
+    w = (self.gate_proj[...], self.up_proj[...], self.down_proj[...])
+    mesh = sharding.context_mesh()
+    if mesh is not None and mesh.shape["expert"] > 1:
+      out = expert_parallel(tokens, experts, weights, *w, impl, mesh)
+    else:
+      out = jnp.einsum("NKD,NK->ND", grouped_swiglu(tokens, experts, *w, impl),
+                       weights.astype(dt))
     if self.shared is not None:
       shared = self.shared(tokens)
       if self.shared_gate is not None:

@@ -79,9 +79,9 @@ BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.in
 
 def _single_mesh(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Folds the `mesh.dcn` slices into one mesh of the same global shape, in place."""
-  data, fsdp, tensor = sharding.global_mesh_shape(config.mesh, num_devices)
-  config.mesh.update(data=data, fsdp=fsdp, tensor=tensor,
-                     dcn={"data": 1, "fsdp": 1, "tensor": 1})
+  shape = sharding.global_mesh_shape(config.mesh, num_devices)
+  config.mesh.update(**dict(zip(sharding.MESH_AXES, shape)),
+                     dcn={a: 1 for a in sharding.MESH_AXES})
 
 
 def _gib(nbytes: float) -> str:
@@ -136,7 +136,7 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence[Any], *,
   numbers = {
       "topology": topology, "num_devices": len(devices),
       "device_kind": devices[0].device_kind, "compiler": platform,
-      "mesh": {a: config.mesh[a] for a in sharding.MESH_AXES},
+      "mesh": {a: config.mesh.get(a, 1) for a in sharding.MESH_AXES},
       "batch_size": config.train.batch_size, "seq_len": config.data.seq_len,
       "attention_impl": requested, "attention_choice": chosen, "attention_reason": why,
       "compiled_attention_impl": compiled_impl,
@@ -187,8 +187,8 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence[Any], *,
 
 
 def _batch_shards(numbers: dict[str, Any]) -> int:
-  """The devices the batch is split over: mesh data x fsdp."""
-  return numbers["mesh"]["data"] * numbers["mesh"]["fsdp"]
+  """The devices the batch is split over: mesh data x fsdp x expert (`sharding.BATCH_AXES`)."""
+  return math.prod(numbers["mesh"].get(a, 1) for a in sharding.BATCH_AXES)
 
 
 def _attention_lines(numbers: dict[str, Any]) -> list[str]:
@@ -264,7 +264,7 @@ def _target(config: ml_collections.ConfigDict) -> tuple[str, Sequence[Any], Opti
     devices = aot.target_devices(_TOPOLOGY.value)
     return (_TOPOLOGY.value, devices,
             int(gib * 2**30) if gib > 0 else aot.hbm_bytes(_TOPOLOGY.value))
-  sizes = [config.mesh[a] for a in sharding.MESH_AXES]
+  sizes = [config.mesh.get(a, 1) for a in sharding.MESH_AXES]
   n = _NUM_DEVICES.value or math.prod(sizes) * math.prod(sharding.dcn_shape(config.mesh))
   if n < 1 or (not _NUM_DEVICES.value and -1 in sizes):
     raise app.UsageError("give --num_devices when a mesh size is -1")

@@ -1,9 +1,11 @@
 """Device meshes and shardings, from one table of logical-axis rules.
 
 Layers name the axes of every parameter (`("embed", "q_heads", "head_dim")`);
-`LOGICAL_AXIS_RULES` maps those names to the mesh axes `data`, `fsdp`, `tensor`.
-FSDP shards parameters and optimizer state over `fsdp`; tensor parallelism
-shards heads and the MLP over `tensor`; the batch goes over (data, fsdp).
+`LOGICAL_AXIS_RULES` maps those names to the mesh axes `data`, `fsdp`, `tensor`,
+`expert`. FSDP shards parameters and optimizer state over `fsdp`; tensor parallelism
+shards heads and the MLP over `tensor`; expert parallelism shards a mixture-of-experts
+block's experts over `expert` (`moe.expert_parallel` moves the tokens); the batch goes
+over (data, fsdp, expert), so outside the MoE blocks `expert` is one more data axis.
 A dimension whose size does not divide by its mesh axes is replicated instead
 (e.g. 2 kv heads on a 4-way tensor axis), so every gate variant shards.
 
@@ -28,11 +30,11 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 # logical axis name -> mesh axes (None: replicated). The one place parallelism is decided.
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),  # activations' batch axis
+    ("batch", ("data", "fsdp", "expert")),  # activations' batch axis
     ("seq", None),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
@@ -40,16 +42,23 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
-    ("experts", None),  # MoE expert weights (split over fsdp / tensor by their other axes)
+    ("experts", "expert"),  # MoE expert weights (and fsdp / tensor by their other axes)
     ("dense_gate", "tensor"),
     ("norm", None),
     ("layers", None),  # scan_layers: the leading axis of the stacked blocks' parameters
 )
+# The mesh axes a batch is split over (the "batch" rule).
+BATCH_AXES: tuple[str, ...] = dict(LOGICAL_AXIS_RULES)["batch"]
+
+
+def _size(mesh_cfg: Any, axis: str) -> Any:
+  """`mesh.<axis>` (configs saved before the expert axis existed have no `expert`: 1)."""
+  return mesh_cfg.get(axis, 1) if axis == "expert" else mesh_cfg[axis]
 
 
 def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
-  """Sizes of (data, fsdp, tensor); one -1 takes the devices left over."""
-  sizes = [mesh_cfg[a] for a in MESH_AXES]
+  """Sizes of (data, fsdp, tensor, expert); one -1 takes the devices left over."""
+  sizes = [_size(mesh_cfg, a) for a in MESH_AXES]
   for axis, size in zip(MESH_AXES, sizes):
     if not isinstance(size, int) or (size < 1 and size != -1):
       raise ValueError(f"mesh.{axis} must be a positive int or -1, got {size!r}")
@@ -68,7 +77,8 @@ def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[i
 
 
 def dcn_shape(mesh_cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
-  """Slices along (data, fsdp, tensor) from the `mesh.dcn` section (all 1: one slice)."""
+  """Slices along (data, fsdp, tensor, expert) from the `mesh.dcn` section (all 1: one
+  slice)."""
   dcn = mesh_cfg.get("dcn") or {}
   sizes = tuple(dcn.get(a, 1) for a in MESH_AXES)
   for axis, size in zip(MESH_AXES, sizes):
@@ -79,7 +89,7 @@ def dcn_shape(mesh_cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
 
 def global_mesh_shape(mesh_cfg: ml_collections.ConfigDict,
                       num_devices: int) -> tuple[int, ...]:
-  """Sizes of the whole (data, fsdp, tensor) mesh: per-slice sizes × `mesh.dcn`."""
+  """Sizes of the whole (data, fsdp, tensor, expert) mesh: per-slice sizes × `mesh.dcn`."""
   dcn = dcn_shape(mesh_cfg)
   if num_devices % math.prod(dcn):
     raise ValueError(f"mesh.dcn {dict(zip(MESH_AXES, dcn))}: {num_devices} devices do not"
@@ -90,10 +100,10 @@ def global_mesh_shape(mesh_cfg: ml_collections.ConfigDict,
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict,
               devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh over all devices (all processes).
+  """A (data, fsdp, tensor, expert) mesh over all devices (all processes).
 
-  Multi-slice: `mesh.dcn.{data,fsdp,tensor}` count slices along each axis (usually
-  only data > 1); `mesh.data/fsdp/tensor` then describe one slice, and devices are
+  Multi-slice: `mesh.dcn.{data,fsdp,tensor,expert}` count slices along each axis (usually
+  only data > 1); `mesh.data/fsdp/tensor/expert` then describe one slice, and devices are
   laid out by `mesh_utils.create_hybrid_device_mesh` so that only the dcn axes
   cross the data-centre network.
   """
@@ -166,17 +176,18 @@ def optimizer_shardings(tx: optax.GradientTransformation, opt_state_shape: Any,
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Batches `(B, T)` split over (data, fsdp) on the batch axis.
+  """Batches `(B, T)` split over (data, fsdp, expert) on the batch axis.
 
   Each process feeds its own rows, so the batch must be split at least as many
   ways as there are processes.
   """
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  axes = BATCH_AXES
+  shards = math.prod(mesh.shape[a] for a in axes)
   if shards % jax.process_count():
-    raise ValueError(f"the data x fsdp mesh size ({shards}) must be a multiple of the"
+    raise ValueError(f"the {' x '.join(axes)} mesh size ({shards}) must be a multiple of the"
                      f" number of processes ({jax.process_count()}): each process reads"
                      " its own rows of the batch")
-  return NamedSharding(mesh, P(("data", "fsdp"), None))
+  return NamedSharding(mesh, P(axes, None))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -209,7 +220,8 @@ def under_mesh(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
 
 
 def context_mesh() -> Optional[AbstractMesh]:
-  """The (data, fsdp, tensor) mesh a function is traced under (`under_mesh`), else None."""
+  """The (data, fsdp, tensor, expert) mesh a function is traced under (`under_mesh`), else
+  None."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
     return None

@@ -4,11 +4,12 @@ Started by tests/test_sharding.py in a subprocess with
 XLA_FLAGS=--xla_force_host_platform_device_count=8 (the device count must be
 set before JAX starts). Usage: `python tests/_sharding_driver.py MODE JSON_ARGS`.
 
-  losses   {"runs": [{"gate": {...}, "model": {...}, "mesh": [d, f, t]}, ...], "steps": n}
+  losses   {"runs": [{"gate": {...}, "model": {...}, "mesh": [d, f, t(, e)]}, ...], "steps": n}
            -> per run: losses of n steps (a run's own "steps" overrides n), and every
            parameter's spec and shard shape;
            a run with "hlo": true also lists the shapes of every all-gather in the
            compiled train step ("all_gathers": [[result shape, operand shapes...], ...])
+           and counts its collectives ("collectives": {op: count})
   restore  {"save_mesh": [...], "restore_mesh": [...], "workdir": path, "steps": n}
            -> losses continuing on the save mesh and on the restore mesh, restored specs
   attend   {"cases": [{"mesh": [d, f, t], "heads": [N, K], "gate": "elementwise" |
@@ -48,8 +49,8 @@ def _config(run: dict[str, Any]) -> ml_collections.ConfigDict:
 
 
 def _trainer(config: ml_collections.ConfigDict, mesh_shape: list[int]) -> train.Trainer:
-  config.mesh.update(data=mesh_shape[0], fsdp=mesh_shape[1], tensor=mesh_shape[2])
-  n = mesh_shape[0] * mesh_shape[1] * mesh_shape[2]
+  config.mesh.update(**dict(zip(sharding.MESH_AXES, mesh_shape)))  # expert: 1 unless given
+  n = int(np.prod(mesh_shape))
   model_cfg = experiment.validate(config, n)
   return train.Trainer(config, model_cfg, sharding.make_mesh(config.mesh, jax.devices()[:n]))
 
@@ -107,6 +108,7 @@ def losses_mode(args: dict[str, Any]) -> list[dict[str, Any]]:
     if run.get("hlo"):  # the same executable that trains: compiled once, inspected
       step_fn = trainer.train_step.lower(state, trainer.global_batch(batches[0])).compile()
       extra["all_gathers"] = _all_gathers(step_fn.as_text())
+      extra["collectives"] = _collectives(step_fn.as_text())
     state, losses = _train(trainer, state, iter(batches), run.get("steps", args["steps"]),
                            step_fn)
     results.append({**run, "losses": losses, "layout": _layout(state), **extra})
@@ -136,6 +138,15 @@ def restore_mode(args: dict[str, Any]) -> dict[str, Any]:
 
 
 COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "reduce-scatter", "all-reduce")
+
+
+def _collectives(hlo: str) -> dict[str, int]:
+  """How many of each of `COLLECTIVES` compiled HLO text holds, leaving out those whose every
+  replica group is one device (they move nothing: a shard_map's sum over a size-1 axis)."""
+  lines = [l for l in hlo.splitlines()
+           if not re.search(r"replica_groups=\{\{\d+\}(,\{\d+\})*\}", l)]
+  return {op: sum(bool(re.search(rf"\s{op}(-start)?\(", l)) for l in lines)
+          for op in COLLECTIVES}
 
 
 def _attention_inputs(case: dict[str, Any]) -> dict[str, Any]:
@@ -189,8 +200,7 @@ def attend_mode(args: dict[str, Any]) -> list[dict[str, Any]]:
       if w is not None:
         arrays[f"got_{name}"], arrays[f"want_{name}"] = np.asarray(g), np.asarray(w)
     np.savez(pathlib.Path(args["out"]) / f"case{i}.npz", **arrays)
-    results.append({**case, "collectives": {
-        op: len(re.findall(rf"\s{op}(-start)?\(", hlo)) for op in COLLECTIVES},
+    results.append({**case, "collectives": _collectives(hlo),
         "in_shardings": [str(x.sharding.spec) for x in jax.tree.leaves(sharded)]})
   return results
 

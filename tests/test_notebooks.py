@@ -77,7 +77,7 @@ def test_kernels_and_scale_runs(monkeypatch, tmp_path):
       (impl, name) for impl in ("pallas_tpu", "pallas_gpu")
       for name in ("out", "dq", "dk", "dv", "dgate")}
   assert max(float(e) for _, _, e in errors) < 1e-4
-  assert "8 devices, mesh {'data': 2, 'fsdp': 2, 'tensor': 2}" in text
+  assert "8 devices, mesh {'data': 2, 'fsdp': 2, 'tensor': 2, 'expert': 1}" in text
   assert "sharded training over 8 devices" in text
   assert re.search(r"q_proj .* P\('fsdp', 'tensor', None\)\s+\(128, 4, 32\)\s+\(64, 2, 32\)", text)
 

@@ -31,7 +31,7 @@ def test_stacked_parameters_carry_the_layers_axis():
   q = nnx.state(scanned)["blocks"]["attn"]["q_proj"]
   assert q.shape == (3, 32, 4, 8)
   assert q.get_metadata()["out_sharding"] == ("layers", "embed", "q_heads", "head_dim")
-  mesh = jax.sharding.AbstractMesh((1, 2, 2), sharding.MESH_AXES)
+  mesh = jax.sharding.AbstractMesh((1, 2, 2, 1), sharding.MESH_AXES)
   spec = sharding.logical_to_mesh_spec(q.get_metadata()["out_sharding"], q.shape, mesh)
   assert spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)  # layers never split
   assert gaj.count_params(scanned) == gaj.count_params(_pair()[0])

@@ -61,6 +61,9 @@ PALLAS_STEPS = 2
 # split over fsdp (d_model) and tensor (expert_dim), the balancing statistics over the whole
 # global batch.
 MOE = {"mlp_type": "moe", "moe": {"num_experts": 4, "experts_per_token": 2, "expert_dim": 32}}
+# The same block with its experts split over the expert axis (data, fsdp, tensor, expert):
+# 4 ways beside 2-way fsdp, and 2 ways beside 2-way fsdp and 2-way tensor.
+EXPERT_MESHES = [(1, 2, 1, 4), (1, 2, 2, 2)]
 
 
 def _env(num_devices: int) -> dict:
@@ -93,6 +96,7 @@ def runs_job() -> toolchains.Job:
   plan += [{"model": {"attention_impl": "pallas"}, "mesh": list(m), "hlo": True,
             "steps": PALLAS_STEPS} for m in PALLAS_MESHES]
   plan += [{"model": MOE, "mesh": [1, 1, 1]}, {"model": MOE, "mesh": [2, 2, 2]}]
+  plan += [{"model": MOE, "mesh": list(m), "hlo": True} for m in EXPERT_MESHES]
   return _driver_job("losses", {"runs": plan, "steps": STEPS})
 
 
@@ -145,6 +149,44 @@ def test_moe_training_matches_one_device_with_experts_split(runs):
     assert layout(name)["shard"] == [4, 16, 16], layout(name)
   assert layout("down_proj")["shard"] == [4, 16, 16]  # (experts, expert_dim, d_model)
   assert layout("router")["shard"] == [16, 4]  # (d_model, experts): experts whole
+
+
+@pytest.mark.parametrize("mesh", EXPERT_MESHES, ids=str)
+def test_moe_training_matches_one_device_with_expert_parallelism(runs, mesh):
+  data, fsdp, tensor, expert = mesh
+  one, many = _get(runs, (1, 1, 1), model=MOE), _get(runs, mesh, model=MOE)
+  np.testing.assert_allclose(many["losses"], one["losses"], rtol=RTOL)
+  layout = lambda name: next(v for k, v in many["layout"].items()
+                             if k.startswith(f"['blocks'][0]['mlp']['{name}']"))
+  here = 4 // expert  # the experts one device holds
+  tensor_axis = "tensor" if tensor > 1 else None
+  for name in ("gate_proj", "up_proj"):  # (experts, d_model, expert_dim)
+    assert layout(name)["spec"] == ["expert", "fsdp", tensor_axis], layout(name)
+    assert layout(name)["shard"] == [here, 32 // fsdp, 32 // tensor], layout(name)
+  assert layout("down_proj")["shard"] == [here, 32 // tensor, 32 // fsdp]
+  gathered = [g[0] for g in many["all_gathers"]]  # result shapes
+  # Each device gathers its own experts' weights over fsdp, never all 4 experts' ...
+  assert [here, 32, 32 // tensor] in gathered, gathered
+  whole = [[4, 32, 32 // tensor], [4, 32 // tensor, 32], [4, 32, 32]]
+  assert not any(shape in whole for shape in gathered), gathered
+  # ... and the tokens of its expert group (batch 8 x seq 32 over data x fsdp), whose
+  # outputs go back reduce-scattered.
+  assert [8 * 32 // (data * fsdp), 32] in gathered, gathered
+  assert many["collectives"]["reduce-scatter"] > 0, many["collectives"]
+
+
+def test_bad_expert_meshes_are_refused_before_compiling():
+  config = _sharding_config.get_config()
+  config.model.update(**MOE)
+  config.train.batch_size = 12
+  config.mesh.update(data=1, fsdp=1, tensor=1, expert=3)
+  with pytest.raises(ValueError, match=r"mesh.expert \(3\) must divide model.moe.num_experts"
+                                       r" \(4\)"):
+    experiment.validate(config, 3)
+  config.train.batch_size = 8
+  with pytest.raises(ValueError, match=r"batch_size \(8\) must be a multiple of the data x"
+                                       r" fsdp x expert mesh size \(3\)"):
+    experiment.validate(config, 3)
 
 
 @pytest.mark.parametrize("mesh", PALLAS_MESHES, ids=str)
@@ -235,7 +277,7 @@ def test_pallas_refuses_meshes_it_cannot_serve_before_compiling(tensor, error):
   q = jax.ShapeDtypeStruct((8, 32, 6, 8), np.float32)
   kv = jax.ShapeDtypeStruct((8, 32, 3, 8), np.float32)
   attend = lambda q, k, v: attention_ops.attend(q, k, v, impl="pallas", scale=0.3)[0]
-  with jax.sharding.use_abstract_mesh(AbstractMesh((8 // tensor, 1, tensor), sharding.MESH_AXES)):
+  with jax.sharding.use_abstract_mesh(AbstractMesh((8 // tensor, 1, tensor, 1), sharding.MESH_AXES)):
     with pytest.raises(ValueError, match=error):
       jax.eval_shape(attend, q, kv, kv)
 
@@ -344,7 +386,7 @@ def test_plan_numbers_are_per_device():
 
 
 def test_logical_rules_replicate_what_does_not_divide():
-  mesh = AbstractMesh((1, 2, 4), sharding.MESH_AXES)
+  mesh = AbstractMesh((1, 2, 4, 1), sharding.MESH_AXES)
   assert sharding.logical_to_mesh_spec(("embed", "kv_heads", "head_dim"), (32, 2, 8),
                                        mesh) == P("fsdp", None, None)
   assert sharding.logical_to_mesh_spec(("embed", "q_heads", "head_dim"), (32, 8, 8),
@@ -375,8 +417,9 @@ def test_bad_mesh_sizes_are_rejected(mesh, error):
 def test_dcn_section_multiplies_the_per_slice_mesh():
   # 16 devices in 2 slices along data: each slice is (data -1 -> 4, fsdp 2, tensor 1).
   mesh = {"data": -1, "fsdp": 2, "tensor": 1, "dcn": {"data": 2, "fsdp": 1, "tensor": 1}}
-  assert sharding.global_mesh_shape(mesh, 16) == (8, 2, 1)
-  assert sharding.global_mesh_shape({**mesh, "dcn": {}}, 16) == (8, 2, 1)  # one slice
+  assert sharding.global_mesh_shape(mesh, 16) == (8, 2, 1, 1)  # no `expert`: 1 (older configs)
+  assert sharding.global_mesh_shape({**mesh, "dcn": {}}, 16) == (8, 2, 1, 1)  # one slice
+  assert sharding.global_mesh_shape({**mesh, "expert": 2}, 16) == (4, 2, 1, 2)
   with pytest.raises(ValueError, match="mesh.dcn.fsdp must be a positive int"):
     sharding.global_mesh_shape({**mesh, "dcn": {"data": 2, "fsdp": 0}}, 16)
   with pytest.raises(ValueError, match="do not divide into 3 slices"):

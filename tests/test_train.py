@@ -97,7 +97,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     ("data", "packing", "docs", "data.packing must be one of"),
     ("gate", "position", "everywhere", "gate.position must be one of"),
     ("model", "num_kv_heads", 3, "model.num_heads .* must be a multiple"),
-    ("mesh", "tensor", 3, r"mesh \{'data': -1, 'fsdp': 1, 'tensor': 3\}"),
+    ("mesh", "tensor", 3, r"mesh \{'data': -1, 'fsdp': 1, 'tensor': 3, 'expert': 1\}"),
     ("train", "learning_rate", float("nan"), "train.learning_rate must be a finite number"),
     ("train", "grad_clip", float("inf"), "train.grad_clip must be a finite number"),
     ("train", "min_lr_ratio", 1.5, r"train.min_lr_ratio must be in \[0, 1\]"),

@@ -6,8 +6,8 @@ Sections:
   gate   GateConfig fields
   data   see gated_attention_jax/data/config.py
   train  optimisation, logging, evaluation and checkpoint cadence
-  mesh   data / fsdp / tensor sizes (-1 fills the rest); a `dcn` section with the
-         number of slices along each axis for multi-slice runs
+  mesh   data / fsdp / tensor / expert sizes (-1 fills the rest); a `dcn` section with
+         the number of slices along each axis for multi-slice runs
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def base_config() -> ml_collections.ConfigDict:
       # bit-identical and get no optimizer state.
       "trainable": "all",
   }
-  mesh = {"data": -1, "fsdp": 1, "tensor": 1, "dcn": {"data": 1, "fsdp": 1, "tensor": 1}}
+  mesh = {"data": -1, "fsdp": 1, "tensor": 1, "expert": 1,
+          "dcn": {"data": 1, "fsdp": 1, "tensor": 1, "expert": 1}}
   return ml_collections.ConfigDict({
       "model": model, "gate": gate, "data": data_config.default_data_config(),
       "train": train, "mesh": mesh})
@@ -172,11 +173,16 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
   data_config.validate(config.data)
   validate_train(config.train)
   shape = sharding.global_mesh_shape(config.mesh, num_devices)
-  batch_shards = shape[0] * shape[1]
+  sizes = dict(zip(sharding.MESH_AXES, shape))
+  batch_shards = math.prod(sizes[a] for a in sharding.BATCH_AXES)
   if config.train.batch_size % batch_shards:
     raise ValueError(f"train.batch_size ({config.train.batch_size}) must be a multiple of"
-                     f" the data x fsdp mesh size ({batch_shards})")
+                     f" the {' x '.join(sharding.BATCH_AXES)} mesh size ({batch_shards})")
   model = model_config(config)
+  if model.mlp_type == "moe" and model.moe.num_experts % sizes["expert"]:
+    raise ValueError(f"mesh.expert ({sizes['expert']}) must divide model.moe.num_experts"
+                     f" ({model.moe.num_experts}): each device on the expert axis holds an"
+                     " equal share of the experts")
   impl, why = attention_choice(config, model, devices)
   if impl == "pallas":  # the kernel runs per shard: can this mesh serve it?
     b, t = config.train.batch_size, config.data.seq_len
@@ -202,8 +208,8 @@ def min_device_bytes(config: ml_collections.ConfigDict, model: TransformerConfig
   moments, the float32 logits and their gradient, and (the "xla" attention) the
   saved attention probabilities. `python -m gated_attention_jax.plan` measures.
   """
-  data, fsdp, tensor = mesh_shape[:3]
-  rows = max(config.train.batch_size // (data * fsdp), 1)
+  data, fsdp, tensor, expert = mesh_shape
+  rows = max(config.train.batch_size // (data * fsdp * expert), 1)
   t = config.data.seq_len
   params = (model.vocab_size * model.d_model * (1 if model.tie_embeddings else 2)
             + model.num_layers * model.d_model * (
