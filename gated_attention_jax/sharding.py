@@ -5,7 +5,8 @@ Layers name the axes of every parameter (`("embed", "q_heads", "head_dim")`);
 `expert`. FSDP shards parameters and optimizer state over `fsdp`; tensor parallelism
 shards heads and the MLP over `tensor`; expert parallelism shards a mixture-of-experts
 block's experts over `expert` (`moe.expert_parallel` moves the tokens); the batch goes
-over (data, fsdp, expert), so outside the MoE blocks `expert` is one more data axis.
+over (data, fsdp, expert) and the other weights' d_model over (fsdp, expert), so outside
+the MoE blocks `expert` is one more FSDP axis.
 A dimension whose size does not divide by its mesh axes is replicated instead
 (e.g. 2 kv heads on a 4-way tensor axis), so every gate variant shards.
 
@@ -37,7 +38,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp", "expert")),  # activations' batch axis
     ("seq", None),
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "expert")),  # outside the experts, `expert` is one more FSDP axis
     ("q_heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),

@@ -29,17 +29,22 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
                         capture_output=True, text=True, timeout=600)
 
 
-def test_tpu_plan_compiles_the_pallas_kernel_and_the_scanned_stack(tmp_path):
-  """attention_impl "auto" (the paper configs' default) resolves to the kernel for a TPU."""
+def test_tpu_plan_compiles_the_pallas_kernel_the_scanned_stack_and_expert_parallelism(
+    tmp_path):
+  """attention_impl "auto" (the paper configs' default) resolves to the kernel for a TPU; the
+  MoE blocks' experts split over the expert axis (beside tensor) compile through libtpu."""
   out = tmp_path / "plan.json"
   proc = _run(["-m", "gated_attention_jax.plan", "--config=tests/_sharding_config.py",
-               "--topology=v5e:2x2", "--config.mesh.data=1", "--config.mesh.fsdp=2",
-               "--config.mesh.tensor=2", "--config.model.attention_impl=auto",
+               "--topology=v5e:2x2", "--config.mesh.data=1", "--config.mesh.fsdp=1",
+               "--config.mesh.tensor=2", "--config.mesh.expert=2",
+               "--config.model.attention_impl=auto", "--config.model.mlp_type=moe",
+               "--config.model.moe.num_experts=4", "--config.model.moe.expert_dim=32",
                "--config.model.scan_layers=True", "--config.model.num_layers=2",
                "--config.model.remat=full", f"--out={out}"])
   assert proc.returncode == 0, proc.stderr[-4000:]
   n = json.loads(out.read_text())
   assert (n["topology"], n["num_devices"], n["compiler"]) == ("v5e:2x2", 4, "tpu")
+  assert n["mesh"] == {"data": 1, "fsdp": 1, "tensor": 2, "expert": 2}
   assert n["device_kind"].startswith("TPU v5") and n["hbm_bytes_per_device"] == 16 * 2**30
   assert (n["attention_impl"], n["attention_choice"], n["compiled_attention_impl"]) == (
       "auto", "pallas", "pallas")

@@ -215,7 +215,7 @@ def min_device_bytes(config: ml_collections.ConfigDict, model: TransformerConfig
             + model.num_layers * model.d_model * (
                 (model.num_heads * 2 + model.num_kv_heads * 2) * model.head_dim
                 + 3 * model.mlp_dim))
-  need = {"parameters and optimizer state": 16 * params // (fsdp * tensor),
+  need = {"parameters and optimizer state": 16 * params // (fsdp * expert * tensor),
           "logits": 2 * 4 * rows * t * model.vocab_size // tensor}
   if attention_choice(config, model)[0] == "xla":
     need["attention probabilities"] = (4 * rows * model.num_heads * t * t * model.num_layers
