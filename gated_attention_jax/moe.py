@@ -321,7 +321,7 @@ class MoE(nnx.Module):
     impl = expert_matmul_impl(self.cfg.expert_matmul, platform.target_platform())
     w = (self.gate_proj[...], self.up_proj[...], self.down_proj[...])
     mesh = sharding.context_mesh()
-    if mesh is not None and mesh.shape["expert"] > 1:
+    if mesh is not None and mesh.shape.get("expert", 1) > 1:
       out = expert_parallel(tokens, experts, weights, *w, impl, mesh)
     else:
       out = jnp.einsum("NKD,NK->ND", grouped_swiglu(tokens, experts, *w, impl),

@@ -222,9 +222,10 @@ def under_mesh(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
 
 def context_mesh() -> Optional[AbstractMesh]:
   """The (data, fsdp, tensor, expert) mesh a function is traced under (`under_mesh`), else
-  None."""
+  None. A (data, fsdp, tensor) mesh built before the expert axis existed counts too: the
+  rules skip axes a mesh lacks, as they skip those of size 1."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+  if mesh.empty or not set(MESH_AXES[:3]) <= set(mesh.axis_names):
     return None
   return mesh
 

@@ -396,6 +396,12 @@ def test_logical_rules_replicate_what_does_not_divide():
                                        mesh) == P("fsdp", None, None)
   with pytest.raises(ValueError, match="no rule"):
     sharding.logical_to_mesh_spec(("heads",), (8,), mesh)
+  # A mesh of your own without the expert axis (as built before it existed) still shards.
+  old = AbstractMesh((1, 2, 4), sharding.MESH_AXES[:3])
+  with jax.sharding.use_abstract_mesh(old):
+    assert sharding.context_mesh() == old
+  assert sharding.logical_to_mesh_spec(("embed", "q_heads", "head_dim"), (32, 8, 8),
+                                       old) == P("fsdp", "tensor", None)
 
 
 def test_constrain_is_a_no_op_without_a_mesh():
