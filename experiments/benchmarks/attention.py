@@ -22,13 +22,12 @@ import argparse
 import json
 import pathlib
 import re
-import statistics
-import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
+import timing
 from gated_attention_jax.kernels import IMPLS, gated_flash_attention, reference
 
 # (B, T, N, K, H). Targets: ours >= 1.0x cuDNN + gate there. They run first, so that a time
@@ -55,13 +54,7 @@ def _cudnn_then_gate(q, k, v, g):
 
 def _time_ms(fn: Callable, args, repeats: int) -> float:
   """Median wall time in ms of a jitted call, after one compile+warm-up call."""
-  jax.block_until_ready(fn(*args))
-  samples = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    samples.append((time.perf_counter() - start) * 1e3)
-  return statistics.median(samples)
+  return 1e3 * timing.median_seconds(fn, args, repeats)
 
 
 def _bench(attend: Callable, args, repeats: int) -> tuple[float, float]:

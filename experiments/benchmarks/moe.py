@@ -19,13 +19,13 @@ import datetime
 import json
 import pathlib
 import platform as host
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import timing
 from gated_attention_jax import moe
 
 EXPERTS = (8, 32, 128)
@@ -56,14 +56,7 @@ def step(forward):
 
 
 def tokens_per_second(forward, block: moe.MoE, x: jax.Array, repeats: int) -> float:
-  fn = step(forward)
-  jax.block_until_ready(fn(block, x))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(block, x))
-    times.append(time.perf_counter() - start)
-  return x.shape[0] / float(np.median(times))
+  return x.shape[0] / timing.median_seconds(step(forward), (block, x), repeats)
 
 
 def main() -> None:

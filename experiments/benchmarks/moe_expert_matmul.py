@@ -23,12 +23,12 @@ import math
 import pathlib
 import platform as host
 import re
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import timing
 from gated_attention_jax import aot, moe
 
 TARGETS = ("cpu", "v5p:2x2x1", "h200")
@@ -89,14 +89,7 @@ def cpu_time(impl: str, args: argparse.Namespace, experts: int) -> float:
   routed = np.argsort(rng.random((t, experts)), axis=-1)[:, :k].astype(np.int32)
   values = [rng.normal(size=s.shape).astype(np.float32) if s.dtype != jnp.int32 else routed
             for s in shapes(t, k, experts, d, f, jnp.float32)]
-  fn = jax.jit(train_step(impl))
-  jax.block_until_ready(fn(*values))
-  times = []
-  for _ in range(args.repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*values))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+  return timing.median_seconds(jax.jit(train_step(impl)), values, args.repeats)
 
 
 def main() -> None:
