@@ -72,6 +72,11 @@ def selector(spec: str, field: str = "trainable") -> Callable[[Path], bool]:
   return lambda path: pattern.search("/".join(path)) is not None
 
 
+def leaves(tree: Any) -> dict[Path, Any]:
+  """{names of the path: leaf} of a pytree (an `nnx.State`, a Linen tree, an optimizer state)."""
+  return {names(path): x for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def _param_leaves(params: Params) -> list[tuple[Path, Any]]:
   """(names of the path, array) of every parameter of an NNX module or a Linen tree: a
   `variables` dict (its "params" collection is used) or the params tree itself, boxed
@@ -83,7 +88,7 @@ def _param_leaves(params: Params) -> list[tuple[Path, Any]]:
   else:
     raise ValueError("expected an NNX module or a Linen parameter tree (a mapping), got"
                      f" {type(params).__name__}")
-  return [(names(path), x) for path, x in jax.tree_util.tree_leaves_with_path(tree)]
+  return list(leaves(tree).items())
 
 
 def count_params(params: Params) -> int:

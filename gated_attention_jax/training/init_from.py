@@ -51,8 +51,7 @@ class InitWeights:
 
   def describe(self, params: Any) -> str:
     """One console line: what was loaded and what was initialised as configured."""
-    sizes = {params_lib.names(p): math.prod(x.shape)
-             for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    sizes = {p: math.prod(x.shape) for p, x in params_lib.leaves(params).items()}
     loaded = sum(sizes[p] for p in self.arrays)
     line = (f"init_from {self.source}: loaded {len(self.arrays)} arrays ({loaded:,} parameters)")
     if self.added:
@@ -68,10 +67,6 @@ def parse(spec: str) -> tuple[pathlib.Path, Optional[int]]:
   if at and step.isdigit():
     return pathlib.Path(folder), int(step)
   return pathlib.Path(spec), None
-
-
-def _leaves(state: Any) -> dict[params_lib.Path, Any]:
-  return {params_lib.names(p): x for p, x in jax.tree_util.tree_leaves_with_path(state)}
 
 
 def _describe(x: Any) -> str:
@@ -102,7 +97,7 @@ def load(config: ml_collections.ConfigDict, model_cfg: TransformerConfig,
     raise ValueError(f"{FIELD}: the config.json of {folder} cannot be read: {e}") from e
   like = lambda cfg: nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
   source_like = like(source_cfg.replace(scan_layers=model_cfg.scan_layers))
-  source, target = _leaves(source_like), _leaves(like(model_cfg))
+  source, target = params_lib.leaves(source_like), params_lib.leaves(like(model_cfg))
   where = "/".join
   for p, want in target.items():
     if p in source and (source[p].shape != want.shape or source[p].dtype != want.dtype):
@@ -126,7 +121,7 @@ def load(config: ml_collections.ConfigDict, model_cfg: TransformerConfig,
   state = nnx.state(model)
   if source_cfg.scan_layers != model_cfg.scan_layers:
     state = layer_stack.relayout(state, source_like)
-  arrays = {p: x for p, x in _leaves(state).items() if p in target}
+  arrays = {p: x for p, x in params_lib.leaves(state).items() if p in target}
   return InitWeights(source=name,
                      digest=hashlib.sha256(text.encode()).hexdigest(), arrays=arrays,
                      added=tuple(p for p in target if p not in arrays))

@@ -14,7 +14,6 @@ import pathlib
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -33,9 +32,8 @@ def saved_with_old_names(state_dir: pathlib.Path) -> bool:
   finally:
     handler.close()
   tree = getattr(metadata, "tree", metadata)
-  return any(pair in RENAMED
-             for path, _ in jax.tree_util.tree_leaves_with_path(tree)
-             for pair in zip(params_lib.names(path), params_lib.names(path)[1:]))
+  return any(pair in RENAMED for path in params_lib.leaves(tree)
+             for pair in zip(path, path[1:]))
 
 
 def to_saved(tree: Any) -> Any:

@@ -105,7 +105,7 @@ def trainable_selector(train_cfg: ml_collections.ConfigDict,
   if spec == "all":
     return None
   select = params_lib.selector(spec, "train.trainable")
-  paths = [params_lib.names(p) for p, _ in jax.tree_util.tree_leaves_with_path(abstract_params)]
+  paths = list(params_lib.leaves(abstract_params))
   if not any(select(p) for p in paths):
     raise ValueError(f"train.trainable={spec!r} selects no parameter of this model; its"
                      f" parameters are e.g. {', '.join('/'.join(p) for p in paths[:3])}, and"
@@ -132,8 +132,8 @@ class Trainer:
     self.tx = optim.make_optimizer(config.train, trainable)
     self.num_params = params_lib.count_params(abstract_model)
     self.trainable_params = self.num_params if trainable is None else sum(
-        math.prod(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract_params)
-        if trainable(params_lib.names(p)))
+        math.prod(x.shape) for p, x in params_lib.leaves(abstract_params).items()
+        if trainable(p))
     self.active_params = params_lib.count_active_params(abstract_model)
     self.gate_params = params_lib.gate_params(abstract_model)
     param_sh = sharding.state_shardings(abstract_params, mesh)
