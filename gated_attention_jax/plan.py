@@ -26,8 +26,12 @@ the fused kernel (similar memory) and the report says so.
 Reported per device: parameters, optimizer state and the batch (exact, from the shardings),
 the compiler's arguments, outputs, donated bytes and temporaries (activations kept for the
 backward pass, gradients, collective buffers, workspace), their total against the device's
-memory, and the step's FLOPs and XLA's estimate of its time where the backend gives one. The
-compiler's arguments exceed the exact shard sizes by its layouts' padding (TPU tiles of 8 x 128:
+memory, and the step's FLOPs and XLA's estimate of its time where the backend gives one, beside
+the model's FLOPs (`train.flops_per_token`: 6 x the parameters a token multiplies, plus
+attention) for the same tokens. XLA's cost analysis counts a loop's body once, so for
+`scan_layers` the step's FLOPs are counted only with `--count_flops`: from the same step
+compiled unrolled with 1 and 2 layers (two more compiles; the layers are alike, so the
+whole step is the 1-layer step plus L - 1 times the difference). The compiler's arguments exceed the exact shard sizes by its layouts' padding (TPU tiles of 8 x 128:
 much for small arrays, little for large ones).
 Needs libtpu (TPU) or the CUDA plugin (GPU): `tools/aot_toolchains.sh`; JAX_PLATFORMS=cpu.
 
@@ -71,6 +75,9 @@ _NUM_DEVICES = flags.DEFINE_integer(
 _DEVICE_MEMORY = flags.DEFINE_float(
     "device_memory_gib", 0.0, "Memory of one device in GiB (0: the target's HBM with"
     " --topology, else do not judge the fit).")
+_COUNT_FLOPS = flags.DEFINE_bool(
+    "count_flops", False, "With scan_layers, also count the step's FLOPs (XLA counts a loop"
+    " body once): compile it unrolled at 1 and 2 layers and extrapolate to all of them.")
 _OUT = flags.DEFINE_string("out", "", "Also write the plan as JSON to this file.")
 
 BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.int32,
@@ -88,14 +95,50 @@ def _gib(nbytes: float) -> str:
   return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.2f} MiB"
 
 
+def _abstract_batch(config: ml_collections.ConfigDict,
+                    trainer: train.Trainer) -> dict[str, jax.ShapeDtypeStruct]:
+  shape = (config.train.batch_size, config.data.seq_len)
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=trainer.batch_sharding)
+          for k, dtype in BATCH_DTYPES.items()}
+
+
+def _cost(compiled: Any) -> tuple[Optional[float], Optional[float]]:
+  """(FLOPs, XLA's step-time estimate in seconds) per device, from the compiler's analysis."""
+  cost = compiled.cost_analysis() or {}
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  seconds = cost.get("optimal_seconds")  # libtpu's comes out negative for v6e: then none
+  return cost.get("flops"), seconds if seconds and seconds > 0 else None
+
+
+def _scanned_step_cost(config: ml_collections.ConfigDict, model_cfg: Any,
+                       devices: Sequence[Any]) -> tuple[Optional[float], Optional[float]]:
+  """`_cost` of a `scan_layers` model's whole step, which XLA's analysis of the scanned step
+  misses (it counts a loop's body once): the step compiled unrolled with 1 and 2 layers, and
+  the 1-layer step plus L - 1 times their difference (scanned layers are alike)."""
+  costs = []
+  for layers in (1, 2):
+    small = ml_collections.ConfigDict(config.to_dict())
+    small.model.update(num_layers=layers, scan_layers=False)
+    trainer = train.Trainer(small, model_cfg.replace(num_layers=layers, scan_layers=False),
+                            sharding.make_mesh(small.mesh, devices))
+    costs.append(_cost(trainer.train_step.lower(trainer.abstract_state,
+                                                _abstract_batch(small, trainer)).compile()))
+  more = model_cfg.num_layers - 1
+  return tuple(None if one is None or two is None else one + more * (two - one)
+               for one, two in zip(*costs))
+
+
 def plan(config: ml_collections.ConfigDict, devices: Sequence[Any], *,
-         topology: str = "cpu", hbm_bytes: Optional[int] = None) -> dict[str, Any]:
+         topology: str = "cpu", hbm_bytes: Optional[int] = None,
+         count_flops: bool = False) -> dict[str, Any]:
   """Compiles `config`'s train step for a mesh over `devices`; the per-device numbers.
 
   Args:
     devices: the target's devices (`aot.target_devices(topology)`, or CPU devices).
     topology: the target's name, for the report ("cpu" for fake CPU devices).
     hbm_bytes: one device's memory; None: the fit is not judged.
+    count_flops: with `scan_layers`, count the step's FLOPs and time estimate from two more
+      compiles (`_scanned_step_cost`); without, they are not reported for a scanned step.
   Raises:
     ValueError (before compiling) when the mesh does not cover the devices, "cudnn" is asked
     of a TPU, or parameters + optimizer state + batch exceed `hbm_bytes`.
@@ -120,9 +163,7 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence[Any], *,
   config.model.attention_impl = compiled_impl
   model_cfg = model_cfg.replace(attention_impl=compiled_impl)
   trainer = train.Trainer(config, model_cfg, sharding.make_mesh(config.mesh, devices))
-  shape = (config.train.batch_size, config.data.seq_len)
-  batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=trainer.batch_sharding)
-           for k, dtype in BATCH_DTYPES.items()}
+  batch = _abstract_batch(config, trainer)
   state = trainer.abstract_state
   exact = {"params": sharding.per_device_bytes(state["params"]),
            "optimizer": sharding.per_device_bytes(state["opt_state"]),
@@ -141,7 +182,8 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence[Any], *,
       "attention_impl": requested, "attention_choice": chosen, "attention_reason": why,
       "compiled_attention_impl": compiled_impl,
       "scan_layers": model_cfg.scan_layers, "remat": model_cfg.remat,
-      "num_params": trainer.num_params, "hbm_bytes_per_device": hbm_bytes,
+      "num_params": trainer.num_params, "active_params": trainer.active_params,
+      "hbm_bytes_per_device": hbm_bytes, **_model_flops(config, model_cfg, trainer, len(devices)),
   }
   start = time.perf_counter()  # tracing, lowering and compiling
   try:
@@ -166,9 +208,13 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence[Any], *,
   mem = compiled.memory_analysis()
   total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
            + mem.temp_size_in_bytes)
-  cost = compiled.cost_analysis() or {}
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  estimate = cost.get("optimal_seconds")  # libtpu's comes out negative for v6e: then none
+  flops, estimate = _cost(compiled)
+  flops_counted = "the compiled step"
+  if model_cfg.scan_layers:
+    flops, estimate = (_scanned_step_cost(config, model_cfg, devices) if count_flops
+                       else (None, None))
+    flops_counted = ("the step compiled unrolled at 1 and 2 layers, extrapolated to"
+                     f" {model_cfg.num_layers}" if count_flops else None)
   numbers.update({
       "per_device_bytes": {**exact, "arguments": mem.argument_size_in_bytes,
                            "outputs": mem.output_size_in_bytes,
@@ -176,14 +222,51 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence[Any], *,
                            "temporaries": mem.temp_size_in_bytes, "total": total},
       "fits": None if hbm_bytes is None else total <= hbm_bytes,
       "compile_seconds": compile_seconds,
-      "flops_per_device": cost.get("flops"),
-      "estimated_step_seconds": estimate if estimate and estimate > 0 else None,
+      "flops_per_device": flops, "flops_counted": flops_counted,
+      "estimated_step_seconds": estimate,
   })
   if compiled_impl == "pallas" and platform in aot.KERNEL_CALLS:
     calls = aot.kernel_calls(compiled, platform)
     numbers["kernel_custom_calls"] = sum(calls.values())
     numbers["kernel_call_targets"] = calls
   return numbers
+
+
+def _model_flops(config: ml_collections.ConfigDict, model_cfg: Any, trainer: train.Trainer,
+                 num_devices: int) -> dict[str, float]:
+  """The model's FLOPs per device per step (`train.flops_per_token`, PaLM's convention): 6 x
+  the parameters a token multiplies (the active ones but the input embedding) x its tokens,
+  and attention's 12 x layers x heads x head_dim x seq_len per token apart."""
+  tokens = config.train.batch_size * config.data.seq_len / num_devices
+  matmul = train.flops_per_token(model_cfg, 0, trainer.active_params)
+  total = train.flops_per_token(model_cfg, config.data.seq_len, trainer.active_params)
+  return {"tokens_per_device": tokens, "matmul_params": matmul / 6,
+          "model_matmul_flops_per_device": matmul * tokens,
+          "model_attention_flops_per_device": (total - matmul) * tokens}
+
+
+def _flops_lines(numbers: dict[str, Any]) -> list[str]:
+  """The step's FLOPs against the model's, or why a scanned step's were not counted."""
+  matmul = numbers["model_matmul_flops_per_device"]
+  attention = numbers["model_attention_flops_per_device"]
+  lines = [f"model FLOPs per device     {matmul:.4g} = 6 x {numbers['matmul_params']:,.0f}"
+           f" parameters a token multiplies x {numbers['tokens_per_device']:,.0f} tokens,"
+           f" + attention {attention:.4g}"]
+  flops = numbers.get("flops_per_device")
+  if flops:
+    kernel = numbers["compiled_attention_impl"] in ("pallas", "cudnn")
+    model, what = (matmul, "6 x params x tokens") if kernel else (
+        matmul + attention, "the model's, attention included")
+    lines.append(f"FLOPs per device per step  {flops:.4g} = {flops / model:.3f} x {what}"
+                 f" (counted by XLA in {numbers['flops_counted']}"
+                 f"{'; the attention kernel not counted' if kernel else ''})")
+    if numbers["remat"] == "full":
+      lines.append("  (remat 'full' runs each layer's forward twice: ~8/6 = 1.33 x expected)")
+  elif numbers["scan_layers"] and "compiler_error" not in numbers:
+    lines.append("FLOPs per device per step  not counted: XLA counts the scanned layers' loop"
+                 " body once (--count_flops counts them from the step compiled unrolled at 1"
+                 " and 2 layers)")
+  return lines
 
 
 def _batch_shards(numbers: dict[str, Any]) -> int:
@@ -237,12 +320,10 @@ def report(numbers: dict[str, Any]) -> str:
            f"  total             {_gib(b['total'])}  (arguments + outputs - aliased +"
            " temporaries)",
            f"traced, lowered and compiled in {numbers['compile_seconds']:.1f} s"]
-  if numbers["flops_per_device"]:
-    lines.append(f"FLOPs per device per step  {numbers['flops_per_device']:.4g}"
-                 " (custom calls such as Pallas kernels not counted)")
+  lines += _flops_lines(numbers)
   if numbers["estimated_step_seconds"]:
     lines.append(f"step time, XLA's estimate  {numbers['estimated_step_seconds']:.4g} s"
-                 " (an estimate, not a measurement)")
+                 " (an estimate, not a measurement; from the same compiles as the FLOPs)")
   if "kernel_custom_calls" in numbers:
     targets = ", ".join(f"{n} {name}" for name, n in numbers["kernel_call_targets"].items())
     lines.append(f"Pallas kernel calls compiled for {numbers['compiler']}:"
@@ -279,7 +360,8 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
     topology, devices, hbm = _target(_CONFIG.value)
-    numbers = plan(_CONFIG.value, devices, topology=topology, hbm_bytes=hbm)
+    numbers = plan(_CONFIG.value, devices, topology=topology, hbm_bytes=hbm,
+                   count_flops=_COUNT_FLOPS.value)
   except ValueError as e:
     sys.exit(f"plan refused: {e}")
   print(report(numbers))

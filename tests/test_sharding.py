@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from gated_attention_jax import attention_ops, sharding
+from gated_attention_jax import attention_ops, plan, sharding
 from gated_attention_jax.training import experiment
 from tests import _sharding_config, toolchains
 
@@ -366,15 +366,29 @@ def test_memory_plan_matches_the_shardings():
 
 
 def test_plan_numbers_are_per_device():
-  """The computed bytes are the shard sizes; the compiled arguments hold exactly them."""
+  """The computed bytes are the shard sizes; the compiled arguments hold exactly them. The
+  FLOPs of a scanned step, counted from 1 and 2 unrolled layers, are the unrolled step's."""
   code = ("import json; from gated_attention_jax import plan; from tests import"
           " _sharding_config as c; import jax; cfg = c.get_config();"
           " cfg.mesh.update(data=1, fsdp=2, tensor=4);"
-          " print('RESULT', json.dumps(plan.plan(cfg, jax.devices())))")
+          " cfg.model.update(num_layers=3, scan_layers=True);"
+          " scanned = plan.plan(cfg, jax.devices(), count_flops=True);"
+          " uncounted = plan.plan(cfg, jax.devices());"
+          " cfg.model.scan_layers = False;"
+          " print('RESULT', json.dumps([scanned, uncounted, plan.plan(cfg, jax.devices())]))")
   proc = subprocess.run([sys.executable, "-c", code], env=_env(8), cwd=ROOT,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+  result, uncounted, unrolled = json.loads(proc.stdout.split("RESULT ", 1)[1])
+  # XLA counts a loop body once: the scanned step's own count would be about a third.
+  assert uncounted["flops_per_device"] is None
+  assert "not counted: XLA counts the scanned layers' loop body once" in plan.report(uncounted)
+  np.testing.assert_allclose(result["flops_per_device"], unrolled["flops_per_device"],
+                             rtol=1e-6)
+  # remat "full" (the default) computes each layer's forward twice: more than 6 N per token.
+  model = (result["model_matmul_flops_per_device"] + result["model_attention_flops_per_device"])
+  assert 1.1 < result["flops_per_device"] / model < 2.0
+  assert result["tokens_per_device"] == 8 * 32 / 8
   n = result["per_device_bytes"]
   one_copy = result["num_params"] * 4  # float32
   # Parameters split 8 ways except the replicated norms and kv projections: between
