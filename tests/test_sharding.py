@@ -181,7 +181,7 @@ def test_bad_expert_meshes_are_refused_before_compiling():
   config.train.batch_size = 12
   config.mesh.update(data=1, fsdp=1, tensor=1, expert=3)
   with pytest.raises(ValueError, match=r"mesh.expert \(3\) must divide model.moe.num_experts"
-                                       r" \(4\)"):
+                                       r" \(4\).*allowed: \[1, 2, 4\]"):
     experiment.validate(config, 3)
   config.train.batch_size = 8
   with pytest.raises(ValueError, match=r"batch_size \(8\) must be a multiple of the data x"
