@@ -31,8 +31,9 @@ the model's FLOPs (`train.flops_per_token`: 6 x the parameters a token multiplie
 attention) for the same tokens. XLA's cost analysis counts a loop's body once, so for
 `scan_layers` the step's FLOPs are counted only with `--count_flops`: from the same step
 compiled unrolled with 1 and 2 layers (two more compiles; the layers are alike, so the
-whole step is the 1-layer step plus L - 1 times the difference). The compiler's arguments exceed the exact shard sizes by its layouts' padding (TPU tiles of 8 x 128:
-much for small arrays, little for large ones).
+whole step is the 1-layer step plus L - 1 times the difference). The compiler's arguments
+exceed the exact shard sizes by its layouts' padding (TPU tiles of 8 x 128: much for small
+arrays, little for large ones).
 Needs libtpu (TPU) or the CUDA plugin (GPU): `tools/aot_toolchains.sh`; JAX_PLATFORMS=cpu.
 
 libtpu itself refuses a step that needs more than the HBM (RESOURCE_EXHAUSTED, with the bytes

@@ -277,7 +277,8 @@ def test_pallas_refuses_meshes_it_cannot_serve_before_compiling(tensor, error):
   q = jax.ShapeDtypeStruct((8, 32, 6, 8), np.float32)
   kv = jax.ShapeDtypeStruct((8, 32, 3, 8), np.float32)
   attend = lambda q, k, v: attention_ops.attend(q, k, v, impl="pallas", scale=0.3)[0]
-  with jax.sharding.use_abstract_mesh(AbstractMesh((8 // tensor, 1, tensor, 1), sharding.MESH_AXES)):
+  mesh = AbstractMesh((8 // tensor, 1, tensor, 1), sharding.MESH_AXES)
+  with jax.sharding.use_abstract_mesh(mesh):
     with pytest.raises(ValueError, match=error):
       jax.eval_shape(attend, q, kv, kv)
 

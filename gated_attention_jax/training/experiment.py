@@ -181,9 +181,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
   model = model_config(config)
   if model.mlp_type == "moe" and model.moe.num_experts % sizes["expert"]:
     experts = model.moe.num_experts
+    allowed = [d for d in range(1, experts + 1) if experts % d == 0]
     raise ValueError(f"mesh.expert ({sizes['expert']}) must divide model.moe.num_experts"
                      f" ({experts}): each device on the expert axis holds an equal share of"
-                     f" the experts; allowed: {[d for d in range(1, experts + 1) if experts % d == 0]}")
+                     f" the experts; allowed: {allowed}")
   impl, why = attention_choice(config, model, devices)
   if impl == "pallas":  # the kernel runs per shard: can this mesh serve it?
     b, t = config.train.batch_size, config.data.seq_len
